@@ -1,0 +1,113 @@
+"""Collective times on the alpha-beta model over the network levels a group spans.
+
+A group of `size` ranks at rank stride `stride` (Megatron order, tp innermost) has
+k_l = min(size, max(1, D_l // stride)) members inside one level-l domain of D_l GPUs. It uses
+level 0 links if k_0 > 1 and level l >= 1 links if k_{l-1} < k_l (it spans several level-(l-1)
+domains). Bandwidth terms follow the ring/tree analyses of Thakur, Rabenseifner & Gropp 2005
+("Optimization of collective communication operations in MPICH", sec. 4) and NCCL's bus-bandwidth
+definitions (nccl-tests doc/PERFORMANCE.md): all-reduce moves 2(n-1)/n of the buffer per rank,
+all-gather and reduce-scatter (n-1)/n, all-to-all (n-1)/n. Across a scale-out level, the k
+members of a group inside one lower domain drive k NICs at once (NCCL opens one channel per
+NIC), so the ring bandwidth there is k * per-GPU bandwidth / oversubscription, capped by the
+inner level.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .hardware import Cluster
+
+
+def _members(cluster: Cluster, size, stride):
+    """k_l for every level (list of arrays), last level = whole group."""
+    size = np.asarray(size, dtype=np.float64)
+    stride = np.asarray(stride, dtype=np.float64)
+    ks = []
+    for d in cluster.domain_sizes:
+        if d == 0:
+            ks.append(size)
+        else:
+            ks.append(np.minimum(size, np.maximum(1.0, np.floor(d / stride))))
+    return ks
+
+
+def _level_terms(cluster: Cluster, size, stride):
+    """Per level: (uses, k_inner, k_here, bw, alpha)."""
+    ks = _members(cluster, size, stride)
+    eff = cluster.efficiency.network
+    out = []
+    prev = np.ones_like(ks[0])
+    for lv, k in zip(cluster.levels, ks):
+        uses = k > prev
+        bw = lv.bandwidth * eff / lv.oversubscription
+        out.append((uses, prev, k, bw, lv.latency, lv))
+        prev = k
+    return out
+
+
+def ring_bandwidth(cluster: Cluster, size, stride):
+    """Per-rank bus bandwidth (bytes/s) a ring/tree collective of the group achieves."""
+    bw = np.full(np.broadcast(np.asarray(size), np.asarray(stride)).shape, np.inf)
+    for uses, k_in, k, lbw, _, lv in _level_terms(cluster, size, stride):
+        if lv.algorithm == "mesh":
+            # full mesh of D GPUs: a member reaches k-1 peers over (k-1)/(D-1) of its links
+            d = max(lv.domain, 2)
+            lvl = lbw * np.maximum(k - 1, 1) / (d - 1)
+        else:
+            lvl = lbw * k_in  # k_in lower-domain members pool their links (k_in = 1 at level 0)
+        bw = np.where(uses, np.minimum(bw, lvl), bw)
+    return bw
+
+
+def _latency(cluster: Cluster, size, stride, steps_factor: float):
+    lat = 0.0
+    for uses, k_in, k, _, alpha, lv in _level_terms(cluster, size, stride):
+        hops = np.maximum(k / k_in - 1.0, 0.0)
+        if lv.algorithm in ("tree", "nvls"):
+            hops = np.ceil(np.log2(np.maximum(k / k_in, 1.0)))
+        lat = lat + np.where(uses, steps_factor * hops * alpha, 0.0)
+    return lat
+
+
+def all_reduce(cluster, nbytes, size, stride):
+    """Ring all-reduce of an nbytes buffer: 2(n-1)/n * S / busbw + 2(n-1) alpha (Thakur 2005)."""
+    n = np.asarray(size, dtype=np.float64)
+    t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride)
+    return np.where(n > 1, t + _latency(cluster, size, stride, 2.0), 0.0)
+
+
+def all_gather(cluster, nbytes, size, stride):
+    """Ring all-gather producing an nbytes buffer: (n-1)/n * S / busbw + (n-1) alpha."""
+    n = np.asarray(size, dtype=np.float64)
+    t = (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride)
+    return np.where(n > 1, t + _latency(cluster, size, stride, 1.0), 0.0)
+
+
+reduce_scatter = all_gather  # same traffic and steps as all-gather (Thakur 2005, sec. 4.3)
+
+
+def all_to_all(cluster, nbytes, size, stride):
+    """All-to-all of nbytes per rank: each rank sends S/n to each peer. Traffic to peers outside
+    the lower domain leaves through the rank's own link of that level; levels run concurrently."""
+    n = np.asarray(size, dtype=np.float64)
+    t = 0.0
+    lat = 0.0
+    for uses, k_in, k, lbw, alpha, lv in _level_terms(cluster, size, stride):
+        frac = (k - k_in) / n  # share of the buffer going to peers first reachable at this level
+        if lv.algorithm == "mesh":
+            lbw = lbw / max(lv.domain - 1, 1) * np.maximum(k - 1, 1)
+        t = np.maximum(t, np.where(uses, frac * nbytes / lbw, 0.0))
+        lat = np.maximum(lat, np.where(uses, alpha * np.maximum(k / k_in - 1, 0), 0.0))
+    return np.where(n > 1, t + lat, 0.0)
+
+
+def p2p(cluster, nbytes, stride):
+    """Send/recv of nbytes to the rank `stride` away: over the innermost level whose domain holds
+    both ranks (first and last rank of a domain cross it; a stride below the domain stays in)."""
+    stride = np.asarray(stride, dtype=np.float64)
+    t = np.full(stride.shape, np.nan)
+    for lv, d in zip(cluster.levels, cluster.domain_sizes):
+        bw = lv.bandwidth * cluster.efficiency.network / lv.oversubscription
+        inside = (stride < d) if d else np.ones(stride.shape, bool)
+        t = np.where(np.isnan(t) & inside, nbytes / bw + lv.latency, t)
+    return t

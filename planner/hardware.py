@@ -1,0 +1,296 @@
+"""Hardware profiles: GPU, network levels and price, loaded from hwprofiles/*.toml.
+
+A profile is data with a source for every number (see hwprofiles/README.md). At load time the
+cluster topology is built as a networkx graph (GPU -> level-0 switch -> level-1 switch ...), and
+the domain sizes used by the collective cost model are read off that graph, not assumed.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import PlannerError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hwprofiles"
+ALGORITHMS = ("ring", "tree", "nvls", "mesh")
+PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
+
+
+@dataclass(frozen=True)
+class NetLevel:
+    """One level of the interconnect, innermost first. Bandwidth is per GPU, per direction."""
+    name: str
+    domain: int              # GPUs per domain; 0 = the whole cluster (last level only)
+    bandwidth: float         # bytes/s per GPU per direction
+    latency: float           # seconds per collective step (alpha)
+    algorithm: str = "ring"
+    oversubscription: float = 1.0
+
+    def __post_init__(self):
+        w = f"network level '{self.name}'"
+        if not isinstance(self.domain, int) or isinstance(self.domain, bool) or self.domain < 0:
+            raise PlannerError(f"{w}: domain must be an integer >= 0 (0 = whole cluster), got {self.domain!r}")
+        for n in ("bandwidth", "latency", "oversubscription"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (v == 0 and n != "latency"):
+                raise PlannerError(f"{w}: {n} must be a positive finite number, got {v!r}")
+        if self.oversubscription < 1:
+            raise PlannerError(f"{w}: oversubscription must be >= 1.0, got {self.oversubscription}")
+        if self.algorithm not in ALGORITHMS:
+            raise PlannerError(f"{w}: algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_flops: dict            # precision -> dense FLOP/s
+    hbm_bytes: float
+    hbm_bandwidth: float        # bytes/s
+    reserved_bytes: float = 0.0  # context, NCCL buffers, fragmentation headroom
+
+    def peak(self, precision: str) -> float:
+        try:
+            return self.peak_flops[precision]
+        except KeyError:
+            raise PlannerError(
+                f"GPU {self.name} has no {precision} peak in its profile; it has "
+                f"{', '.join(sorted(self.peak_flops))}") from None
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achievable fractions of peak, fitted once per GPU (benchmarks/fit_efficiency.py) or
+    measured by `python -m validate calibrate`.
+
+    GEMM efficiency: eff(m, n, k) = gemm_max[prec] * x / (x + gemm_half_dim), x = min(m, n, k):
+    a saturating curve in the smallest GEMM dimension (tile under-fill and wave quantisation
+    shrink small GEMMs; see NVIDIA 'Matrix Multiplication Background User's Guide').
+    """
+    gemm_max: dict = field(default_factory=lambda: {"bf16": 0.75, "fp16": 0.75, "fp8": 0.55,
+                                                    "tf32": 0.7, "fp32": 0.9})
+    gemm_half_dim: float = 96.0
+    attention_max: float = 0.55     # flash-attention fwd+bwd fraction of bf16 peak
+    hbm: float = 0.8                # achievable fraction of HBM bandwidth for elementwise kernels
+    network: float = 0.85           # achievable fraction of link bandwidth (NCCL busbw / line rate)
+    source: str = "planner default (benchmarks/fit_efficiency.py)"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A hardware profile: one GPU type and the network levels that join GPUs, innermost first."""
+    name: str
+    gpu: GPU
+    levels: tuple
+    price_per_gpu_hour: float
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    description: str = ""
+    path: str = ""
+
+    def __post_init__(self):
+        if not self.levels:
+            raise PlannerError(f"hardware '{self.name}': needs at least one [[network]] level")
+        for lv in self.levels[:-1]:
+            if lv.domain == 0:
+                raise PlannerError(f"hardware '{self.name}': only the last network level may have domain 0")
+        doms = [lv.domain for lv in self.levels if lv.domain]
+        for a, b in zip(doms, doms[1:]):
+            if b % a:
+                raise PlannerError(
+                    f"hardware '{self.name}': domain {b} is not a multiple of the inner domain {a}")
+        if not (self.price_per_gpu_hour >= 0 and math.isfinite(self.price_per_gpu_hour)):
+            raise PlannerError(f"hardware '{self.name}': price_per_gpu_hour must be >= 0")
+
+    # Domain sizes are read off the topology graph (see topology_graph); last level unbounded.
+    @property
+    def domain_sizes(self) -> tuple:
+        return _domain_sizes_from_graph(self)
+
+
+# --------------------------------------------------------------------------------------------
+# topology graph
+
+def topology_graph(cluster: Cluster, gpus: int):
+    """The cluster as a networkx graph: GPU nodes, one switch node per domain per level.
+
+    Edges carry the per-GPU bandwidth and latency of the level they belong to.
+    """
+    import networkx as nx
+    g = nx.Graph()
+    prev = [("gpu", i) for i in range(gpus)]
+    for i in range(gpus):
+        g.add_node(("gpu", i), kind="gpu")
+    size = 1
+    for li, lv in enumerate(cluster.levels):
+        dom = lv.domain if lv.domain else max(gpus, size)
+        # one switch per domain of this level; attach each member of the previous level
+        per = max(dom // size, 1)
+        nxt = []
+        for j, node in enumerate(prev):
+            sw = (lv.name, j // per)
+            if sw not in g:
+                g.add_node(sw, kind="switch", level=li)
+                nxt.append(sw)
+            g.add_edge(node, sw, level=li, bandwidth=lv.bandwidth, latency=lv.latency)
+        prev, size = nxt, dom
+    return g
+
+
+@lru_cache(maxsize=64)
+def _domain_sizes_cached(levels: tuple) -> tuple:
+    import networkx as nx
+    probe = Cluster.__new__(Cluster)
+    object.__setattr__(probe, "levels", levels)
+    # one representative slice: two domains of the outermost bounded level (enough to read sizes)
+    bounded = [lv.domain for lv in levels if lv.domain]
+    n = 2 * (bounded[-1] if bounded else 1)
+    g = topology_graph(probe, n)
+    sizes = []
+    for li, lv in enumerate(levels):
+        if lv.domain == 0:
+            sizes.append(0)
+            continue
+        # a domain at level li = the GPUs connected through edges of level <= li
+        sub = g.edge_subgraph([(u, v) for u, v, d in g.edges(data=True) if d["level"] <= li])
+        comp = nx.node_connected_component(sub, ("gpu", 0))
+        sizes.append(sum(1 for x in comp if x[0] == "gpu"))
+    return tuple(sizes)
+
+
+def _domain_sizes_from_graph(cluster: Cluster) -> tuple:
+    return _domain_sizes_cached(cluster.levels)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+def _num(tbl, key, where, required=True, default=None):
+    if key not in tbl:
+        if required:
+            raise PlannerError(f"{where}: missing '{key}'")
+        return default
+    v = tbl[key]
+    if isinstance(v, dict):
+        if "value" not in v:
+            raise PlannerError(f"{where}.{key}: missing 'value'")
+        if not str(v.get("source", "")).strip():
+            raise PlannerError(f"{where}.{key}: every number needs a non-empty 'source'")
+        v = v["value"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise PlannerError(f"{where}.{key}: must be a finite number, got {v!r}")
+    if v < 0:
+        raise PlannerError(f"{where}.{key}: must be >= 0, got {v}")
+    return float(v)
+
+
+def cluster_from_dict(d: dict, origin: str) -> Cluster:
+    w = f"hardware profile {origin}"
+    if not isinstance(d, dict):
+        raise PlannerError(f"{w}: expected a table at top level")
+    for req in ("name", "gpu", "network", "price_per_gpu_hour"):
+        if req not in d:
+            raise PlannerError(f"{w}: missing '{req}'")
+    g = d["gpu"]
+    if not isinstance(g, dict) or not isinstance(g.get("peak_flops"), dict) or not g["peak_flops"]:
+        raise PlannerError(f"{w}: [gpu] needs a [gpu.peak_flops] table with bf16/fp8/... entries")
+    peaks = {}
+    for prec, ent in g["peak_flops"].items():
+        if prec not in PRECISIONS:
+            raise PlannerError(f"{w}: gpu.peak_flops.{prec}: unknown precision; valid: {', '.join(PRECISIONS)}")
+        if isinstance(ent, dict) and ent.get("sparsity", "dense") != "dense":
+            raise PlannerError(f"{w}: gpu.peak_flops.{prec}: only dense peaks are accepted")
+        val = _num(g["peak_flops"], prec, f"{w}: gpu.peak_flops")
+        if val <= 0:
+            raise PlannerError(f"{w}: gpu.peak_flops.{prec} must be > 0")
+        peaks[prec] = val
+    gpu = GPU(name=str(g.get("name", d["name"])), peak_flops=peaks,
+              hbm_bytes=_num(g, "hbm_bytes", f"{w}: gpu"),
+              hbm_bandwidth=_num(g, "hbm_bandwidth", f"{w}: gpu"),
+              reserved_bytes=_num(g, "reserved_bytes", f"{w}: gpu", required=False, default=0.0))
+    if gpu.hbm_bytes <= 0 or gpu.hbm_bandwidth <= 0:
+        raise PlannerError(f"{w}: gpu.hbm_bytes and gpu.hbm_bandwidth must be > 0")
+    nets = d["network"]
+    if not isinstance(nets, list) or not nets:
+        raise PlannerError(f"{w}: 'network' must be a list of [[network]] levels")
+    levels = []
+    for i, n in enumerate(nets):
+        lw = f"{w}: network[{i}]"
+        if not isinstance(n, dict) or "name" not in n or "domain" not in n:
+            raise PlannerError(f"{lw}: needs name, domain, bandwidth, latency")
+        dom = n["domain"]
+        if isinstance(dom, dict):
+            dom = dom.get("value")
+        if isinstance(dom, bool) or not isinstance(dom, int) or dom < 0:
+            raise PlannerError(f"{lw}: domain must be an integer >= 0, got {dom!r}")
+        bw = _num(n, "bandwidth", lw)
+        if bw <= 0:
+            raise PlannerError(f"{lw}: bandwidth must be > 0, got {bw}")
+        levels.append(NetLevel(name=str(n["name"]), domain=dom, bandwidth=bw,
+                               latency=_num(n, "latency", lw),
+                               algorithm=str(n.get("algorithm", "ring")),
+                               oversubscription=_num(n, "oversubscription", lw, required=False, default=1.0)))
+    eff = Efficiency()
+    if "efficiency" in d:
+        e = d["efficiency"]
+        ew = f"{w}: efficiency"
+        gm = dict(eff.gemm_max)
+        for prec in e.get("gemm_max", {}):
+            gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
+        kw = {}
+        for key in ("gemm_half_dim", "attention_max", "hbm", "network"):
+            if key in e:
+                kw[key] = _num(e, key, ew)
+        for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()]:
+            if key != "gemm_half_dim" and not 0 < v <= 1:
+                raise PlannerError(f"{ew}.{key}: must be in (0, 1], got {v}")
+        eff = Efficiency(gemm_max=gm, source=str(e.get("source", origin)), **kw)
+    return Cluster(name=str(d["name"]), gpu=gpu, levels=tuple(levels),
+                   price_per_gpu_hour=_num(d, "price_per_gpu_hour", w), efficiency=eff,
+                   description=str(d.get("description", "")), path=origin)
+
+
+def list_hardware() -> list:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+@lru_cache(maxsize=32)
+def load_hardware(spec: str = "h100-sxm") -> Cluster:
+    """A profile name from hwprofiles/ or a path to a TOML file."""
+    p = Path(spec)
+    if p.suffix.lower() == ".toml" or p.exists() or "/" in spec:
+        origin = str(p)
+    else:
+        p = PROFILE_DIR / f"{spec.lower()}.toml"
+        if not p.exists():
+            raise PlannerError(
+                f"unknown hardware '{spec}'; give one of {', '.join(list_hardware())} or a path to a .toml profile")
+        origin = p.name
+    try:
+        with open(p, "rb") as fh:
+            d = tomllib.load(fh)
+    except FileNotFoundError:
+        raise PlannerError(f"hardware profile {origin}: file not found") from None
+    except (OSError, IsADirectoryError) as e:
+        raise PlannerError(f"hardware profile {origin}: cannot read ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PlannerError(f"hardware profile {origin}: invalid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise PlannerError(f"hardware profile {origin}: not a UTF-8 text file") from None
+    return cluster_from_dict(d, origin)
+
+
+def hardware_table():
+    import pandas as pd
+    rows = []
+    for n in list_hardware():
+        c = load_hardware(n)
+        rows.append({"name": n, "gpu": c.gpu.name, "hbm_gib": c.gpu.hbm_bytes / 2**30,
+                     "bf16_tflops": c.gpu.peak_flops.get("bf16", float("nan")) / 1e12,
+                     "fp8_tflops": c.gpu.peak_flops.get("fp8", float("nan")) / 1e12,
+                     "levels": " > ".join(f"{lv.name}({lv.domain or 'all'}, {lv.bandwidth/1e9:.0f} GB/s)"
+                                          for lv in c.levels),
+                     "usd_per_gpu_hour": c.price_per_gpu_hour})
+    return pd.DataFrame(rows)

@@ -1,0 +1,97 @@
+"""Memory per GPU: model states (Rajbhandari et al. 2020, 'ZeRO', sec. 3 and 5) and
+activations (Korthikanti et al. 2022, 'Reducing Activation Recomputation', sec. 4), generalised
+to GQA/MLA, gated MLPs and MoE term by term. Bytes throughout.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .model_spec import ModelSpec
+
+ACT_BYTES = 2  # bf16/fp16 activations
+
+
+def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=None, cp=1):
+    """Activations one attention block saves for backward (Korthikanti eq. 1 terms):
+    LayerNorm input 2sbh, QKV input 2sbh, Q/K/V, attention core (5as^2b without flash attention;
+    output + fp32 log-sum-exp with it), output-projection input, dropout mask sbh.
+    `tokens` = b*s/cp on this rank; SP shards the LayerNorm/dropout region by tp."""
+    h = m.hidden
+    spdiv = np.where(sp, tp, 1)
+    kv_dim = (m.q_dim + m.v_dim) // 2 if m.mla else m.kv_heads * m.head_dim
+    replicated = tokens * h * (2 + 2 + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
+    qkv = ACT_BYTES * tokens * (m.q_dim + 2 * kv_dim) / tp
+    out_in = ACT_BYTES * tokens * m.v_dim / tp
+    if flash:
+        core = 4.0 * tokens * m.heads / tp  # fp32 log-sum-exp per head (FlashAttention-2 alg. 1)
+    else:
+        s = kv_len if kv_len is not None else tokens
+        core = 5.0 * m.heads * tokens * s / tp  # softmax 2, mask 1, dropout out 2 (Korthikanti eq. 1)
+        if not m.dropout:
+            core = 2.0 * m.heads * tokens * s / tp
+    return replicated + qkv + out_in, core
+
+
+def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None):
+    """Dense MLP (Korthikanti eq. 1: 19sbh for ffn = 4h): LN input 2sbh, fc1 input 2sbh,
+    activation input and output (gated: gate and up 2x2sbf, output 2sbf), dropout mask sbh."""
+    f = m.ffn_hidden if ffn is None else ffn
+    spdiv = np.where(sp, tp, 1)
+    replicated = tokens * m.hidden * (2 + 2 + (1 if m.dropout else 0)) / spdiv
+    inner = ACT_BYTES * tokens * f * (3 if m.gated else 2) / tp
+    return replicated + inner
+
+
+def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0):
+    """MoE block: LN and router input on the SP shard, the permuted token copies (top_k per
+    token) that feed the grouped expert GEMMs, the expert activations, and shared experts."""
+    e = m.moe
+    spdiv = np.where(sp, tp, 1)
+    local = tokens / tp  # MoE with TP requires SP in Megatron-Core: tokens are sharded by tp
+    replicated = tokens * m.hidden * (2 + 2 + (1 if m.dropout else 0)) / spdiv
+    routed = local * e.top_k * imbalance
+    experts = ACT_BYTES * routed * (m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
+    shared = (ACT_BYTES * tokens * e.shared_experts * e.shared_expert_ffn_hidden
+              * (3 if m.gated else 2) / tp) if e.shared_experts else 0.0
+    probs = 4.0 * local * e.experts  # fp32 router logits/probabilities
+    return replicated + experts + shared + probs
+
+
+def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, flash=True,
+                           kv_len=None, etp=1, imbalance=1.0):
+    """Bytes one layer keeps per micro-batch under a recompute policy (codes: 0 none,
+    1 selective, 2 full). Full recompute keeps only the layer input 2sbh (/t with SP),
+    Korthikanti sec. 4.2.2; selective drops the attention core (sec. 5)."""
+    attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len)
+    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance) if moe_layer else \
+        mlp_activation_bytes(m, tokens, tp, sp)
+    full_layer = attn + core + mlp
+    selective = attn + mlp + np.where(flash, core, 0.0)
+    ckpt = ACT_BYTES * tokens * m.hidden / np.where(sp, tp, 1)
+    return np.select([recompute == 0, recompute == 1], [full_layer, selective], ckpt), full_layer
+
+
+def korthikanti_layer_bytes(s, b, h, a, t, sp: bool, recompute: str):
+    """Korthikanti et al. 2022 eqs. (2)-(5), bytes per layer (GPT, MHA, ffn 4h, dropout)."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    if sp and recompute == "selective":
+        return s * b * h * 34 / t
+    if sp:
+        return s * b * h * (34 / t + 5 * a * s / (h * t))
+    if recompute == "selective":
+        return s * b * h * (10 + 24 / t)
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def model_state_bytes(params, dp_shard, zero, grad_bytes=4, weight_bytes=2, optimizer_bytes=12):
+    """Weights, gradients and optimizer states per GPU (Rajbhandari et al. 2020 sec. 3.1/5.1):
+    mixed-precision Adam keeps fp16/bf16 weights (2), gradients (2 in the paper; Megatron keeps
+    fp32 main grads, 4) and K=12 bytes of fp32 master weight, momentum and variance. ZeRO-1
+    shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights over
+    the dp_shard ranks."""
+    zero = np.asarray(zero)
+    w = params * weight_bytes / np.where(zero >= 3, dp_shard, 1)
+    g = params * grad_bytes / np.where(zero >= 2, dp_shard, 1)
+    o = params * optimizer_bytes / np.where(zero >= 1, dp_shard, 1)
+    return w, g, o

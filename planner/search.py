@@ -1,0 +1,289 @@
+"""The search: enumerate candidates in chunks, score them in one vectorized pass per chunk, keep
+the best, and return dataclasses and pandas DataFrames."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .candidates import check_fixed, iter_candidates
+from .costmodel import MEMORY_TERMS, TIME_TERMS, evaluate
+from .errors import PlannerError
+from .hardware import Cluster
+from .layout import LAYOUT_FIELDS, Candidates, Layout
+from .model_spec import ModelSpec
+from .stacks import STACKS, Stack
+from .units import GiB
+
+OBJECTIVES = ("throughput", "cost", "time")
+DEFAULT_SEQ_LEN = 4096
+DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024   # default global batch: 4Mi tokens (GPT-3's 3.2M, Llama-3's 4M-16M)
+
+
+def default_global_batch(seq_len: int) -> int:
+    return max(1, DEFAULT_BATCH_TOKENS // seq_len)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One evaluated layout with its predictions and named breakdowns."""
+    layout: Layout
+    gpus: int
+    step_time_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+    model_tflops_per_gpu: float
+    memory_gib: float
+    feasible: bool
+    time_breakdown_s: dict
+    memory_breakdown_gib: dict
+    hbm_gib: float
+    time_to_train_s: float | None = None
+    cost_usd: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self.layout, k) for k in LAYOUT_FIELDS}
+        d.update(gpus=self.gpus, step_time_s=self.step_time_s, tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
+                 mfu=self.mfu, model_tflops_per_gpu=self.model_tflops_per_gpu, memory_gib=self.memory_gib,
+                 feasible=self.feasible, memory_breakdown_gib=dict(self.memory_breakdown_gib),
+                 time_breakdown_s=dict(self.time_breakdown_s))
+        if self.time_to_train_s is not None:
+            d["time_to_train_s"] = self.time_to_train_s
+            d["time_to_train_days"] = self.time_to_train_s / 86400
+        if self.cost_usd is not None:
+            d["cost_usd"] = self.cost_usd
+        return d
+
+    def overflow(self) -> str:
+        """Why this layout does not fit, naming the largest memory term."""
+        over = self.memory_gib - self.hbm_gib
+        term, val = max(self.memory_breakdown_gib.items(), key=lambda kv: kv[1])
+        return (f"needs {self.memory_gib:.1f} GiB per GPU, {over:.1f} GiB over the {self.hbm_gib:.1f} GiB HBM; "
+                f"largest term: {term} {val:.1f} GiB")
+
+
+@dataclass
+class SearchResult:
+    model: str
+    hardware: str
+    gpus: int
+    evaluated: int
+    feasible: int
+    search_seconds: float
+    plans: list = field(default_factory=list)        # best first, feasible only
+    closest_infeasible: Plan | None = None
+    pareto: list = field(default_factory=list)
+
+    @property
+    def best(self) -> Plan | None:
+        return self.plans[0] if self.plans else None
+
+    def to_dataframe(self):
+        import pandas as pd
+        rows = []
+        for p in self.plans:
+            d = p.to_dict()
+            for k, v in d.pop("time_breakdown_s").items():
+                d[f"time_{k}_s"] = v
+            for k, v in d.pop("memory_breakdown_gib").items():
+                d[f"mem_{k}_gib"] = v
+            rows.append(d)
+        return pd.DataFrame(rows)
+
+
+def plan_from_eval(ev: dict, cands: Candidates, i: int, cluster: Cluster, tokens: float | None = None,
+                   price: float | None = None) -> Plan:
+    world = int(ev["gpus"][i])
+    tps = float(ev["tokens_per_s_per_gpu"][i])
+    ttt = cost = None
+    if tokens:
+        ttt = tokens / (tps * world)
+        cost = ttt / 3600 * world * (cluster.price_per_gpu_hour if price is None else price)
+    return Plan(layout=cands.layout(i), gpus=world, step_time_s=float(ev["step_time_s"][i]),
+                tokens_per_s_per_gpu=tps, mfu=float(ev["mfu"][i]),
+                model_tflops_per_gpu=float(ev["model_tflops_per_gpu"][i]),
+                memory_gib=float(ev["memory_bytes"][i]) / GiB, feasible=bool(ev["feasible"][i]),
+                time_breakdown_s={k: float(ev[f"time_{k}_s"][i]) for k in TIME_TERMS},
+                memory_breakdown_gib={k: float(ev[f"mem_{k}_bytes"][i]) / GiB for k in MEMORY_TERMS},
+                hbm_gib=cluster.gpu.hbm_bytes / GiB, time_to_train_s=ttt, cost_usd=cost)
+
+
+def evaluate_layout(model: ModelSpec, cluster: Cluster, layout: Layout, stack: Stack | None = None,
+                    tokens: float | None = None, price: float | None = None, **kw) -> Plan:
+    """Predict one layout (no search)."""
+    c = layout.to_candidates()
+    ev = evaluate(model, cluster, c, stack, **kw)
+    return plan_from_eval(ev, c, 0, cluster, tokens, price)
+
+
+def _score(ev, objective, cluster, price):
+    # higher is better; with a fixed GPU count all three agree
+    tps_gpu = ev["tokens_per_s_per_gpu"]
+    if objective == "throughput":
+        return tps_gpu
+    if objective == "time":
+        return tps_gpu * ev["gpus"]
+    p = cluster.price_per_gpu_hour if price is None else price
+    return tps_gpu / max(p, 1e-12)
+
+
+def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
+           global_batch: int | None = None, fixed: dict | None = None, top: int = 10,
+           objective: str = "throughput", precisions=None, stack: Stack | str | None = None,
+           tokens: float | None = None, price: float | None = None, overlap: dict | None = None,
+           moe_imbalance: float = 1.0, capacity_factor: float = 0.0) -> SearchResult:
+    """Search every valid layout of `model` on `gpus` GPUs (an int, or a (lo, hi) range searched
+    over its powers of two and multiples of the innermost domain) and return the best `top`."""
+    t0 = time.perf_counter()
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    if objective not in OBJECTIVES:
+        raise PlannerError(f"unknown objective '{objective}'; valid: {', '.join(OBJECTIVES)}")
+    if isinstance(stack, str):
+        from .stacks import get_stack
+        stack = get_stack(stack)
+    stack = stack or STACKS["megatron-core"]
+    seq_len = seq_len or model.seq_len or DEFAULT_SEQ_LEN
+    global_batch = global_batch or default_global_batch(seq_len)
+    if precisions is None:
+        precisions = [p for p in ("bf16", "fp8") if p in cluster.gpu.peak_flops]
+    counts = gpu_counts(gpus, cluster)
+    for g in counts:
+        if len(counts) == 1:
+            check_fixed(model, g, seq_len, global_batch, fixed)
+    keep = max(top, 1)
+    best_s = best_i = None
+    best_c = []
+    evaluated = feasible = 0
+    closest = None  # (memory overflow, cands, index, ev)
+    pareto_pts = []
+    for g in counts:
+        for cands in iter_candidates(model, g, seq_len, global_batch, fixed, precisions, overlap or {}):
+            ev = evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor)
+            evaluated += len(cands)
+            ok = ev["feasible"]
+            nfeas = int(ok.sum())
+            feasible += nfeas
+            if nfeas < len(cands):
+                over = np.where(ok, np.inf, ev["memory_bytes"])
+                j = int(np.argmin(over))
+                if closest is None or over[j] < closest[0]:
+                    closest = (over[j], cands.take([j]), {k: v[[j]] for k, v in ev.items()})
+            if not nfeas:
+                continue
+            sc = np.where(ok, _score(ev, objective, cluster, price), -np.inf)
+            k = min(keep, nfeas)
+            idx = np.argpartition(-sc, k - 1)[:k]
+            idx = idx[np.isfinite(sc[idx])]
+            sub = cands.take(idx)
+            subev = {kk: v[idx] for kk, v in ev.items()}
+            best_c.append((sc[idx], sub, subev))
+            if len(counts) > 1:
+                pareto_pts.append(_pareto_chunk(ev, cands, ok, tokens or 1e12, cluster, price))
+        # merge periodically to bound memory
+        if len(best_c) > 8:
+            best_c = [_merge(best_c, keep)]
+    plans = []
+    if best_c:
+        sc, cands, ev = _merge(best_c, keep)
+        order = np.argsort(-sc, kind="stable")
+        plans = [plan_from_eval(ev, cands, int(i), cluster, tokens, price) for i in order[:top]]
+    closest_plan = None
+    if closest is not None:
+        closest_plan = plan_from_eval(closest[2], closest[1], 0, cluster, tokens, price)
+    pareto = _pareto_final(pareto_pts, cluster, tokens, price) if pareto_pts else []
+    return SearchResult(model=model.name, hardware=cluster.name,
+                        gpus=counts[0] if len(counts) == 1 else int(plans[0].gpus) if plans else counts[-1],
+                        evaluated=evaluated, feasible=feasible,
+                        search_seconds=time.perf_counter() - t0, plans=plans,
+                        closest_infeasible=closest_plan, pareto=pareto)
+
+
+def _merge(parts, keep):
+    sc = np.concatenate([p[0] for p in parts])
+    cols = {k: np.concatenate([p[1].cols[k] for p in parts]) for k in parts[0][1].cols}
+    ev = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+    k = min(keep, len(sc))
+    idx = np.argpartition(-sc, k - 1)[:k]
+    return sc[idx], Candidates({kk: v[idx] for kk, v in cols.items()}), {kk: v[idx] for kk, v in ev.items()}
+
+
+def gpu_counts(gpus, cluster: Cluster) -> list:
+    """A single count, or for a (lo, hi) range the powers of two and multiples of the innermost
+    domain that lie in it (the counts a cluster is actually allocated in)."""
+    if isinstance(gpus, (int, np.integer)):
+        if gpus < 1:
+            raise PlannerError(f"--gpus must be >= 1, got {gpus}")
+        return [int(gpus)]
+    lo, hi = gpus
+    if lo < 1 or hi < lo:
+        raise PlannerError(f"--gpus range must be LO-HI with 1 <= LO <= HI, got {lo}-{hi}")
+    dom = next((d for d in cluster.domain_sizes if d), 8)
+    out = set()
+    p = 1
+    while p <= hi:
+        if p >= lo:
+            out.add(p)
+        p *= 2
+    m = dom
+    while m <= hi and len(out) < 64:
+        if m >= lo and (m & (m - 1) == 0 or m % dom == 0) and (hi // m) < 64 or m == hi:
+            out.add(m) if m >= lo else None
+        m *= 2
+    if not out:
+        raise PlannerError(f"--gpus range {lo}-{hi} holds no power of two or multiple of {dom}")
+    return sorted(out)
+
+
+def _pareto_chunk(ev, cands, ok, tokens, cluster, price):
+    """Reduce a chunk to its Pareto-optimal feasible points over (time, cost, memory)."""
+    idx = np.nonzero(ok)[0]
+    if not len(idx):
+        return None
+    ttt = tokens / (ev["tokens_per_s_per_gpu"][idx] * ev["gpus"][idx])
+    p = cluster.price_per_gpu_hour if price is None else price
+    cost = ttt / 3600 * ev["gpus"][idx] * p
+    mem = ev["memory_bytes"][idx]
+    # within one GPU count cost is proportional to time, so the chunk's front is the 2-D front of
+    # (time, memory): sort by time, keep points that lower the running memory minimum
+    order = np.lexsort((mem, ttt))
+    run_min = np.minimum.accumulate(mem[order])
+    prev = np.concatenate([[np.inf], run_min[:-1]])
+    idx = idx[order[mem[order] < prev]]
+    del cost
+    return cands.take(idx), {k: v[idx] for k, v in ev.items()}
+
+
+def _pareto_final(parts, cluster, tokens, price):
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return []
+    cols = {k: np.concatenate([p[0].cols[k] for p in parts]) for k in parts[0][0].cols}
+    ev = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    c = Candidates(cols)
+    tk = tokens or 1e12
+    ttt = tk / (ev["tokens_per_s_per_gpu"] * ev["gpus"])
+    p = cluster.price_per_gpu_hour if price is None else price
+    cost = ttt / 3600 * ev["gpus"] * p
+    keep = np.nonzero(pareto_mask(np.stack([ttt, cost, ev["memory_bytes"]], axis=1)))[0]
+    keep = keep[np.argsort(ttt[keep])]
+    return [plan_from_eval(ev, c, int(i), cluster, tk, price) for i in keep]
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """True for rows not dominated by any other row (all objectives minimised)."""
+    n = len(points)
+    if n == 0:
+        return np.zeros(0, bool)
+    order = np.lexsort(points.T[::-1])
+    pts = points[order]
+    keep = np.ones(n, bool)
+    # block-wise dominance check: O(n^2 / block) memory-bounded
+    for start in range(0, n, 2048):
+        blk = pts[start:start + 2048]
+        le = np.all(pts[None, :, :] <= blk[:, None, :], axis=2)
+        lt = np.any(pts[None, :, :] < blk[:, None, :], axis=2)
+        keep[start:start + len(blk)] = ~np.any(le & lt, axis=1)
+    out = np.zeros(n, bool)
+    out[order] = keep
+    return out
