@@ -36,7 +36,9 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
 
     def axis(name, default):
         v = fixed.get(name)
-        return np.array([v], dtype=np.int64) if v is not None else default
+        if v is None:
+            return default
+        return np.array(list(v) if isinstance(v, (list, tuple)) else [v], dtype=np.int64)
 
     attn_groups = model.heads if model.mla else model.kv_heads
     tp_ax = axis("tp", d[(model.heads % d == 0) & (attn_groups % d == 0)])
@@ -64,6 +66,8 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
     if model.moe:
         ok &= (model.moe.experts % ep == 0) & (model.moe.expert_ffn_hidden % etp == 0)
         ok &= (etp == 1) | (etp == tp) | np.array(fixed.get("etp") is not None)
+    if fixed.get("dp") is not None and fixed.get("ep") is None and model.moe is None:
+        pass
     tp, pp, cp, dp, ep, etp = (x[ok] for x in (tp, pp, cp, dp, ep, etp))
     mb_ax = axis("micro_batch", np.array([1, 2, 4, 8, 16, 32], dtype=np.int64))
     i, mb = _cross(np.arange(len(tp)), mb_ax)
@@ -76,14 +80,16 @@ def knob_table(model: ModelSpec, fixed: dict, precisions) -> dict:
     """The non-degree knobs. Schedules and vpp are expanded here and masked per degree row."""
     def axis(name, values):
         v = fixed.get(name)
-        return [v] if v is not None else list(values)
+        if v is None:
+            return list(values)
+        return list(v) if isinstance(v, (list, tuple)) else [v]
     sp = axis("sp", [True, False])
     rec = axis("recompute", RECOMPUTE)
     zero = axis("zero", (0, 1, 2, 3))
     prec = axis("precision", precisions)
     sched = axis("schedule", SCHEDULES)
     cpc = axis("cp_comm", CP_COMM)
-    vpp_vals = [fixed["vpp"]] if fixed.get("vpp") is not None else [1, 2, 3, 4, 6, 8]
+    vpp_vals = axis("vpp", [1, 2, 3, 4, 6, 8])
     rows = []
     for s_, r, z, p, sc, cc, v in itertools.product(sp, rec, zero, prec, sched, cpc, vpp_vals):
         if (sc == "interleaved") != (v > 1):
@@ -140,6 +146,7 @@ def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int
 
 def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict):
     """Explain, in one line, why the user's fixed degrees admit no layout."""
+    fixed = {k: v for k, v in fixed.items() if not isinstance(v, (list, tuple))}
     tp, pp, cp, dp = (fixed.get(k) for k in ("tp", "pp", "cp", "dp"))
     prod = 1
     for name, v in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", dp)):

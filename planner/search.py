@@ -143,6 +143,9 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
         from .stacks import get_stack
         stack = get_stack(stack)
     stack = stack or STACKS["megatron-core"]
+    # what the stack cannot run is not searched (a user's explicit choice is still honoured)
+    fixed.setdefault("zero", list(stack.zero_stages))
+    fixed.setdefault("schedule", list(stack.schedules))
     seq_len = seq_len or model.seq_len or DEFAULT_SEQ_LEN
     global_batch = global_batch or default_global_batch(seq_len)
     if precisions is None:

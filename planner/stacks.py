@@ -24,6 +24,8 @@ class Stack:
     fsdp_regather_backward: bool = True   # ZeRO-3 gathers parameters again in backward
     tp_overlap: bool = True       # can overlap TP collectives with GEMMs (TE userbuffers)
     step_overhead_s: float = 0.0  # fixed per-step host overhead
+    schedules: tuple = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")  # pipeline schedules it runs
+    zero_stages: tuple = (0, 1, 2, 3)
     source: str = ""
 
 
@@ -31,27 +33,29 @@ STACKS = {
     "megatron-core": Stack(
         "megatron-core",
         "Megatron-Core + Transformer Engine (NeMo / Megatron-Bridge recipes)",
+        schedules=("1f1b", "interleaved"),
         source="reference stack; efficiencies live in the hardware profile"),
     "megatron-2021": Stack(
         "megatron-2021",
         "Megatron-LM of Narayanan et al. 2021 / Korthikanti et al. 2022 (Apex fused kernels, no TE, "
         "no TP overlap, grads all-reduced in fp32)",
-        tp_overlap=False,
+        tp_overlap=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
         source="Narayanan et al. 2021 sec. 5; Korthikanti et al. 2022 sec. 6"),
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
-        elementwise=2.0, tp_overlap=False,
+        elementwise=2.0, tp_overlap=False, zero_stages=(0, 3),
+        schedules=("1f1b", "interleaved", "zb-h1", "zbv"),
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
-        elementwise=1.5, tp_overlap=False,
+        elementwise=1.5, tp_overlap=False, zero_stages=(2, 3), schedules=("1f1b",),
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(
         "deepspeed",
         "DeepSpeed ZeRO (data parallel only, Narayanan et al. 2021 Table 2 baseline)",
-        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False,
+        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, schedules=("1f1b",),
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }
 
