@@ -123,6 +123,15 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     else:
         t_moe_f = t_moe_gemm_w = 0.0
 
+    # per-GPU forward FLOPs of one layer (to account hardware FLOPs from the actual split)
+    fl_attn = (a["attn_qkv"] + a["attn_out"]) / tp + core
+    fl_dense = fl_attn + F.mlp_flops(model, T) / tp
+    if model.moe:
+        fl_moe = (fl_attn + fl_e + 2 * local * h * mo.experts
+                  + (F.mlp_flops(model, T, mo.shared_expert_ffn_hidden * mo.shared_experts) / tp
+                     if mo.shared_experts else 0.0))
+    else:
+        fl_moe = 0.0
     t_dense_f = t_dense_mlp + ew_dense * stack.elementwise / hbm
     # layer forward = attention GEMMs + core + elementwise + MLP/MoE
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
@@ -202,7 +211,12 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         epc = nmoe * ep_f * (2 + rec_comm)
         # forward share of the per-micro-batch time (compute + exposed forward communication)
         tf = fwd + (ndense * tp_f_dense + nmoe * tp_f_moe) + layers * cp_f + nmoe * ep_f
-        return dict(fwd=fwd, bwd=bwd, w=w, rc=rc, tp=tpc, cp=cpc, ep=epc, tf=tf)
+        # hardware FLOPs per GPU per micro-batch: fwd + 2x bwd (+0.5x fwd core for the flash
+        # backward's recomputed scores) + recompute
+        flf = ndense * fl_dense + nmoe * fl_moe
+        fl_rc = np.select([rec == 0, rec == 1], [0.0, layers * core], flf)
+        fl = 3 * flf + (ATTN_BWD_FACTOR - 2) * layers * core + fl_rc
+        return dict(fwd=fwd, bwd=bwd, w=w, rc=rc, tp=tpc, cp=cpc, ep=epc, tf=tf, flops=fl, flops_rc=fl_rc)
 
     st_first = stage(Lf, dense_first)
     st_mid = stage(Lm, dense_mid)
@@ -222,6 +236,9 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     st_last["fwd"] = st_last["fwd"] + t_logits_f
     st_last["bwd"] = st_last["bwd"] + t_logits_b
     st_last["w"] = st_last["w"] + lg_f
+    fl_logits = 3 * F.logits_flops(model, T) / tp
+    st_first["flops"] = st_first["flops"] + np.where(has_last, 0.0, fl_logits)
+    st_last["flops"] = st_last["flops"] + fl_logits
 
     # ZeRO-2/3 per-micro-batch DP traffic is charged to each stage below
     dense_params_layer = model.attention_params() + model.norm_params()
@@ -384,6 +401,16 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     out["tokens_per_s_per_gpu"] = tokens_step / step / world
     out["model_tflops_per_gpu"] = model_flops / step / world / 1e12
     out["mfu"] = model_flops / step / world / gpu.peak_flops["bf16"]
+    # hardware FLOPs per step summed over every GPU of every stage (tp*cp*dp GPUs per stage)
+    per_stage_gpus = tp * cp * dp
+    hw = (first["flops"] + np.where(pp > 2, mid["flops"] * np.maximum(pp - 2, 0), 0.0)
+          + np.where(pp > 1, last["flops"], 0.0)) * nmb * per_stage_gpus
+    rc_fl = (first["flops_rc"] + np.where(pp > 2, mid["flops_rc"] * np.maximum(pp - 2, 0), 0.0)
+             + np.where(pp > 1, last["flops_rc"], 0.0)) * nmb * per_stage_gpus
+    out["model_flops_step"] = model_flops * np.ones(len(c))
+    out["hardware_flops_step"] = hw
+    out["recompute_flops_step"] = rc_fl
+    out["hfu"] = hw / step / world / gpu.peak_flops["bf16"]
     out["memory_bytes"] = mem_total
     out["feasible"] = mem_total <= gpu.hbm_bytes
     out["micro_batches"] = nmb

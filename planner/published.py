@@ -182,7 +182,7 @@ def inputs_of(row: dict) -> RunInputs:
 
 def predict_run(row: dict, cluster_override=None):
     """Best predicted plan for a published row (its stated layout fixed), or raises PlannerError."""
-    from .search import search
+    from .engine import search
     ri = inputs_of(row)
     cluster = cluster_override or load_hardware(ri.hardware)
     precisions = [ri.fixed["precision"]]

@@ -1,0 +1,43 @@
+"""Memory formulas against Korthikanti et al. 2022 (eqs. 1-5) and Rajbhandari et al. 2020 (ZeRO)."""
+import numpy as np
+import pytest
+
+from planner import memory as M
+from planner.model_spec import ModelSpec
+
+
+def gpt(h=12288, a=96):
+    return ModelSpec("g", layers=96, hidden=h, heads=a, kv_heads=a, ffn_hidden=4 * h, vocab=51200, dropout=True)
+
+
+@pytest.mark.parametrize("t", [1, 2, 8])
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("rec", ["none", "selective", "full"])
+def test_layer_activations_match_korthikanti(t, sp, rec):
+    s, b, h, a = 2048, 1, 12288, 96
+    m = gpt(h, a)
+    code = ["none", "selective", "full"].index(rec)
+    got, _ = M.layer_activation_bytes(m, s * b, t, np.array(sp), np.array(code), False, flash=False, kv_len=s)
+    assert float(got) == pytest.approx(M.korthikanti_layer_bytes(s, b, h, a, t, sp, rec), rel=1e-9)
+
+
+def test_korthikanti_table2_gpt3_175b():
+    """Korthikanti Table 2 / sec. 4: GPT-3 175B, t=8, SP + selective: 34sbh/t per layer = 1.64 GiB
+    over 96 layers... per layer 34*2048*1*12288/8 bytes."""
+    assert M.korthikanti_layer_bytes(2048, 1, 12288, 96, 8, True, "selective") == 34 * 2048 * 12288 / 8
+
+
+def test_flash_attention_drops_the_s_squared_term():
+    m = gpt()
+    a, core_flash = M.attention_activation_bytes(m, 2048, 8, np.array(True), flash=True)
+    _, core = M.attention_activation_bytes(m, 2048, 8, np.array(True), flash=False, kv_len=2048)
+    assert core == 5 * 96 * 2048 * 2048 / 8 and core_flash < core / 100
+
+
+@pytest.mark.parametrize("nd,zero,expected", [
+    # Rajbhandari et al. 2020 sec. 5.1 / Fig. 1: 7.5B params, Nd = 64, K = 12, fp16 grads:
+    (64, 0, 120e9), (64, 1, 31.4e9), (64, 2, 16.6e9), (64, 3, 1.9e9)])
+def test_zero_memory_figure1(nd, zero, expected):
+    psi = 7.5e9
+    w, g, o = M.model_state_bytes(psi, nd, zero, grad_bytes=2, weight_bytes=2, optimizer_bytes=12)
+    assert float(w + g + o) == pytest.approx(expected, rel=0.02)
