@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-write-s", type=_float_arg("--checkpoint-write-s", 0.0), default=None,
                    help="seconds to write one checkpoint (default: from model state size)")
     o.add_argument("--top", type=_int_arg("--top"), default=10)
+    o.add_argument("--explain", action="store_true",
+                   help="explain the best layout: time and memory breakdown, why the runners-up lost")
+    o.add_argument("--emit", choices=("megatron", "torchtitan", "deepspeed"),
+                   help="write a ready-to-run configuration of the best layout for that framework")
+    o.add_argument("--out", help="file for --emit (default: stdout)")
+    o.add_argument("--plot", metavar="FILE.png", help="save the most useful plot for this query")
     o.add_argument("--format", choices=("table", "json", "csv"), default="table")
     return p
 
@@ -176,6 +182,26 @@ def run(argv) -> int:
             print(to_json(res, model, cluster, stack, a, goodput))
         return 1
     from . import report
+    if a.emit:
+        from .export import emit
+        text, launch = emit(res.best, model, a.emit, cluster=cluster)
+        if a.out:
+            from .atomic import atomic_write_text
+            atomic_write_text(a.out, text)
+            print(f"wrote {a.emit} configuration to {a.out}", file=sys.stderr)
+        else:
+            print(text)
+        print(launch, file=sys.stderr if not a.out else sys.stdout)
+        return 0
+    if a.plot:
+        from .plots import plot_for_query
+        plot_for_query(res, model, cluster, a.plot, stack=stack)
+    if a.explain and a.format == "table":
+        from .explain import explain_text
+        print(report.to_table(res, model, cluster, stack, a, goodput))
+        print()
+        print(explain_text(res, model, cluster, stack))
+        return 0
     if a.format == "json":
         print(report.to_json(res, model, cluster, stack, a, goodput))
     elif a.format == "csv":

@@ -85,6 +85,9 @@ def to_json(res, model, cluster, stack, a=None, goodput=None) -> str:
         out["goodput"] = asdict(goodput)
         if res.best is not None and res.best.time_to_train_s is not None:
             out["goodput"]["time_to_train_s"] = res.best.time_to_train_s / goodput.goodput
+    if a is not None and getattr(a, "explain", False) and res.plans:
+        from .explain import explain_dict
+        out["explain"] = explain_dict(res, model, cluster, stack)
     if not res.plans and res.closest_infeasible is not None:
         out["closest_infeasible"] = res.closest_infeasible.to_dict()
         out["why_infeasible"] = res.closest_infeasible.overflow()
