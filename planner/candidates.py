@@ -76,36 +76,82 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
     return {k: v[ok] for k, v in dict(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, micro_batch=mb).items()}
 
 
-def knob_table(model: ModelSpec, fixed: dict, precisions) -> dict:
-    """The non-degree knobs. Schedules and vpp are expanded here and masked per degree row."""
-    def axis(name, values):
+def knob_table(model: ModelSpec, fixed: dict, precisions, pipelined=True, context=True, tensor=True) -> dict:
+    """The non-degree knobs for one class of degree rows: knobs that cannot matter in that class
+    (schedules without pp, CP variants without cp, SP without tp) are not generated at all."""
+    def axis(name, values, relevant=True):
         v = fixed.get(name)
         if v is None:
-            return list(values)
+            return list(values) if relevant else list(values)[:1]
         return list(v) if isinstance(v, (list, tuple)) else [v]
-    sp = axis("sp", [True, False])
+    sp = axis("sp", [False, True], tensor)
     rec = axis("recompute", RECOMPUTE)
     zero = axis("zero", (0, 1, 2, 3))
     prec = axis("precision", precisions)
-    sched = axis("schedule", SCHEDULES)
-    cpc = axis("cp_comm", CP_COMM)
-    vpp_vals = axis("vpp", [1, 2, 3, 4, 6, 8])
+    sched = axis("schedule", SCHEDULES, pipelined)
+    cpc = axis("cp_comm", CP_COMM, context)
+    vpp_vals = axis("vpp", [1, 2, 3, 4, 6, 8], pipelined)
+    given = fixed.get("first_stage_layers") or fixed.get("last_stage_layers")
+    splits = [0] if (given or not pipelined) else list(SPLITS)
     rows = []
-    for s_, r, z, p, sc, cc, v in itertools.product(sp, rec, zero, prec, sched, cpc, vpp_vals):
+    for s_, r, z, p, sc, cc, v, sl in itertools.product(sp, rec, zero, prec, sched, cpc, vpp_vals, splits):
         if (sc == "interleaved") != (v > 1):
             continue
-        rows.append((s_, RECOMPUTE.index(r), z, PRECISIONS.index(p), SCHEDULES.index(sc), CP_COMM.index(cc), v))
-    a = np.array(rows, dtype=np.int64).reshape(-1, 7)
+        rows.append((s_, RECOMPUTE.index(r), z, PRECISIONS.index(p), SCHEDULES.index(sc), CP_COMM.index(cc), v, sl))
+    a = np.array(rows, dtype=np.int64).reshape(-1, 8)
     return {"sp": a[:, 0].astype(bool), "recompute": a[:, 1].astype(np.int8), "zero": a[:, 2],
             "precision": a[:, 3].astype(np.int8), "schedule": a[:, 4].astype(np.int8),
-            "cp_comm": a[:, 5].astype(np.int8), "vpp": a[:, 6]}
+            "cp_comm": a[:, 5].astype(np.int8), "vpp": a[:, 6], "split": a[:, 7].astype(np.int8)}
+
+
+# How layers are split over pipeline stages (searched):
+#   0  even when pp divides the layers, else balanced: middle stages get ceil(L/pp), the first and
+#      last share the remainder (Megatron --decoder-first/last-pipeline-num-layers)
+#   1  account for the embedding and the loss as one layer each: (L+2)/pp per stage, first and
+#      last get one layer fewer (Megatron --account-for-embedding-in-pipeline-split and
+#      --account-for-loss-in-pipeline-split)
+#   2  account for the loss only: the last stage gets one layer fewer
+SPLITS = (0, 1, 2)
+
+
+def stage_split(L: int, pp, split, fixed: dict):
+    """(first, last) stage layer counts per row; validity is checked by the caller."""
+    pp = np.asarray(pp)
+    fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
+    if fl or ll:
+        ngiven = (fl > 0) + (ll > 0)
+        even = (L - fl - ll) // np.maximum(pp - ngiven, 1)
+        return (np.full(pp.shape, fl) if fl else even), (np.full(pp.shape, ll) if ll else even)
+    mid0 = -(-L // pp)                               # ceil(L / pp)
+    rest = L - (pp - 2) * mid0
+    bal_first = np.where(L % pp == 0, L // pp, -(-rest // 2))
+    bal_last = np.where(L % pp == 0, L // pp, rest - (-(-rest // 2)))
+    m1 = (L + 2) // pp
+    m2 = (L + 1) // pp
+    first = np.select([split == 0, split == 1], [bal_first, m1 - 1], m2)
+    last = np.select([split == 0, split == 1], [bal_last, m1 - 1], m2 - 1)
+    # split 1 and 2 exist only where they divide exactly
+    bad = ((split == 1) & ((L + 2) % pp != 0)) | ((split == 2) & ((L + 1) % pp != 0)) | ((split > 0) & (pp < 2))
+    first = np.where(bad, -1, first)
+    return first, last
 
 
 def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict,
                     precisions, overlap: dict, chunk: int = 262144):
     """Yield Candidates chunks of every valid layout (after masking redundant combinations)."""
-    deg = degree_table(model, gpus, seq_len, global_batch, fixed)
-    knob = knob_table(model, fixed, precisions)
+    deg_all = degree_table(model, gpus, seq_len, global_batch, fixed)
+    if len(deg_all["tp"]) == 0:
+        return
+    cls = (deg_all["pp"] > 1) * 4 + (deg_all["cp"] > 1) * 2 + (deg_all["tp"] > 1)
+    for key in np.unique(cls):       # at most 8 classes: the loop does not grow with the space
+        sel = cls == key
+        deg = {k: v[sel] for k, v in deg_all.items()}
+        knob = knob_table(model, fixed, precisions, pipelined=bool(key & 4), context=bool(key & 2),
+                          tensor=bool(key & 1))
+        yield from _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk)
+
+
+def _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk):
     nd, nk = len(deg["tp"]), len(knob["sp"])
     if nd == 0 or nk == 0:
         return
@@ -122,14 +168,17 @@ def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int
         ok &= ~(cols["sp"] & (tp == 1)) | np.array(fixed.get("sp") is not None)   # SP needs tp > 1
         ok &= (cp > 1) | (cols["cp_comm"] == 0)                                   # cp variant only with cp
         ok &= (pp > 1) | (cols["schedule"] == 0)                                  # schedules need pp > 1
-        fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
-        ngiven = (fl > 0) + (ll > 0)
-        rest, nrest = L - fl - ll, np.maximum(pp - ngiven, 1)
-        ok &= (rest % nrest == 0) & (rest > 0) | ((pp == ngiven) & (rest == 0))   # stage layer counts
-        ok &= ((rest // nrest) % cols["vpp"] == 0)                                # virtual chunks
+        first, last = stage_split(L, pp, cols["split"], fixed)
+        mid = np.where(pp > 2, (L - first - last) // np.maximum(pp - 2, 1), 0)
+        ok &= np.where(pp == 1, True, (first >= 1) & (last >= 1))
+        ok &= np.where(pp > 2, ((L - first - last) % np.maximum(pp - 2, 1) == 0) & (mid >= 1), True)
+        ok &= np.where(pp == 2, first + last == L, True)
+        ok &= (pp > 1) | (cols["split"] == 0)                                     # splits need stages
+        per_stage = np.where(pp > 2, mid, np.where(pp == 2, first, L))
+        ok &= (per_stage % cols["vpp"] == 0)                                      # virtual chunks
         ok &= (cols["schedule"] != 1) | (nmb % pp == 0)                           # Megatron interleaved
         ok &= (cols["schedule"] != 4) | ((pp % 2 == 0) & (nmb >= pp))              # DualPipe: even pp
-        ok &= (cols["schedule"] != 3) | ((rest // nrest) % 2 == 0)                # ZB-V: 2 chunks per rank
+        ok &= (cols["schedule"] != 3) | (per_stage % 2 == 0)                      # ZB-V: 2 chunks per rank
         if not ok.any():
             continue
         cols = {k: v[ok] for k, v in cols.items()}
@@ -137,8 +186,10 @@ def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int
         cols["global_batch"] = np.full(n, global_batch, np.int64)
         cols["seq_len"] = np.full(n, seq_len, np.int64)
         cols["shard_group"] = np.full(n, fixed.get("shard_group") or 0, np.int64)
-        cols["first_stage_layers"] = np.full(n, fixed.get("first_stage_layers") or 0, np.int64)
-        cols["last_stage_layers"] = np.full(n, fixed.get("last_stage_layers") or 0, np.int64)
+        first, last = stage_split(L, cols["pp"], cols["split"], fixed)
+        cols["first_stage_layers"] = np.where(cols["pp"] > 1, first, 0).astype(np.int64)
+        cols["last_stage_layers"] = np.where(cols["pp"] > 1, last, 0).astype(np.int64)
+        del cols["split"]
         for k in ("overlap_tp", "overlap_dp", "overlap_pp"):
             cols[k] = np.full(n, overlap.get(k, True), bool)
         yield Candidates(cols)
@@ -167,13 +218,14 @@ def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fi
     if pp is not None:
         if pp > model.layers:
             raise PlannerError(f"--pp {pp} exceeds the {model.layers} layers of {model.name}")
-        if not fixed.get("first_stage_layers") and not fixed.get("last_stage_layers") and model.layers % pp:
-            raise PlannerError(f"--pp {pp} does not divide the {model.layers} layers of {model.name}; "
-                               "use --first-stage-layers/--last-stage-layers for uneven stages")
-        vpp = fixed.get("vpp")
-        if vpp and (model.layers // pp) % vpp:
-            raise PlannerError(f"--vpp {vpp} does not divide the {model.layers // pp} layers per stage "
-                               f"of {model.name} at --pp {pp}")
+        fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
+        if fl + ll > model.layers or (pp == 1 and (fl or ll)):
+            raise PlannerError(f"--first-stage-layers/--last-stage-layers ({fl}/{ll}) do not fit {model.layers} "
+                               f"layers over --pp {pp}")
+        ngiven = (fl > 0) + (ll > 0)
+        if ngiven and pp > ngiven and (model.layers - fl - ll) % (pp - ngiven):
+            raise PlannerError(f"the {model.layers - fl - ll} layers left after --first/--last-stage-layers do not "
+                               f"divide over the other {pp - ngiven} stages")
     if cp is not None and cp > 1 and seq_len % (2 * cp):
         raise PlannerError(f"--cp {cp} needs --seq-len divisible by 2*cp = {2 * cp}, got {seq_len}")
     ep = fixed.get("ep")

@@ -111,3 +111,30 @@ def p2p(cluster, nbytes, stride):
         inside = (stride < d) if d else np.ones(stride.shape, bool)
         t = np.where(np.isnan(t) & inside, nbytes / bw + lv.latency, t)
     return t
+
+
+class Group:
+    """A parallel group (size, stride) on a cluster with its bus bandwidth and per-step latencies
+    computed once, so that every collective on it is two multiply-adds."""
+
+    __slots__ = ("n", "bw", "lat_ar", "lat_ag", "cluster", "size", "stride")
+
+    def __init__(self, cluster: Cluster, size, stride):
+        self.cluster, self.size, self.stride = cluster, size, stride
+        self.n = np.asarray(size, dtype=np.float64)
+        self.bw = ring_bandwidth(cluster, size, stride)
+        self.lat_ar = _latency(cluster, size, stride, 2.0)
+        self.lat_ag = _latency(cluster, size, stride, 1.0)
+
+    def all_reduce(self, nbytes):
+        n = self.n
+        return np.where(n > 1, 2.0 * (n - 1) / n * nbytes / self.bw + self.lat_ar, 0.0)
+
+    def all_gather(self, nbytes):
+        n = self.n
+        return np.where(n > 1, (n - 1) / n * nbytes / self.bw + self.lat_ag, 0.0)
+
+    reduce_scatter = all_gather
+
+    def all_to_all(self, nbytes):
+        return all_to_all(self.cluster, nbytes, self.size, self.stride)

@@ -80,9 +80,23 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
                    + g(a["attn_out"] / tp, T, h, model.v_dim / tp))
     # causal core attention, load-balanced over CP ranks (Megatron-Core CP splits each sequence
     # into 2cp chunks, pairing early and late chunks)
-    core = F.attention_core_flops(model, b * s, s, causal=True) / (tp * cp)
-    t_core_f = core / (attn_peak * e.attention_max)
-    t_core_b = ATTN_BWD_FACTOR * t_core_f
+    core = F.attention_core_flops(model, b * s, s, causal=True) / (tp * cp) * F.mean_attended(model, s)
+    if stack.flash_attention:
+        t_core_f = core / (attn_peak * e.attention_max * stack.attention)
+        t_core_b = ATTN_BWD_FACTOR * t_core_f
+    else:
+        # unfused attention (Megatron-LM 2021): QK^T and AV as batched GEMMs over the full s x s
+        # (no causal skipping), each with the head dimension as one GEMM side, plus the fused
+        # scale-mask-softmax and dropout over the [b, a/t, s, s] scores: read 2 + write 2 bytes for
+        # softmax, read 2 + write 2 + mask 1 for dropout (Korthikanti et al. 2022 sec. 4.1 tensors)
+        hd = model.q_dim / model.heads
+        full = 2 * core
+        bmm_peak = (np.full(len(c), attn_peak), np.full(len(c), e.gemm_max["bf16"]))
+        t_bmm = _gemm_time(cluster, stack, full, s / cp, s, hd, bmm_peak)
+        scores_bytes = b * (model.heads / tp) * (s / cp) * s * (4 + (5 if model.dropout else 0))
+        t_core_f = t_bmm + scores_bytes * stack.elementwise / hbm
+        t_core_b = 2 * t_bmm + 2 * scores_bytes * stack.elementwise / hbm
+        core = full
 
     def mlp_time(ffn, tokens, ncopies=1.0):
         fl = F.mlp_flops(model, tokens, ffn) * ncopies
@@ -95,9 +109,11 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     # activation r+w; fp8 adds a cast (r2+w1) of each GEMM input) -- fused kernels as in TE
     tok_sp = T / np.where(sp, tp, 1)
     ew_common = 2 * tok_sp * h * (2 + 2 + 3 + 3 + (1 if model.dropout else 0))
-    ew_common = ew_common + np.where(fp8, 3 * T * (h + model.v_dim / tp), 0.0)
+    # fp8 casts of GEMM inputs are fused into LayerNorm / activation kernels by Transformer Engine
+    # (LayerNormLinear, fused cast-transpose); what remains is the cast of the attention output
+    ew_common = ew_common + np.where(fp8, 3 * T * model.v_dim / tp, 0.0)
     act_rw = 3 if model.gated else 2
-    ew_dense = 2 * T * model.ffn_hidden / tp * act_rw + np.where(fp8, 3 * T * (h + model.ffn_hidden / tp), 0.0)
+    ew_dense = 2 * T * model.ffn_hidden / tp * act_rw
     t_ew_common = ew_common * stack.elementwise / hbm
 
     if model.moe:
@@ -111,7 +127,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         fl_e = F.mlp_flops(model, routed, mo.expert_ffn_hidden)
         t_experts = (g(fl_e * (model.mlp_matrices - 1) / model.mlp_matrices, tok_per_expert,
                        (model.mlp_matrices - 1) * mo.expert_ffn_hidden / etp, h)
-                     + g(fl_e / model.mlp_matrices, tok_per_expert, h, mo.expert_ffn_hidden / etp))
+                     + g(fl_e / model.mlp_matrices, tok_per_expert, h, mo.expert_ffn_hidden / etp)) / e.grouped_gemm
         t_shared = (mlp_time(mo.shared_expert_ffn_hidden * mo.shared_experts, T)
                     if mo.shared_experts else 0.0)
         t_router = g(2 * local * h * mo.experts, local, mo.experts, h)
@@ -147,11 +163,15 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
 
     # ------------------------------------------------------------------ per-layer communication
     act = 2.0 * T * h                                  # one [s/cp, b, h] bf16 activation
-    t_ar = C.all_reduce(cluster, act, tp, 1)
+    g_tp = C.Group(cluster, tp, 1)
+    # with SP the all-reduce is an all-gather + reduce-scatter; Transformer Engine gathers fp8
+    # activations under fp8 (TE LayerNormLinear with sequence_parallel), the reduce-scatter stays bf16
+    t_ar = np.where(sp & fp8, 0.5 * g_tp.all_gather(act) + g_tp.reduce_scatter(act), g_tp.all_reduce(act))
     tp_colls_dense = 2.0                                # attention + MLP (Megatron, Shoeybi 2019 fig. 4)
     tp_colls_moe = 1.0 + np.where(etp > 1, 1.0, 0.0)
     rec_comm = np.where(rec == 2, 1.0, 0.0)             # full recompute repeats the forward collectives
-    tp_overlap_on = c.overlap_tp & stack.tp_overlap & sp
+    # TE userbuffer overlap needs the TP group inside one NVLink domain
+    tp_overlap_on = c.overlap_tp & stack.tp_overlap & sp & (tp <= (cluster.domain_sizes[0] or tp))
     gemm_per_coll_dense = (t_attn_gemm + t_dense_mlp) / tp_colls_dense
 
     def exposed_tp(ncoll, gemm_per_coll):
@@ -169,10 +189,11 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     kv_split = tp if model.mla else np.minimum(tp, model.kv_heads)
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
     cp_step = C.p2p(cluster, kv_local, tp)
+    g_cp = C.Group(cluster, cp, tp)
     cp_ring_f = np.maximum((cp - 1) * cp_step - t_core_f * (cp - 1) / cp, 0.0)
     cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - t_core_b * (cp - 1) / cp, 0.0)
-    cp_ag_f = C.all_gather(cluster, kv_local * cp, cp, tp)
-    cp_ag_b = cp_ag_f + C.reduce_scatter(cluster, kv_local * cp, cp, tp)
+    cp_ag_f = g_cp.all_gather(kv_local * cp)
+    cp_ag_b = cp_ag_f + g_cp.reduce_scatter(kv_local * cp)
     qkvo = 2.0 * T * (model.q_dim + 2 * kv_dim + model.v_dim) / tp
     cp_a2a_f = C.all_to_all(cluster, qkvo, cp, tp)
     cp_f = np.where(cp > 1, np.select([c.cp_comm == 0, c.cp_comm == 1], [cp_ring_f, cp_ag_f], cp_a2a_f), 0.0)
@@ -262,27 +283,43 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     pl = stage_params(Ll, dense_last, False, pp > 1)
 
     dpcp = dp * cp                                    # dense-gradient group (Megatron: dp x cp)
+    # a stack that cannot pool NICs sees its DP groups as if each member sat in its own domain
+    dstr = tp if stack.pooled_nics else np.maximum(tp, cluster.domain_sizes[0] or 1)
+    estr = ep * etp if stack.pooled_nics else np.maximum(ep * etp, cluster.domain_sizes[0] or 1)
     shard = np.where(c.shard_group > 0, f(c.shard_group), dpcp)
     edp = tp * cp * dp / (ep * etp)                   # expert data-parallel group
     eshard = np.minimum(shard, edp)
     zero = c.zero
     gbytes = stack.grad_reduce_bytes
 
-    def dp_times(params):
+    g_dense = C.Group(cluster, dpcp, dstr)            # all-reduce group of dense gradients
+    g_shard = C.Group(cluster, shard, dstr)           # ZeRO shard group (= g_dense unless HSDP)
+    g_repl = C.Group(cluster, dpcp / shard, dstr * shard)   # HSDP replicas
+    g_exp = C.Group(cluster, edp, estr)
+    g_eshard = C.Group(cluster, eshard, estr)
+    hsdp = shard < dpcp
+
+    def dp_times(params, layers):
         pd_, pe_ = params
         # gradient reduction: all-reduce (ZeRO-0) or reduce-scatter (ZeRO>=1); HSDP adds an
         # all-reduce of the shard across replicas (Zhao et al. 2023 'PyTorch FSDP' sec. 3.2.2)
-        rs_d = C.reduce_scatter(cluster, pd_ * gbytes, shard, tp)
-        hs_d = np.where(shard < dpcp, C.all_reduce(cluster, pd_ * gbytes / shard, dpcp / shard, tp * shard), 0.0)
-        ar_d = C.all_reduce(cluster, pd_ * gbytes, dpcp, tp)
-        rs_e = C.reduce_scatter(cluster, pe_ * gbytes, eshard, ep * etp)
-        ar_e = C.all_reduce(cluster, pe_ * gbytes, edp, ep * etp)
-        grad = np.where(zero == 0, ar_d + ar_e, rs_d + hs_d + rs_e)
-        ag = C.all_gather(cluster, pd_ * 2.0, shard, tp) + C.all_gather(cluster, pe_ * 2.0, eshard, ep * etp)
+        # collectives are issued per bucket / per layer, each paying the latency term again:
+        # Megatron buckets of max(40M, 1M*dp) elements (distributed/param_and_grad_buffer.py);
+        # ZeRO-3 / FSDP gathers and reduces one layer (FSDP unit) at a time
+        n_buckets = np.maximum(np.ceil((pd_ + pe_) / np.maximum(40e6, 1e6 * dpcp)), 1.0)
+        extra = np.where(zero == 3, np.maximum(layers, 1.0), n_buckets) - 1
+        ar = (g_dense.all_reduce(pd_ * gbytes) + g_exp.all_reduce(pe_ * gbytes)
+              + extra * (g_dense.lat_ar + g_exp.lat_ar))
+        rs = (g_shard.reduce_scatter(pd_ * gbytes) + g_eshard.reduce_scatter(pe_ * gbytes)
+              + np.where(hsdp, g_repl.all_reduce(pd_ * gbytes / shard), 0.0)
+              + extra * (g_shard.lat_ag + g_eshard.lat_ag))
+        grad = np.where(zero == 0, ar, rs)
+        ag = (g_shard.all_gather(pd_ * 2.0) + g_eshard.all_gather(pe_ * 2.0)
+              + extra * (g_shard.lat_ag + g_eshard.lat_ag))
         return grad, ag
 
-    def dp_per_step_and_mb(params):
-        grad, ag = dp_times(params)
+    def dp_per_step_and_mb(params, layers):
+        grad, ag = dp_times(params, layers)
         # ZeRO-1: grads reduced once per step, params gathered once (Megatron distributed optimizer)
         # ZeRO-2: grads reduce-scattered every micro-batch (DeepSpeed stage 2)
         # ZeRO-3: params gathered for fwd (and again for bwd), grads reduce-scattered every micro-batch
@@ -292,8 +329,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         return per_step, per_mb_f, per_mb_b
 
     stages = []
-    for st, prm in ((st_first, pf), (st_mid, pm), (st_last, pl)):
-        per_step, mb_f, mb_b = dp_per_step_and_mb(prm)
+    for st, prm, nl in ((st_first, pf, Lf), (st_mid, pm, Lm), (st_last, pl, Ll)):
+        per_step, mb_f, mb_b = dp_per_step_and_mb(prm, nl)
         comp_f, comp_b = st["fwd"], st["bwd"] + st["rc"]
         ovl = c.overlap_dp
         dp_mb = np.where(ovl, np.maximum(mb_f - comp_f, 0.0) + np.maximum(mb_b - comp_b, 0.0), mb_f + mb_b)
@@ -345,7 +382,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     step = sum(breakdown.values())
 
     # ------------------------------------------------------------------ memory (peak stage)
-    flash = True
+    flash = stack.flash_attention
     imb = moe_imbalance if not capacity_factor else min(moe_imbalance, capacity_factor)
     act_dense, full_dense = M.layer_activation_bytes(model, T, tp, sp, rec, False, flash, s, etp, imb)
     if model.moe:
@@ -370,8 +407,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         acts = acts + np.where(rec > 0, np.maximum(full_dense if model.dense_layers else 0.0,
                                                    full_moe if model.moe else 0.0), 0.0)
         acts = acts + np.where(is_first, 2.0 * T * h / np.where(sp, tp, 1) * inflight, 0.0)
-        # logits: fp32 logits and their gradient for one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
-        logits = np.where(is_last, 2 * 4.0 * T * model.vocab / tp, 0.0)
+        # logits: fp32 logits of one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
+        logits = np.where(is_last, 4.0 * T * model.vocab / tp, 0.0)
         buffers = 2 * act * np.ones(len(c))   # TP/SP all-gather in/out buffers of one activation
         return dict(weights=weights, gradients=(g_d + g_e) * copies, optimizer=(o_d + o_e) * copies,
                     activations=acts, logits=logits, buffers=buffers,
@@ -394,7 +431,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     if mflops_tok is None:   # mixed sequence lengths: per-candidate attention share
         base = F.model_flops_per_token(model, 1, causal=True)
         core1 = 3 * model.layers * F.attention_core_flops(model, 1.0, 1.0, True)
-        mflops_tok = base - core1 + core1 * s
+        mflops_tok = base - core1 + core1 * s * F.mean_attended(model, s)
     model_flops = mflops_tok * tokens_step
     out = Evaluation()
     out["step_time_s"] = step

@@ -80,16 +80,17 @@ class SearchResult:
         return self.plans[0] if self.plans else None
 
     def to_dataframe(self):
+        """The ranked layouts, one row each, breakdowns flattened to time_*_s / mem_*_gib columns."""
         import pandas as pd
-        rows = []
-        for p in self.plans:
-            d = p.to_dict()
-            for k, v in d.pop("time_breakdown_s").items():
-                d[f"time_{k}_s"] = v
-            for k, v in d.pop("memory_breakdown_gib").items():
-                d[f"mem_{k}_gib"] = v
-            rows.append(d)
-        return pd.DataFrame(rows)
+        from .report import flat_rows
+        return pd.DataFrame(flat_rows(self.plans))
+
+    def pareto_frame(self):
+        """The Pareto front over time-to-train, cost and peak memory per GPU (all minimised),
+        fastest first, as a DataFrame."""
+        import pandas as pd
+        from .report import flat_rows
+        return pd.DataFrame(flat_rows(self.pareto))
 
 
 def plan_from_eval(ev: dict, cands: Candidates, i: int, cluster: Cluster, tokens: float | None = None,
@@ -181,8 +182,9 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
             sub = cands.take(idx)
             subev = {kk: v[idx] for kk, v in ev.items()}
             best_c.append((sc[idx], sub, subev))
-            if len(counts) > 1:
-                pareto_pts.append(_pareto_chunk(ev, cands, ok, tokens or 1e12, cluster, price))
+            pareto_pts.append(_pareto_chunk(ev, cands, ok, tokens or 1e12, cluster, price))
+            if len(pareto_pts) > 16:
+                pareto_pts = [_pareto_reduce(pareto_pts, cluster, tokens, price)]
         # merge periodically to bound memory
         if len(best_c) > 8:
             best_c = [_merge(best_c, keep)]
@@ -212,29 +214,24 @@ def _merge(parts, keep):
 
 
 def gpu_counts(gpus, cluster: Cluster) -> list:
-    """A single count, or for a (lo, hi) range the powers of two and multiples of the innermost
-    domain that lie in it (the counts a cluster is actually allocated in)."""
+    """A single count, or for a (lo, hi) range the counts clusters are allocated in: the ends of
+    the range, powers of two, and the innermost domain size times powers of two (e.g. 72 x 2^k
+    on NVL72) that lie in it."""
     if isinstance(gpus, (int, np.integer)):
         if gpus < 1:
             raise PlannerError(f"--gpus must be >= 1, got {gpus}")
         return [int(gpus)]
-    lo, hi = gpus
+    lo, hi = (int(x) for x in gpus)
     if lo < 1 or hi < lo:
         raise PlannerError(f"--gpus range must be LO-HI with 1 <= LO <= HI, got {lo}-{hi}")
     dom = next((d for d in cluster.domain_sizes if d), 8)
-    out = set()
-    p = 1
-    while p <= hi:
-        if p >= lo:
-            out.add(p)
-        p *= 2
-    m = dom
-    while m <= hi and len(out) < 64:
-        if m >= lo and (m & (m - 1) == 0 or m % dom == 0) and (hi // m) < 64 or m == hi:
-            out.add(m) if m >= lo else None
-        m *= 2
-    if not out:
-        raise PlannerError(f"--gpus range {lo}-{hi} holds no power of two or multiple of {dom}")
+    out = {lo, hi}
+    for base in {1, dom}:
+        k = base
+        while k <= hi:
+            if k >= lo:
+                out.add(k)
+            k *= 2
     return sorted(out)
 
 
@@ -257,20 +254,32 @@ def _pareto_chunk(ev, cands, ok, tokens, cluster, price):
     return cands.take(idx), {k: v[idx] for k, v in ev.items()}
 
 
-def _pareto_final(parts, cluster, tokens, price):
+def _pareto_reduce(parts, cluster, tokens, price):
+    """Merge chunk fronts into one front (still as candidates + arrays)."""
     parts = [p for p in parts if p is not None]
     if not parts:
-        return []
+        return None
     cols = {k: np.concatenate([p[0].cols[k] for p in parts]) for k in parts[0][0].cols}
     ev = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-    c = Candidates(cols)
     tk = tokens or 1e12
     ttt = tk / (ev["tokens_per_s_per_gpu"] * ev["gpus"])
     p = cluster.price_per_gpu_hour if price is None else price
     cost = ttt / 3600 * ev["gpus"] * p
-    keep = np.nonzero(pareto_mask(np.stack([ttt, cost, ev["memory_bytes"]], axis=1)))[0]
-    keep = keep[np.argsort(ttt[keep])]
-    return [plan_from_eval(ev, c, int(i), cluster, tk, price) for i in keep]
+    pts = np.stack([ttt, cost, ev["memory_bytes"]], axis=1)
+    keep = np.nonzero(pareto_mask(pts))[0]
+    # equal objective vectors do not dominate each other: keep one of each
+    _, first = np.unique(np.round(pts[keep], 9), axis=0, return_index=True)
+    keep = keep[np.sort(first)]
+    keep = keep[np.argsort(ttt[keep], kind="stable")]
+    return Candidates({k: v[keep] for k, v in cols.items()}), {k: v[keep] for k, v in ev.items()}
+
+
+def _pareto_final(parts, cluster, tokens, price):
+    red = _pareto_reduce(parts, cluster, tokens, price)
+    if red is None:
+        return []
+    c, ev = red
+    return [plan_from_eval(ev, c, i, cluster, tokens or 1e12, price) for i in range(len(c))]
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:

@@ -36,6 +36,21 @@ def attention_core_flops(m: ModelSpec, tokens, kv_len, causal: bool = True):
     return f * 0.5 if causal else f
 
 
+def mean_attended(m: ModelSpec, seq_len) -> float:
+    """Average attended length factor over layers relative to full causal attention: layers with a
+    sliding window of w attend to at most w keys (Beltagy et al. 2020 'Longformer' sec. 3.1);
+    returned as the multiplier on the full-attention core FLOPs."""
+    w, nw = getattr(m, "sliding_window", None), getattr(m, "sliding_window_layers", None)
+    if not w:
+        return 1.0
+    nw = m.layers if nw is None else nw
+    import numpy as np
+    s = np.asarray(seq_len, dtype=float)
+    # causal full attention averages s/2 keys per query; windowed ~ w (for s >> w), at most s/2
+    frac = np.minimum(w, s / 2) / (s / 2)
+    return (nw * frac + (m.layers - nw)) / m.layers
+
+
 def mlp_flops(m: ModelSpec, tokens, ffn: int | None = None):
     """Dense MLP: 2 matrices (gelu/relu2) or 3 (gated: swiglu/geglu), Shazeer 2020 'GLU Variants'."""
     f = m.ffn_hidden if ffn is None else ffn
@@ -61,7 +76,7 @@ def forward_flops_per_token_terms(m: ModelSpec, seq_len: int, causal: bool = Tru
     t = 1.0
     a = attention_gemm_flops(m, t)
     terms = {"attn_qkv": m.layers * a["attn_qkv"], "attn_out": m.layers * a["attn_out"],
-             "attn_core": m.layers * attention_core_flops(m, t, seq_len, causal),
+             "attn_core": m.layers * attention_core_flops(m, t, seq_len, causal) * mean_attended(m, seq_len),
              "mlp": m.dense_layers * mlp_flops(m, t)}
     if m.moe:
         mo = moe_flops(m, t)

@@ -76,6 +76,7 @@ class Efficiency:
     attention_max: float = 0.55     # flash-attention fwd+bwd fraction of bf16 peak
     hbm: float = 0.8                # achievable fraction of HBM bandwidth for elementwise kernels
     network: float = 0.85           # achievable fraction of link bandwidth (NCCL busbw / line rate)
+    grouped_gemm: float = 1.0       # MoE grouped-GEMM efficiency relative to a dense GEMM of the same shape
     source: str = "planner default (benchmarks/fit_efficiency.py)"
 
 
@@ -240,7 +241,7 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
         for prec in e.get("gemm_max", {}):
             gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
         kw = {}
-        for key in ("gemm_half_dim", "attention_max", "hbm", "network"):
+        for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm"):
             if key in e:
                 kw[key] = _num(e, key, ew)
         for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()]:

@@ -114,25 +114,36 @@ def model_of(row: dict) -> ModelSpec:
                       dense_layers=_int(row.get("moe_dense_layers")) or 0)
     if ffn is None:
         ffn = moe.expert_ffn_hidden if moe else 4 * h
-    head_dim = None
-    mla = None
-    if row.get("attention", "").strip().lower() == "mla" or h % a:
+    # facts the CSV does not carry (head_dim when it differs from hidden/heads, MLA ranks, sliding
+    # windows) come from the catalog entry of the same family when its shape agrees
+    head_dim = mla = window = window_layers = None
+    fam = _family(name, row.get("attention", ""))
+    if fam is None and h % a:
+        raise PlannerError(f"row {row['row_id']}: hidden {h} not divisible by heads {a} and no catalog family")
+    if fam is not None:
         from .model_io import load_model
-        fam = "deepseek-v3" if row.get("attention", "").strip().lower() == "mla" else None
-        if fam is None and "oss" in name.lower():
-            fam = "gpt-oss-120b"
-        if fam is None:
-            raise PlannerError(f"row {row['row_id']}: hidden {h} not divisible by heads {a} and no catalog family")
         ref = load_model(fam)
-        mla, head_dim = ref.mla, ref.head_dim
-        if moe and ref.moe:
-            moe = MoESpec(moe.experts, moe.top_k, moe.expert_ffn_hidden, moe.shared_experts or ref.moe.shared_experts,
-                          moe.dense_layers or ref.moe.dense_layers)
+        if ref.hidden == h:
+            mla, head_dim = ref.mla, ref.head_dim
+            window, window_layers = ref.sliding_window, ref.sliding_window_layers
+            if moe and ref.moe:
+                moe = MoESpec(moe.experts, moe.top_k, moe.expert_ffn_hidden,
+                              moe.shared_experts or ref.moe.shared_experts, moe.dense_layers or ref.moe.dense_layers)
     old = stack_of(row.get("framework", "")) in ("megatron-2021", "deepspeed")
     gpt_style = mlp == "gelu" and "mpt" not in name.lower()
     return ModelSpec(name=name, layers=L, hidden=h, heads=a, kv_heads=_int(row["kv_heads"]) or a,
                      ffn_hidden=ffn, vocab=_int(row["vocab"]), mlp=mlp, head_dim=head_dim, mla=mla, moe=moe,
-                     dropout=old, bias=gpt_style, seq_len=_int(row["seq_len"]))
+                     dropout=old, bias=gpt_style, seq_len=_int(row["seq_len"]), sliding_window=window,
+                     sliding_window_layers=window_layers)
+
+
+def _family(name: str, attention: str) -> str | None:
+    n = name.lower().replace(" ", "").replace("-", "")
+    if attention.strip().lower() == "mla" or "deepseekv3" in n:
+        return "deepseek-v3"
+    if "gptoss" in n:
+        return "gpt-oss-120b"
+    return None
 
 
 @dataclass

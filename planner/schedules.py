@@ -13,20 +13,25 @@ ONE_F_ONE_B, INTERLEAVED, ZB_H1, ZBV, DUALPIPE = range(5)
 def bubble_time(code, pp, vpp, tf, tb, tw):
     """Idle time per step of the slowest stage, by schedule.
 
+    tb is the whole backward (input gradient B plus weight gradient W = tw), as in DeepSeek-V3's
+    Table 2 notation.
+
     1f1b        (p-1)(tf+tb)                    Narayanan et al. 2021 sec. 2.2.1 (PipeDream-Flush)
     interleaved (p-1)(tf+tb)/v                  Narayanan et al. 2021 sec. 2.2.2
-    zb-h1       (p-1)(tf+tb-tw)                 Qi et al. 2023 'Zero Bubble Pipeline Parallelism' sec. 3.1
-    zbv         (p-1)(tf+tb-2tw), chunks of 1/2 Qi et al. 2024 'Pipeline Parallelism with Controllable
-                                                Memory' sec. 4 (V-shape: 2 chunks per device)
-    dualpipe    (p/2-1)(tf&b + tb - 3tw)        DeepSeek-V3 tech report Table 2; tf&b = tf+tb with
-                                                the EP all-to-all of one chunk hidden by the other
+    zb-h1       (p-1)(tf+tb-2tw)                Qi et al. 2023 'Zero Bubble Pipeline Parallelism'
+                                                sec. 3.1 (= (p-1)(F+B-W) with B the input gradient
+                                                only); DeepSeek-V3 Table 2 'ZB1P'
+    zbv         (p-1)(tf+tb-3tw)/2              Qi et al. 2023 sec. 6 (ZB-V): two chunks of half a
+                                                stage per device; zero when F = B = W
+    dualpipe    (p/2-1)(tf&b + tb - 3tw)        DeepSeek-V3 tech report Table 2; tf&b = tf+tb (the
+                                                overlap hides communication, not compute)
     """
     p = np.asarray(pp, dtype=np.float64)
     one = (p - 1) * (tf + tb)
     inter = one / np.maximum(vpp, 1)
-    zbh1 = (p - 1) * (tf + tb - tw)
-    zbv = (p - 1) * np.maximum(tf + tb - 2 * tw, 0.0) / 2.0
-    dual = np.maximum(p / 2 - 1, 0) * np.maximum((tf + tb) + tb - 3 * tw, 0.0) / 2.0
+    zbh1 = (p - 1) * np.maximum(tf + tb - 2 * tw, 0.0)
+    zbv = (p - 1) * np.maximum(tf + tb - 3 * tw, 0.0) / 2.0
+    dual = np.maximum(p / 2 - 1, 0) * np.maximum((tf + tb) + tb - 3 * tw, 0.0)
     return np.select([code == ONE_F_ONE_B, code == INTERLEAVED, code == ZB_H1, code == ZBV],
                      [one, inter, zbh1, zbv], dual)
 

@@ -18,11 +18,15 @@ class Stack:
     name: str
     description: str
     gemm: float = 1.0             # multiplier on the profile's GEMM efficiency
+    attention: float = 1.0        # multiplier on the profile's attention-kernel efficiency
+    pooled_nics: bool = True      # DP collectives drive every NIC of a node at once (NCCL channels);
+                                  # False: each rank's traffic leaves through its own NIC only
     elementwise: float = 1.0      # multiplier on memory-bound traffic (1.0 = fused kernels)
     grad_reduce_bytes: int = 4    # bytes per gradient element in the DP reduction
     grad_bytes: int = 4           # bytes per gradient element held (fp32 main grads)
     fsdp_regather_backward: bool = True   # ZeRO-3 gathers parameters again in backward
     tp_overlap: bool = True       # can overlap TP collectives with GEMMs (TE userbuffers)
+    flash_attention: bool = True  # fused attention (FlashAttention / cuDNN); False: scores materialised
     step_overhead_s: float = 0.0  # fixed per-step host overhead
     schedules: tuple = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")  # pipeline schedules it runs
     zero_stages: tuple = (0, 1, 2, 3)
@@ -39,7 +43,7 @@ STACKS = {
         "megatron-2021",
         "Megatron-LM of Narayanan et al. 2021 / Korthikanti et al. 2022 (Apex fused kernels, no TE, "
         "no TP overlap, grads all-reduced in fp32)",
-        tp_overlap=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
+        tp_overlap=False, flash_attention=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
         source="Narayanan et al. 2021 sec. 5; Korthikanti et al. 2022 sec. 6"),
     "torchtitan": Stack(
         "torchtitan",
@@ -55,7 +59,8 @@ STACKS = {
     "deepspeed": Stack(
         "deepspeed",
         "DeepSpeed ZeRO (data parallel only, Narayanan et al. 2021 Table 2 baseline)",
-        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, schedules=("1f1b",),
+        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, flash_attention=False, schedules=("1f1b",),
+        pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }
 
