@@ -174,6 +174,9 @@ def _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk
         ok &= np.where(pp > 2, ((L - first - last) % np.maximum(pp - 2, 1) == 0) & (mid >= 1), True)
         ok &= np.where(pp == 2, first + last == L, True)
         ok &= (pp > 1) | (cols["split"] == 0)                                     # splits need stages
+        sg = fixed.get("shard_group") or 0
+        if sg:
+            ok &= (cols["dp"] * cp) % sg == 0                                     # HSDP shard groups tile dp*cp
         per_stage = np.where(pp > 2, mid, np.where(pp == 2, first, L))
         ok &= (per_stage % cols["vpp"] == 0)                                      # virtual chunks
         ok &= (cols["schedule"] != 1) | (nmb % pp == 0)                           # Megatron interleaved
@@ -192,7 +195,7 @@ def _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk
         del cols["split"]
         for k in ("overlap_tp", "overlap_dp", "overlap_pp"):
             cols[k] = np.full(n, overlap.get(k, True), bool)
-        yield Candidates(cols)
+        yield Candidates(cols, deg, di[ok])
 
 
 def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict):

@@ -119,12 +119,18 @@ class Group:
 
     __slots__ = ("n", "bw", "lat_ar", "lat_ag", "cluster", "size", "stride")
 
-    def __init__(self, cluster: Cluster, size, stride):
+    def __init__(self, cluster: Cluster, size, stride, take=None):
+        """`take`: optional index array; the group is computed on the (small) arrays given and
+        then gathered to candidate length with it."""
+        size = np.asarray(size, dtype=np.float64)
+        stride = np.broadcast_to(np.asarray(stride, dtype=np.float64), size.shape)
+        bw = ring_bandwidth(cluster, size, stride)
+        lat_ar = _latency(cluster, size, stride, 2.0) + np.zeros_like(size)
+        lat_ag = _latency(cluster, size, stride, 1.0) + np.zeros_like(size)
+        if take is not None:
+            size, stride, bw, lat_ar, lat_ag = (x[take] for x in (size, stride, bw, lat_ar, lat_ag))
         self.cluster, self.size, self.stride = cluster, size, stride
-        self.n = np.asarray(size, dtype=np.float64)
-        self.bw = ring_bandwidth(cluster, size, stride)
-        self.lat_ar = _latency(cluster, size, stride, 2.0)
-        self.lat_ag = _latency(cluster, size, stride, 1.0)
+        self.n, self.bw, self.lat_ar, self.lat_ag = size, bw, lat_ar, lat_ag
 
     def all_reduce(self, nbytes):
         n = self.n

@@ -58,6 +58,16 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     e = cluster.efficiency
     gpu = cluster.gpu
     world = tp * pp * dp * cp
+    # degree-only quantities are computed once per distinct degree row and gathered
+    if c.deg_table is not None:
+        dt = {k: np.asarray(v, dtype=np.float64) for k, v in c.deg_table.items()}
+        di = c.deg_index
+    else:
+        dt = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "etp": etp, "micro_batch": b}
+        di = None
+
+    def group(size_fn, stride_fn):
+        return C.Group(cluster, size_fn(dt), stride_fn(dt), take=di)
     nmb = gb / (dp * b)                     # micro-batches per step per pipeline
     T = b * s / cp                          # tokens per micro-batch on one CP rank
 
@@ -163,7 +173,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
 
     # ------------------------------------------------------------------ per-layer communication
     act = 2.0 * T * h                                  # one [s/cp, b, h] bf16 activation
-    g_tp = C.Group(cluster, tp, 1)
+    g_tp = group(lambda d: d["tp"], lambda d: 1.0)
     # with SP the all-reduce is an all-gather + reduce-scatter; Transformer Engine gathers fp8
     # activations under fp8 (TE LayerNormLinear with sequence_parallel), the reduce-scatter stays bf16
     t_ar = np.where(sp & fp8, 0.5 * g_tp.all_gather(act) + g_tp.reduce_scatter(act), g_tp.all_reduce(act))
@@ -189,7 +199,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     kv_split = tp if model.mla else np.minimum(tp, model.kv_heads)
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
     cp_step = C.p2p(cluster, kv_local, tp)
-    g_cp = C.Group(cluster, cp, tp)
+    g_cp = group(lambda d: d["cp"], lambda d: d["tp"])
     cp_ring_f = np.maximum((cp - 1) * cp_step - t_core_f * (cp - 1) / cp, 0.0)
     cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - t_core_b * (cp - 1) / cp, 0.0)
     cp_ag_f = g_cp.all_gather(kv_local * cp)
@@ -284,19 +294,29 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
 
     dpcp = dp * cp                                    # dense-gradient group (Megatron: dp x cp)
     # a stack that cannot pool NICs sees its DP groups as if each member sat in its own domain
-    dstr = tp if stack.pooled_nics else np.maximum(tp, cluster.domain_sizes[0] or 1)
-    estr = ep * etp if stack.pooled_nics else np.maximum(ep * etp, cluster.domain_sizes[0] or 1)
+    d0 = cluster.domain_sizes[0] or 1
+    dstr_f = (lambda d: d["tp"]) if stack.pooled_nics else (lambda d: np.maximum(d["tp"], d0))
+    estr_f = ((lambda d: d["ep"] * d["etp"]) if stack.pooled_nics
+              else (lambda d: np.maximum(d["ep"] * d["etp"], d0)))
     shard = np.where(c.shard_group > 0, f(c.shard_group), dpcp)
     edp = tp * cp * dp / (ep * etp)                   # expert data-parallel group
     eshard = np.minimum(shard, edp)
     zero = c.zero
     gbytes = stack.grad_reduce_bytes
 
-    g_dense = C.Group(cluster, dpcp, dstr)            # all-reduce group of dense gradients
-    g_shard = C.Group(cluster, shard, dstr)           # ZeRO shard group (= g_dense unless HSDP)
-    g_repl = C.Group(cluster, dpcp / shard, dstr * shard)   # HSDP replicas
-    g_exp = C.Group(cluster, edp, estr)
-    g_eshard = C.Group(cluster, eshard, estr)
+    if di is None:
+        sgv = f(c.shard_group)
+    else:   # generated chunks carry one shard-group value (it is a held knob, not searched)
+        sgv = float(c.shard_group[0]) if len(c) else 0.0
+        if len(c) and not np.all(c.shard_group == c.shard_group[0]):
+            raise ValueError("candidates crossed from a degree table must share one shard_group")
+    shard_of = lambda d: np.where(sgv > 0, np.minimum(sgv, d["dp"] * d["cp"]), d["dp"] * d["cp"])  # noqa: E731
+    edp_of = lambda d: d["tp"] * d["cp"] * d["dp"] / (d["ep"] * d["etp"])  # noqa: E731
+    g_dense = group(lambda d: d["dp"] * d["cp"], dstr_f)       # all-reduce group of dense gradients
+    g_shard = group(shard_of, dstr_f)                           # ZeRO shard group (= g_dense unless HSDP)
+    g_repl = group(lambda d: d["dp"] * d["cp"] / shard_of(d), lambda d: dstr_f(d) * shard_of(d))  # HSDP replicas
+    g_exp = group(edp_of, estr_f)
+    g_eshard = group(lambda d: np.minimum(shard_of(d), edp_of(d)), estr_f)
     hsdp = shard < dpcp
 
     def dp_times(params, layers):
@@ -454,7 +474,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     out["gpus"] = world
     out["peak_stage"] = mwhich
     for k, v in breakdown.items():
-        out[f"time_{k}_s"] = np.broadcast_to(v, step.shape).astype(np.float64)
+        out[f"time_{k}_s"] = v if np.shape(v) == step.shape else np.broadcast_to(v, step.shape).astype(np.float64)
     for k, v in mem.items():
-        out[f"mem_{k}_bytes"] = np.broadcast_to(v, step.shape).astype(np.float64)
+        out[f"mem_{k}_bytes"] = v if np.shape(v) == step.shape else np.broadcast_to(v, step.shape).astype(np.float64)
     return out

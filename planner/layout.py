@@ -83,9 +83,9 @@ class Layout:
 class Candidates:
     """Many layouts as equal-length numpy columns (the cost model's input)."""
 
-    __slots__ = ("cols",)
+    __slots__ = ("cols", "deg_table", "deg_index")
 
-    def __init__(self, cols: dict):
+    def __init__(self, cols: dict, deg_table: dict | None = None, deg_index=None):
         n = {len(v) for v in cols.values()}
         if len(n) > 1:
             raise ValueError(f"columns of unequal length: {n}")
@@ -94,6 +94,11 @@ class Candidates:
         if missing:
             raise ValueError(f"candidate columns missing: {sorted(missing)}")
         self.cols = cols
+        # optional: the small table of distinct degree rows (tp, pp, dp, cp, ep, etp, micro_batch)
+        # these candidates were crossed from, and each candidate's row in it; lets the cost model
+        # compute degree-only terms (collective groups) once per row instead of per candidate
+        self.deg_table = deg_table
+        self.deg_index = deg_index
 
     def __len__(self):
         return len(next(iter(self.cols.values())))
@@ -105,7 +110,8 @@ class Candidates:
             raise AttributeError(name) from None
 
     def take(self, idx) -> "Candidates":
-        return Candidates({k: v[idx] for k, v in self.cols.items()})
+        di = None if self.deg_index is None else self.deg_index[idx]
+        return Candidates({k: v[idx] for k, v in self.cols.items()}, self.deg_table, di)
 
     @staticmethod
     def from_layouts(layouts) -> "Candidates":

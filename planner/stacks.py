@@ -48,12 +48,14 @@ STACKS = {
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
+        gemm=0.730, attention=0.527,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
         elementwise=2.0, tp_overlap=False, zero_stages=(0, 3),
         schedules=("1f1b", "interleaved", "zb-h1", "zbv"),
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
+        gemm=1.048,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
         elementwise=1.5, tp_overlap=False, zero_stages=(2, 3), schedules=("1f1b",),
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(
