@@ -134,6 +134,14 @@ def _moe_layer_freq(model) -> str | None:
     return f"([0]*{nd}+[1]*{model.layers - nd})"
 
 
+def uneven_split(L, model) -> bool:
+    """True when the layout's first/last stage layer counts differ from an even split."""
+    if L.pp == 1 or not (L.first_stage_layers or L.last_stage_layers):
+        return False
+    even = model.layers // L.pp if model.layers % L.pp == 0 else None
+    return not (even and L.first_stage_layers in (0, even) and L.last_stage_layers in (0, even))
+
+
 def megatron_args(plan, model) -> list:
     """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS."""
     L = plan.layout
@@ -154,9 +162,7 @@ def megatron_args(plan, model) -> list:
         add("--sequence-parallel")
         if L.overlap_tp:
             add("--tp-comm-overlap")
-    uneven = bool(L.first_stage_layers or L.last_stage_layers) and not (
-        L.pp > 1 and model.layers % L.pp == 0 and L.first_stage_layers in (0, model.layers // L.pp)
-        and L.last_stage_layers in (0, model.layers // L.pp))
+    uneven = uneven_split(L, model)
     if L.pp > 1 and uneven:
         if L.first_stage_layers:
             add("--decoder-first-pipeline-num-layers", L.first_stage_layers)
@@ -358,8 +364,7 @@ def torchtitan_config(plan, model) -> tuple:
         par["pipeline_parallel_schedule"] = TORCHTITAN_SCHEDULE[L.schedule]
         par["pipeline_parallel_microbatch_size"] = L.micro_batch
         stages_per_rank = L.vpp if L.schedule == "interleaved" else (2 if L.schedule in ("zbv", "dualpipe") else 1)
-        if model.layers % (L.pp * stages_per_rank) == 0 and not (L.first_stage_layers or L.last_stage_layers) \
-                or model.layers % (L.pp * stages_per_rank) == 0 and L.first_stage_layers == model.layers // L.pp:
+        if not uneven_split(L, model) and model.layers % (L.pp * stages_per_rank) == 0:
             par["pipeline_parallel_layers_per_stage"] = model.layers // (L.pp * stages_per_rank)
         else:
             notes["parallelism.pipeline_parallel_degree"] = (
@@ -420,7 +425,6 @@ def _torchtitan(plan, model, cluster):
 
 def deepspeed_config(plan, model) -> dict:
     L = plan.layout
-    dp = L.dp * L.cp          # DeepSpeed's data-parallel world: every replica that sees other data
     gas = L.global_batch // (L.micro_batch * L.dp)
     cfg = {
         "train_batch_size": L.micro_batch * gas * L.dp,
@@ -443,7 +447,7 @@ def deepspeed_config(plan, model) -> dict:
     if L.zero == 3:
         zero["stage3_prefetch_bucket_size"] = 50_000_000
         zero["stage3_param_persistence_threshold"] = 100_000
-        if L.shard_group and L.shard_group < dp:
+        if L.shard_group and L.shard_group < L.dp:
             zero["mics_shard_size"] = L.shard_group
     cfg["zero_optimization"] = zero
     if L.recompute != "none":
