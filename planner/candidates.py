@@ -76,32 +76,39 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
     return {k: v[ok] for k, v in dict(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, micro_batch=mb).items()}
 
 
-def knob_table(model: ModelSpec, fixed: dict, precisions, pipelined=True, context=True, tensor=True) -> dict:
-    """The non-degree knobs for one class of degree rows: knobs that cannot matter in that class
-    (schedules without pp, CP variants without cp, SP without tp) are not generated at all."""
-    def axis(name, values, relevant=True):
-        v = fixed.get(name)
-        if v is None:
-            return list(values) if relevant else list(values)[:1]
-        return list(v) if isinstance(v, (list, tuple)) else [v]
-    sp = axis("sp", [False, True], tensor)
-    rec = axis("recompute", RECOMPUTE)
-    zero = axis("zero", (0, 1, 2, 3))
-    prec = axis("precision", precisions)
-    sched = axis("schedule", SCHEDULES, pipelined)
-    cpc = axis("cp_comm", CP_COMM, context)
-    vpp_vals = axis("vpp", [1, 2, 3, 4, 6, 8], pipelined)
+def _axis(fixed, name, values, relevant=True):
+    v = fixed.get(name)
+    if v is None:
+        return list(values) if relevant else list(values)[:1]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def pipe_table(fixed: dict, pipelined: bool) -> dict:
+    """(schedule, vpp, split) combinations; only 1F1B / vpp 1 / split 0 without pipelining."""
+    sched = _axis(fixed, "schedule", SCHEDULES, pipelined)
+    vpp_vals = _axis(fixed, "vpp", [1, 2, 3, 4, 6, 8], pipelined)
     given = fixed.get("first_stage_layers") or fixed.get("last_stage_layers")
     splits = [0] if (given or not pipelined) else list(SPLITS)
-    rows = []
-    for s_, r, z, p, sc, cc, v, sl in itertools.product(sp, rec, zero, prec, sched, cpc, vpp_vals, splits):
-        if (sc == "interleaved") != (v > 1):
-            continue
-        rows.append((s_, RECOMPUTE.index(r), z, PRECISIONS.index(p), SCHEDULES.index(sc), CP_COMM.index(cc), v, sl))
-    a = np.array(rows, dtype=np.int64).reshape(-1, 8)
-    return {"sp": a[:, 0].astype(bool), "recompute": a[:, 1].astype(np.int8), "zero": a[:, 2],
-            "precision": a[:, 3].astype(np.int8), "schedule": a[:, 4].astype(np.int8),
-            "cp_comm": a[:, 5].astype(np.int8), "vpp": a[:, 6], "split": a[:, 7].astype(np.int8)}
+    rows = [(SCHEDULES.index(sc), v, sl) for sc, v, sl in itertools.product(sched, vpp_vals, splits)
+            if (sc == "interleaved") == (v > 1)]
+    a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return {"schedule": a[:, 0].astype(np.int8), "vpp": a[:, 1], "split": a[:, 2].astype(np.int8)}
+
+
+def layer_knob_table(fixed: dict, precisions, context: bool, tensor: bool) -> dict:
+    """(sp, precision, cp_comm): knobs that change per-layer cost."""
+    rows = list(itertools.product(_axis(fixed, "sp", [False, True], tensor), _axis(fixed, "precision", precisions),
+                                  _axis(fixed, "cp_comm", CP_COMM, context)))
+    return {"sp": np.array([r[0] for r in rows], bool),
+            "precision": np.array([PRECISIONS.index(r[1]) for r in rows], np.int8),
+            "cp_comm": np.array([CP_COMM.index(r[2]) for r in rows], np.int8)}
+
+
+def step_knob_table(fixed: dict) -> dict:
+    """(recompute, zero): knobs that change only how per-layer costs add up."""
+    rows = list(itertools.product(_axis(fixed, "recompute", RECOMPUTE), _axis(fixed, "zero", (0, 1, 2, 3))))
+    return {"recompute": np.array([RECOMPUTE.index(r[0]) for r in rows], np.int8),
+            "zero": np.array([r[1] for r in rows], np.int64)}
 
 
 # How layers are split over pipeline stages (searched):
@@ -132,70 +139,86 @@ def stage_split(L: int, pp, split, fixed: dict):
     last = np.select([split == 0, split == 1], [bal_last, m1 - 1], m2 - 1)
     # split 1 and 2 exist only where they divide exactly
     bad = ((split == 1) & ((L + 2) % pp != 0)) | ((split == 2) & ((L + 1) % pp != 0)) | ((split > 0) & (pp < 2))
+    # a split that lands on the same layer counts as split 0 is the same layout: drop it
+    bad |= (split > 0) & (first == bal_first) & (last == bal_last)
     first = np.where(bad, -1, first)
     return first, last
 
 
 def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict,
-                    precisions, overlap: dict, chunk: int = 262144):
-    """Yield Candidates chunks of every valid layout (after masking redundant combinations)."""
+                    precisions, overlap: dict, chunk: int = 131072):
+    """Yield Candidates chunks of every valid layout.
+
+    Per class of degree rows (pp > 1, cp > 1, tp > 1; at most 8 classes): the valid (degree row,
+    pipeline knobs) pairs are found on that small table; they are crossed with the per-layer knobs
+    (sp, precision, cp_comm) and the per-step knobs (recompute, zero), all of which are valid for
+    every pair, so no generated row is thrown away. Each chunk carries the table of distinct
+    per-layer rows (degrees x per-layer knobs) and each candidate's index into it."""
     deg_all = degree_table(model, gpus, seq_len, global_batch, fixed)
+    sg = fixed.get("shard_group") or 0
+    if sg and len(deg_all["tp"]):
+        ok = (deg_all["dp"] * deg_all["cp"]) % sg == 0                # HSDP shard groups tile dp*cp
+        deg_all = {k: v[ok] for k, v in deg_all.items()}
     if len(deg_all["tp"]) == 0:
         return
+    L = model.layers
+    steps = step_knob_table(fixed)
     cls = (deg_all["pp"] > 1) * 4 + (deg_all["cp"] > 1) * 2 + (deg_all["tp"] > 1)
     for key in np.unique(cls):       # at most 8 classes: the loop does not grow with the space
         sel = cls == key
         deg = {k: v[sel] for k, v in deg_all.items()}
-        knob = knob_table(model, fixed, precisions, pipelined=bool(key & 4), context=bool(key & 2),
-                          tensor=bool(key & 1))
-        yield from _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk)
-
-
-def _cross_chunks(model, deg, knob, global_batch, seq_len, fixed, overlap, chunk):
-    nd, nk = len(deg["tp"]), len(knob["sp"])
-    if nd == 0 or nk == 0:
-        return
-    total = nd * nk
-    for start in range(0, total, chunk):
-        idx = np.arange(start, min(start + chunk, total), dtype=np.int64)
-        di, ki = idx // nk, idx % nk
-        cols = {k: v[di] for k, v in deg.items()}
-        cols.update({k: v[ki] for k, v in knob.items()})
-        tp, pp, cp = cols["tp"], cols["pp"], cols["cp"]
-        nmb = global_batch // (cols["dp"] * cols["micro_batch"])
-        L = model.layers
-        ok = np.ones(len(idx), bool)
-        ok &= ~(cols["sp"] & (tp == 1)) | np.array(fixed.get("sp") is not None)   # SP needs tp > 1
-        ok &= (cp > 1) | (cols["cp_comm"] == 0)                                   # cp variant only with cp
-        ok &= (pp > 1) | (cols["schedule"] == 0)                                  # schedules need pp > 1
-        first, last = stage_split(L, pp, cols["split"], fixed)
+        pipe = pipe_table(fixed, bool(key & 4))
+        lk = layer_knob_table(fixed, precisions, bool(key & 2), bool(key & 1))
+        # valid (degree row, pipeline knobs) pairs
+        di, pi = (x.ravel() for x in np.meshgrid(np.arange(len(deg["tp"])), np.arange(len(pipe["vpp"])),
+                                                 indexing="ij"))
+        pp, vpp, split, sched = deg["pp"][di], pipe["vpp"][pi], pipe["split"][pi], pipe["schedule"][pi]
+        nmb = global_batch // (deg["dp"][di] * deg["micro_batch"][di])
+        first, last = stage_split(L, pp, split, fixed)
         mid = np.where(pp > 2, (L - first - last) // np.maximum(pp - 2, 1), 0)
-        ok &= np.where(pp == 1, True, (first >= 1) & (last >= 1))
+        ok = np.where(pp == 1, True, (first >= 1) & (last >= 1))
         ok &= np.where(pp > 2, ((L - first - last) % np.maximum(pp - 2, 1) == 0) & (mid >= 1), True)
         ok &= np.where(pp == 2, first + last == L, True)
-        ok &= (pp > 1) | (cols["split"] == 0)                                     # splits need stages
-        sg = fixed.get("shard_group") or 0
-        if sg:
-            ok &= (cols["dp"] * cp) % sg == 0                                     # HSDP shard groups tile dp*cp
+        ok &= (pp > 1) | (split == 0)                                     # splits need stages
         per_stage = np.where(pp > 2, mid, np.where(pp == 2, first, L))
-        ok &= (per_stage % cols["vpp"] == 0)                                      # virtual chunks
-        ok &= (cols["schedule"] != 1) | (nmb % pp == 0)                           # Megatron interleaved
-        ok &= (cols["schedule"] != 4) | ((pp % 2 == 0) & (nmb >= pp))              # DualPipe: even pp
-        ok &= (cols["schedule"] != 3) | (per_stage % 2 == 0)                      # ZB-V: 2 chunks per rank
-        if not ok.any():
+        ok &= (per_stage % vpp == 0)                                      # virtual chunks
+        ok &= (sched != 1) | (nmb % pp == 0)                              # Megatron interleaved
+        ok &= (sched != 4) | ((pp % 2 == 0) & (nmb >= pp))                # DualPipe: even pp
+        ok &= (sched != 3) | (per_stage % 2 == 0)                         # ZB-V: 2 chunks per rank
+        di, pi = di[ok], pi[ok]
+        first, last = np.where(pp[ok] > 1, first[ok], 0), np.where(pp[ok] > 1, last[ok], 0)
+        if not len(di):
             continue
-        cols = {k: v[ok] for k, v in cols.items()}
-        n = int(ok.sum())
-        cols["global_batch"] = np.full(n, global_batch, np.int64)
-        cols["seq_len"] = np.full(n, seq_len, np.int64)
-        cols["shard_group"] = np.full(n, fixed.get("shard_group") or 0, np.int64)
-        first, last = stage_split(L, cols["pp"], cols["split"], fixed)
-        cols["first_stage_layers"] = np.where(cols["pp"] > 1, first, 0).astype(np.int64)
-        cols["last_stage_layers"] = np.where(cols["pp"] > 1, last, 0).astype(np.int64)
-        del cols["split"]
-        for k in ("overlap_tp", "overlap_dp", "overlap_pp"):
-            cols[k] = np.full(n, overlap.get(k, True), bool)
-        yield Candidates(cols, deg, di[ok])
+        # table of distinct per-layer rows: degree rows x per-layer knobs
+        nl = len(lk["sp"])
+        ti, li = (x.ravel() for x in np.meshgrid(np.arange(len(deg["tp"])), np.arange(nl), indexing="ij"))
+        table = {k: v[ti] for k, v in deg.items()}
+        table.update({k: v[li] for k, v in lk.items()})
+        m = len(ti)
+        table["seq_len"] = np.full(m, seq_len, np.int64)
+        table["shard_group"] = np.full(m, sg, np.int64)
+        table["overlap_tp"] = np.full(m, overlap.get("overlap_tp", True), bool)
+        table["overlap_ep"] = np.full(m, overlap.get("overlap_ep", True), bool)
+        ns = len(steps["zero"])
+        total = len(di) * nl * ns
+        for start in range(0, total, chunk):
+            idx = np.arange(start, min(start + chunk, total), dtype=np.int64)
+            v, r = idx // (nl * ns), idx % (nl * ns)
+            lsel, ssel = r // ns, r % ns
+            d = di[v]
+            cols = {k: x[d] for k, x in deg.items()}
+            cols.update({k: x[pi[v]] for k, x in pipe.items() if k != "split"})
+            cols.update({k: x[lsel] for k, x in lk.items()})
+            cols.update({k: x[ssel] for k, x in steps.items()})
+            n = len(idx)
+            cols["first_stage_layers"] = first[v].astype(np.int64)
+            cols["last_stage_layers"] = last[v].astype(np.int64)
+            cols["global_batch"] = np.full(n, global_batch, np.int64)
+            cols["seq_len"] = np.full(n, seq_len, np.int64)
+            cols["shard_group"] = np.full(n, sg, np.int64)
+            for k in ("overlap_tp", "overlap_dp", "overlap_pp", "overlap_ep"):
+                cols[k] = np.full(n, overlap.get(k, True), bool)
+            yield Candidates(cols, table, d * nl + lsel)
 
 
 def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict):

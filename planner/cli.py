@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO/FSDP stage (1 = distributed optimizer)")
     m.add_argument("--shard-group", type=_int_arg("--shard-group"),
                    help="with --zero 3: shard within groups of N ranks, replicate across groups (HSDP)")
-    m.add_argument("--no-overlap", default="", help="comma list of tp,dp,pp: turn that overlap off")
+    m.add_argument("--no-overlap", default="", help="comma list of tp,dp,pp,ep: turn that overlap off")
     x = p.add_argument_group("mixture of experts")
     x.add_argument("--moe-imbalance", type=_float_arg("--moe-imbalance", 1.0), default=1.0,
                    help="busiest expert's load over the mean (1.0 = balanced)")
@@ -125,8 +125,8 @@ def _overlap(text: str) -> dict:
     from .errors import PlannerError
     out = {}
     for part in filter(None, (s.strip() for s in text.split(","))):
-        if part not in ("tp", "dp", "pp"):
-            raise PlannerError(f"--no-overlap: unknown '{part}'; valid: tp, dp, pp (comma separated)")
+        if part not in ("tp", "dp", "pp", "ep"):
+            raise PlannerError(f"--no-overlap: unknown '{part}'; valid: tp, dp, pp, ep (comma separated)")
         out[f"overlap_{part}"] = False
     return out
 

@@ -144,3 +144,11 @@ class Group:
 
     def all_to_all(self, nbytes):
         return all_to_all(self.cluster, nbytes, self.size, self.stride)
+
+    def coefficients(self) -> dict:
+        """Time = a * bytes + b for all-reduce (ar) and all-gather / reduce-scatter (ag), zero for
+        a group of one: lets callers gather four arrays instead of recomputing the group."""
+        n = self.n
+        one = n <= 1
+        return {"a_ar": np.where(one, 0.0, 2.0 * (n - 1) / n / self.bw), "b_ar": np.where(one, 0.0, self.lat_ar),
+                "a_ag": np.where(one, 0.0, (n - 1) / n / self.bw), "b_ag": np.where(one, 0.0, self.lat_ag)}

@@ -25,6 +25,13 @@ TP_OVERLAP_RESIDUAL = 0.2   # share of TP traffic TE userbuffer overlap leaves e
 ADAM_BYTES_PER_PARAM = 38   # Adam step traffic per fp32 master parameter: read grad/master/m/v (16),
                             # write master/m/v (12), bf16 weight copy (2), grad-norm read (4), zero grad (4)
                             # (apex/TE FusedAdam multi_tensor_adam kernel)
+# kernels per layer forward (backward launches about twice as many): dense layer = 2 norms, QKV,
+# RoPE, attention, out-proj, 2 residual adds, fc1, activation, fc2, plus 4 TP collectives (counted
+# from Megatron-Core TransformerLayer with TE modules); an MoE block adds router GEMM, top-k,
+# softmax, token histogram, permute, 2 grouped GEMMs, activation, unpermute, 2 all-to-alls and
+# their metadata copies (Megatron-Core MoELayer with the all-to-all dispatcher)
+KERNELS_DENSE_FWD = 16
+KERNELS_MOE_FWD = 28
 ATTN_BWD_FACTOR = 2.5       # FlashAttention-2 backward = 2.5x forward FLOPs (Dao 2023 sec. 3.1.2: 5 GEMMs vs 2)
 
 
@@ -44,41 +51,36 @@ class Evaluation(dict):
     time_<term>_s for TIME_TERMS, mem_<term>_bytes for MEMORY_TERMS, memory_bytes, feasible."""
 
 
-def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | None = None,
-             moe_imbalance: float = 1.0, capacity_factor: float = 0.0) -> Evaluation:
-    stack = stack or STACKS["megatron-core"]
+LAYER_COLS = ("tp", "pp", "dp", "cp", "ep", "etp", "micro_batch", "seq_len", "sp", "precision", "cp_comm",
+              "overlap_tp", "overlap_ep", "shard_group")
+
+
+def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe_imbalance: float,
+                 capacity_factor: float) -> dict:
+    """Per-layer (and per-micro-batch embedding/logits) times, FLOPs, bytes and collective-group
+    coefficients. `lt` holds the columns that decide them (LAYER_COLS); everything here is
+    independent of recompute, ZeRO stage, schedule and stage split, so it is computed once per
+    distinct row of that table."""
     f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
-    tp, pp, dp, cp = f(c.tp), f(c.pp), f(c.dp), f(c.cp)
-    ep, etp, vpp, b = f(c.ep), f(c.etp), f(c.vpp), f(c.micro_batch)
-    gb, s = f(c.global_batch), f(c.seq_len)
-    sp = c.sp & (c.tp > 1)
-    rec = c.recompute.astype(np.int64)
-    fp8 = c.precision == 1
-    h, L = model.hidden, model.layers
+    tp, pp, dp, cp = f(lt["tp"]), f(lt["pp"]), f(lt["dp"]), f(lt["cp"])
+    ep, etp, b, s = f(lt["ep"]), f(lt["etp"]), f(lt["micro_batch"]), f(lt["seq_len"])
+    sp = np.asarray(lt["sp"], bool) & (tp > 1)
+    prec = np.asarray(lt["precision"])
+    fp8 = prec == 1
+    n = len(tp)
+    h = model.hidden
     e = cluster.efficiency
     gpu = cluster.gpu
-    world = tp * pp * dp * cp
-    # degree-only quantities are computed once per distinct degree row and gathered
-    if c.deg_table is not None:
-        dt = {k: np.asarray(v, dtype=np.float64) for k, v in c.deg_table.items()}
-        di = c.deg_index
-    else:
-        dt = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "etp": etp, "micro_batch": b}
-        di = None
-
-    def group(size_fn, stride_fn):
-        return C.Group(cluster, size_fn(dt), stride_fn(dt), take=di)
-    nmb = gb / (dp * b)                     # micro-batches per step per pipeline
     T = b * s / cp                          # tokens per micro-batch on one CP rank
+    out = {}
 
-    # peak FLOP/s and efficiency ceiling for linear layers by precision
     def peak_of(p):
         return gpu.peak_flops.get(p, gpu.peak_flops.get("bf16"))
     pk16 = peak_of("fp16") if "fp16" in gpu.peak_flops else peak_of("bf16")
-    lin_peak = (np.where(fp8, peak_of("fp8"), np.where(c.precision == 2, pk16, peak_of("bf16"))),
+    lin_peak = (np.where(fp8, peak_of("fp8"), np.where(prec == 2, pk16, peak_of("bf16"))),
                 np.where(fp8, e.gemm_max.get("fp8", e.gemm_max["bf16"]),
-                         np.where(c.precision == 2, e.gemm_max.get("fp16", e.gemm_max["bf16"]),
-                                  e.gemm_max["bf16"])))
+                         np.where(prec == 2, e.gemm_max.get("fp16", e.gemm_max["bf16"]), e.gemm_max["bf16"])))
+    out["lin_peak"] = lin_peak[0]
     attn_peak = peak_of("bf16")
     hbm = gpu.hbm_bandwidth * e.hbm
 
@@ -101,29 +103,30 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         # softmax, read 2 + write 2 + mask 1 for dropout (Korthikanti et al. 2022 sec. 4.1 tensors)
         hd = model.q_dim / model.heads
         full = 2 * core
-        bmm_peak = (np.full(len(c), attn_peak), np.full(len(c), e.gemm_max["bf16"]))
+        bmm_peak = (np.full(n, attn_peak), np.full(n, e.gemm_max["bf16"]))
         t_bmm = _gemm_time(cluster, stack, full, s / cp, s, hd, bmm_peak)
         scores_bytes = b * (model.heads / tp) * (s / cp) * s * (4 + (5 if model.dropout else 0))
         t_core_f = t_bmm + scores_bytes * stack.elementwise / hbm
         t_core_b = 2 * t_bmm + 2 * scores_bytes * stack.elementwise / hbm
         core = full
+    out["t_core_f"], out["core"] = t_core_f, core
 
-    def mlp_time(ffn, tokens, ncopies=1.0):
-        fl = F.mlp_flops(model, tokens, ffn) * ncopies
+    def mlp_time(ffn, tokens):
+        fl = F.mlp_flops(model, tokens, ffn)
         up = (model.mlp_matrices - 1) * ffn
         return (g(fl * (model.mlp_matrices - 1) / model.mlp_matrices / tp, tokens, up / tp, h)
                 + g(fl / model.mlp_matrices / tp, tokens, h, ffn / tp))
 
     t_dense_mlp = mlp_time(model.ffn_hidden, T)
     # elementwise traffic per layer forward, bytes (LayerNorm x2 r+w, two residual adds r2+w1,
-    # activation r+w; fp8 adds a cast (r2+w1) of each GEMM input) -- fused kernels as in TE
+    # activation r+w) -- fused kernels as in TE
     tok_sp = T / np.where(sp, tp, 1)
     ew_common = 2 * tok_sp * h * (2 + 2 + 3 + 3 + (1 if model.dropout else 0))
     # fp8 casts of GEMM inputs are fused into LayerNorm / activation kernels by Transformer Engine
     # (LayerNormLinear, fused cast-transpose); what remains is the cast of the attention output
     ew_common = ew_common + np.where(fp8, 3 * T * model.v_dim / tp, 0.0)
     act_rw = 3 if model.gated else 2
-    ew_dense = 2 * T * model.ffn_hidden / tp * act_rw
+    t_ew_dense = 2 * T * model.ffn_hidden / tp * act_rw * stack.elementwise / hbm
     t_ew_common = ew_common * stack.elementwise / hbm
 
     if model.moe:
@@ -147,50 +150,50 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         t_moe_f = t_experts + t_shared + t_router + ew_moe * stack.elementwise / hbm
         t_moe_gemm_w = (t_experts + t_shared + t_router)   # weight-gradient GEMMs = forward GEMMs
     else:
-        t_moe_f = t_moe_gemm_w = 0.0
+        t_moe_f = t_moe_gemm_w = np.zeros(n)
 
     # per-GPU forward FLOPs of one layer (to account hardware FLOPs from the actual split)
     fl_attn = (a["attn_qkv"] + a["attn_out"]) / tp + core
-    fl_dense = fl_attn + F.mlp_flops(model, T) / tp
+    out["fl_dense"] = fl_attn + F.mlp_flops(model, T) / tp
     if model.moe:
-        fl_moe = (fl_attn + fl_e + 2 * local * h * mo.experts
-                  + (F.mlp_flops(model, T, mo.shared_expert_ffn_hidden * mo.shared_experts) / tp
-                     if mo.shared_experts else 0.0))
+        out["fl_moe"] = (fl_attn + fl_e + 2 * local * h * mo.experts
+                         + (F.mlp_flops(model, T, mo.shared_expert_ffn_hidden * mo.shared_experts) / tp
+                            if mo.shared_experts else 0.0))
     else:
-        fl_moe = 0.0
-    t_dense_f = t_dense_mlp + ew_dense * stack.elementwise / hbm
+        out["fl_moe"] = np.zeros(n)
+    # fixed per-kernel launch/sync cost: what FLOP and byte counts miss for small layers
+    k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s
+    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD) * stack.kernel_overhead_s
     # layer forward = attention GEMMs + core + elementwise + MLP/MoE
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
-    layer_f_dense = t_attn_f + t_dense_f
-    layer_f_moe = t_attn_f + t_moe_f
+    out["f_dense"] = t_attn_f + t_dense_mlp + t_ew_dense + k_dense
+    out["f_moe"] = t_attn_f + t_moe_f + k_moe
     # backward: GEMMs 2x (input grad + weight grad), core 2.5x, elementwise 2x
-    layer_b_dense = 2 * (t_attn_gemm + t_dense_mlp) + t_core_b + 2 * (t_ew_common + ew_dense * stack.elementwise / hbm)
-    layer_b_moe = 2 * (t_attn_gemm + t_moe_f) + t_core_b + 2 * t_ew_common
-    layer_w_dense = t_attn_gemm + t_dense_mlp          # weight-gradient part (for zero-bubble)
-    layer_w_moe = t_attn_gemm + t_moe_gemm_w
-    recomp_dense = np.select([rec == 0, rec == 1], [0.0, t_core_f], layer_f_dense)
-    recomp_moe = np.select([rec == 0, rec == 1], [0.0, t_core_f], layer_f_moe)
+    out["b_dense"] = 2 * (t_attn_gemm + t_dense_mlp) + t_core_b + 2 * (t_ew_common + t_ew_dense) + 2 * k_dense
+    out["b_moe"] = 2 * (t_attn_gemm + t_moe_f) + t_core_b + 2 * t_ew_common + 2 * k_moe
+    out["w_dense"] = t_attn_gemm + t_dense_mlp          # weight-gradient part (for zero-bubble)
+    out["w_moe"] = t_attn_gemm + t_moe_gemm_w
 
     # ------------------------------------------------------------------ per-layer communication
     act = 2.0 * T * h                                  # one [s/cp, b, h] bf16 activation
-    g_tp = group(lambda d: d["tp"], lambda d: 1.0)
+    out["act"] = act
+    g_tp = C.Group(cluster, tp, 1.0)
     # with SP the all-reduce is an all-gather + reduce-scatter; Transformer Engine gathers fp8
     # activations under fp8 (TE LayerNormLinear with sequence_parallel), the reduce-scatter stays bf16
     t_ar = np.where(sp & fp8, 0.5 * g_tp.all_gather(act) + g_tp.reduce_scatter(act), g_tp.all_reduce(act))
     tp_colls_dense = 2.0                                # attention + MLP (Megatron, Shoeybi 2019 fig. 4)
     tp_colls_moe = 1.0 + np.where(etp > 1, 1.0, 0.0)
-    rec_comm = np.where(rec == 2, 1.0, 0.0)             # full recompute repeats the forward collectives
     # TE userbuffer overlap needs the TP group inside one NVLink domain
-    tp_overlap_on = c.overlap_tp & stack.tp_overlap & sp & (tp <= (cluster.domain_sizes[0] or tp))
-    gemm_per_coll_dense = (t_attn_gemm + t_dense_mlp) / tp_colls_dense
+    tp_overlap_on = (np.asarray(lt["overlap_tp"], bool) & stack.tp_overlap & sp
+                     & (tp <= (cluster.domain_sizes[0] or tp)))
 
-    def exposed_tp(ncoll, gemm_per_coll):
-        comm = ncoll * t_ar
-        hidden_part = np.minimum(comm * (1 - TP_OVERLAP_RESIDUAL), ncoll * gemm_per_coll)
-        return np.where(tp_overlap_on, comm - hidden_part, comm)
+    def exposed(comm, hideable):
+        hidden_part = np.minimum(comm * (1 - TP_OVERLAP_RESIDUAL), hideable)
+        return comm - hidden_part
 
-    tp_f_dense = exposed_tp(tp_colls_dense, gemm_per_coll_dense)
-    tp_f_moe = exposed_tp(tp_colls_moe, t_attn_gemm)
+    out["tp_dense"] = np.where(tp_overlap_on, exposed(tp_colls_dense * t_ar, t_attn_gemm + t_dense_mlp),
+                               tp_colls_dense * t_ar)
+    out["tp_moe"] = np.where(tp_overlap_on, exposed(tp_colls_moe * t_ar, t_attn_gemm), tp_colls_moe * t_ar)
     # CP: ring (p2p) passes K,V around cp-1 times (Liu et al. 2023 'Ring Attention' sec. 3;
     # Megatron-Core context_parallel p2p), backward passes K,V and dK,dV: 2x; all-gather variant
     # gathers K,V (fwd) and reduce-scatters dK,dV (bwd); a2a (Ulysses, Jacobs et al. 2023 sec. 3.2)
@@ -199,147 +202,196 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     kv_split = tp if model.mla else np.minimum(tp, model.kv_heads)
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
     cp_step = C.p2p(cluster, kv_local, tp)
-    g_cp = group(lambda d: d["cp"], lambda d: d["tp"])
+    g_cp = C.Group(cluster, cp, tp)
     cp_ring_f = np.maximum((cp - 1) * cp_step - t_core_f * (cp - 1) / cp, 0.0)
     cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - t_core_b * (cp - 1) / cp, 0.0)
     cp_ag_f = g_cp.all_gather(kv_local * cp)
     cp_ag_b = cp_ag_f + g_cp.reduce_scatter(kv_local * cp)
     qkvo = 2.0 * T * (model.q_dim + 2 * kv_dim + model.v_dim) / tp
     cp_a2a_f = C.all_to_all(cluster, qkvo, cp, tp)
-    cp_f = np.where(cp > 1, np.select([c.cp_comm == 0, c.cp_comm == 1], [cp_ring_f, cp_ag_f], cp_a2a_f), 0.0)
-    cp_b = np.where(cp > 1, np.select([c.cp_comm == 0, c.cp_comm == 1], [cp_ring_b, cp_ag_b], cp_a2a_f), 0.0)
+    cpc = np.asarray(lt["cp_comm"])
+    out["cp_f"] = np.where(cp > 1, np.select([cpc == 0, cpc == 1], [cp_ring_f, cp_ag_f], cp_a2a_f), 0.0)
+    out["cp_b"] = np.where(cp > 1, np.select([cpc == 0, cpc == 1], [cp_ring_b, cp_ag_b], cp_a2a_f), 0.0)
     # EP: dispatch + combine all-to-all per MoE layer forward, again in backward
-    # (Megatron-Core MoEAlltoAllTokenDispatcher); dualpipe overlaps them with the other chunk
+    # (Megatron-Core MoEAlltoAllTokenDispatcher)
     if model.moe:
         ep_bytes = 2.0 * (T / tp) * model.moe.top_k * moe_imbalance * h
-        ep_one = C.all_to_all(cluster, ep_bytes, ep, etp)
-        ep_f = np.where(c.schedule == S.DUALPIPE, 0.0, 2 * ep_one)
+        ep_comm = 2 * C.all_to_all(cluster, ep_bytes, ep, etp)
+        # Megatron-Core --overlap-moe-expert-parallel-comm runs one micro-batch's dispatch/combine
+        # under another's attention and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1);
+        # what exceeds that compute, and a residual share as for TP, stays exposed
+        ovl = np.asarray(lt["overlap_ep"], bool) & stack.ep_overlap
+        out["ep_f"] = np.where(ovl, exposed(ep_comm, t_attn_f + t_moe_f), ep_comm)
     else:
-        ep_f = 0.0
+        out["ep_f"] = np.zeros(n)
+
+    # ------------------------------------------------------------------ embedding, logits, p2p
+    # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
+    # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)
+    out["t_emb"] = 2 * 2.0 * T * h / hbm * 3
+    lg_f = g(F.logits_flops(model, T) / tp, T, model.vocab / tp, h)
+    ce = 4 * 4.0 * T * model.vocab / tp / hbm * stack.elementwise
+    out["lg_f"], out["logits_f"], out["logits_b"] = lg_f, lg_f + ce / 2, 2 * lg_f + ce / 2
+    out["fl_logits"] = 3 * F.logits_flops(model, T) / tp
+    # PP p2p: one activation (scatter/gathered across TP under SP) per stage boundary
+    out["t_p2p"] = np.where(pp > 1, C.p2p(cluster, act / np.where(sp, tp, 1), tp * cp * dp), 0.0)
+
+    # ------------------------------------------------------------------ DP groups
+    d0 = cluster.domain_sizes[0] or 1
+    dstr = tp if stack.pooled_nics else np.maximum(tp, d0)   # no NIC pooling: one member per domain
+    estr = ep * etp if stack.pooled_nics else np.maximum(ep * etp, d0)
+    dpcp = dp * cp                                    # dense-gradient group (Megatron: dp x cp)
+    sg = f(lt["shard_group"])
+    shard = np.where(sg > 0, np.minimum(sg, dpcp), dpcp)
+    edp = tp * cp * dp / (ep * etp)                   # expert data-parallel group
+    eshard = np.minimum(shard, edp)
+    out["shard"], out["eshard"], out["dpcp"] = shard, eshard, dpcp
+    for name, size, stride in (("dense", dpcp, dstr), ("shard", shard, dstr), ("repl", dpcp / shard, dstr * shard),
+                               ("exp", edp, estr), ("eshard", eshard, estr)):
+        for k, v in C.Group(cluster, size, stride).coefficients().items():
+            out[f"{name}_{k}"] = v
+
+    # ------------------------------------------------------------------ activation memory
+    flash = stack.flash_attention
+    imb = moe_imbalance if not capacity_factor else min(moe_imbalance, capacity_factor)
+    for r in (0, 1, 2):
+        rr = np.full(n, r)
+        out[f"act_dense_{r}"], full_dense = M.layer_activation_bytes(model, T, tp, sp, rr, False, flash, s, etp, imb)
+        if model.moe:
+            out[f"act_moe_{r}"], full_moe = M.layer_activation_bytes(model, T, tp, sp, rr, True, flash, s, etp, imb)
+        else:
+            out[f"act_moe_{r}"], full_moe = np.zeros(n), np.zeros(n)
+    # recompute needs one layer's full activations live while it runs backward
+    out["act_live"] = np.maximum(full_dense if model.dense_layers else 0.0, full_moe if model.moe else 0.0)
+    out["act_emb"] = 2.0 * T * h / np.where(sp, tp, 1)
+    # logits: fp32 logits of one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
+    out["logits_bytes"] = 4.0 * T * model.vocab / tp
+    return {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for k, v in out.items()}
+
+
+_LAYER_CACHE: dict = {}
+
+
+def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | None = None,
+             moe_imbalance: float = 1.0, capacity_factor: float = 0.0) -> Evaluation:
+    stack = stack or STACKS["megatron-core"]
+    f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    tp, pp, dp, cp = f(c.tp), f(c.pp), f(c.dp), f(c.cp)
+    ep, etp, vpp, b = f(c.ep), f(c.etp), f(c.vpp), f(c.micro_batch)
+    gb, s = f(c.global_batch), f(c.seq_len)
+    rec = c.recompute.astype(np.int64)
+    zero = c.zero
+    sched = c.schedule
+    L = model.layers
+    gpu = cluster.gpu
+    hbm = gpu.hbm_bandwidth * cluster.efficiency.hbm
+    world = tp * pp * dp * cp
+    nmb = gb / (dp * b)                     # micro-batches per step per pipeline
+    n = len(c)
+
+    # per-layer terms: once per distinct layer-table row (and once per table: chunks of one class
+    # share it), gathered to candidates
+    if c.deg_table is not None:
+        key = (id(c.deg_table), id(model), id(cluster), stack, moe_imbalance, capacity_factor)
+        if _LAYER_CACHE.get("key") != key:
+            _LAYER_CACHE.update(key=key, table=c.deg_table,   # keep the table alive: ids stay unique
+                                terms=_layer_terms(model, cluster, stack, c.deg_table, moe_imbalance, capacity_factor))
+        lq = {k: v[c.deg_index] for k, v in _LAYER_CACHE["terms"].items()}
+    else:
+        lq = _layer_terms(model, cluster, stack, {k: c.cols[k] for k in LAYER_COLS}, moe_imbalance,
+                          capacity_factor)
+    rec0, rec1 = rec == 0, rec == 1
+    recomp_dense = np.where(rec0, 0.0, np.where(rec1, lq["t_core_f"], lq["f_dense"]))
+    recomp_moe = np.where(rec0, 0.0, np.where(rec1, lq["t_core_f"], lq["f_moe"]))
+    rec_comm = np.where(rec == 2, 1.0, 0.0)             # full recompute repeats the forward collectives
+    ep_f = np.where(sched == S.DUALPIPE, 0.0, lq["ep_f"])   # DualPipe hides EP behind the other chunk
 
     # ------------------------------------------------------------------ stages
     Lf_given = f(c.first_stage_layers)
     Ll_given = f(c.last_stage_layers)
     n_given = (Lf_given > 0).astype(float) + (Ll_given > 0).astype(float)
     even = (L - Lf_given - Ll_given) / np.maximum(pp - n_given, 1)
-    Lf = np.where(Lf_given > 0, Lf_given, even)
+    Lf = np.where(pp == 1, float(L), np.where(Lf_given > 0, Lf_given, even))
     Ll = np.where(pp == 1, 0.0, np.where(Ll_given > 0, Ll_given, even))
-    Lf = np.where(pp == 1, float(L), Lf)
     Lm = np.where(pp > 2, even, 0.0)
     nd = float(model.dense_layers)                    # leading dense layers sit on the first stage(s)
     dense_first = np.minimum(nd, Lf)
     dense_mid = np.minimum(np.maximum(nd - Lf, 0.0), Lm)
     dense_last = np.where(pp > 1, np.maximum(nd - Lf - Lm * np.maximum(pp - 2, 0), 0.0), 0.0)
+    core = lq["core"]
 
     def stage(layers, ndense):
         nmoe = layers - ndense
-        fwd = ndense * layer_f_dense + nmoe * layer_f_moe
-        bwd = ndense * layer_b_dense + nmoe * layer_b_moe
-        w = ndense * layer_w_dense + nmoe * layer_w_moe
-        rc = ndense * recomp_dense + nmoe * recomp_moe
-        tpc = (ndense * tp_f_dense + nmoe * tp_f_moe) * (2 + rec_comm)
-        cpc = layers * (cp_f + cp_b + rec_comm * cp_f)
-        epc = nmoe * ep_f * (2 + rec_comm)
-        # forward share of the per-micro-batch time (compute + exposed forward communication)
-        tf = fwd + (ndense * tp_f_dense + nmoe * tp_f_moe) + layers * cp_f + nmoe * ep_f
-        # hardware FLOPs per GPU per micro-batch: fwd + 2x bwd (+0.5x fwd core for the flash
-        # backward's recomputed scores) + recompute
-        flf = ndense * fl_dense + nmoe * fl_moe
-        fl_rc = np.select([rec == 0, rec == 1], [0.0, layers * core], flf)
-        fl = 3 * flf + (ATTN_BWD_FACTOR - 2) * layers * core + fl_rc
-        return dict(fwd=fwd, bwd=bwd, w=w, rc=rc, tp=tpc, cp=cpc, ep=epc, tf=tf, flops=fl, flops_rc=fl_rc)
+        tp1 = ndense * lq["tp_dense"] + nmoe * lq["tp_moe"]
+        fwd = ndense * lq["f_dense"] + nmoe * lq["f_moe"]
+        flf = ndense * lq["fl_dense"] + nmoe * lq["fl_moe"]
+        fl_rc = np.where(rec0, 0.0, np.where(rec1, layers * core, flf))
+        return dict(
+            fwd=fwd, bwd=ndense * lq["b_dense"] + nmoe * lq["b_moe"],
+            w=ndense * lq["w_dense"] + nmoe * lq["w_moe"],
+            rc=ndense * recomp_dense + nmoe * recomp_moe,
+            tp=tp1 * (2 + rec_comm),
+            cp=layers * (lq["cp_f"] + lq["cp_b"] + rec_comm * lq["cp_f"]),
+            ep=nmoe * ep_f * (2 + rec_comm),
+            # forward share of the per-micro-batch time (compute + exposed forward communication)
+            tf=fwd + tp1 + layers * lq["cp_f"] + nmoe * ep_f,
+            # hardware FLOPs per GPU per micro-batch: fwd + 2x bwd (+0.5x fwd core for the flash
+            # backward's recomputed scores) + recompute
+            flops=3 * flf + (ATTN_BWD_FACTOR - 2) * layers * core + fl_rc, flops_rc=fl_rc)
 
-    st_first = stage(Lf, dense_first)
-    st_mid = stage(Lm, dense_mid)
-    st_last = stage(Ll, dense_last)
-    # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
-    # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)
-    t_emb = 2 * 2.0 * T * h / hbm * 3
-    lg_f = g(F.logits_flops(model, T) / tp, T, model.vocab / tp, h)
-    ce = 4 * 4.0 * T * model.vocab / tp / hbm * stack.elementwise
-    t_logits_f, t_logits_b = lg_f + ce / 2, 2 * lg_f + ce / 2
-    has_last = pp > 1
-    st_first["fwd"] = st_first["fwd"] + t_emb + np.where(has_last, 0.0, t_logits_f)
-    st_first["tf"] = st_first["tf"] + t_emb + np.where(has_last, 0.0, t_logits_f)
-    st_last["tf"] = st_last["tf"] + t_logits_f
-    st_first["bwd"] = st_first["bwd"] + t_emb + np.where(has_last, 0.0, t_logits_b)
-    st_first["w"] = st_first["w"] + np.where(has_last, 0.0, lg_f)
-    st_last["fwd"] = st_last["fwd"] + t_logits_f
-    st_last["bwd"] = st_last["bwd"] + t_logits_b
-    st_last["w"] = st_last["w"] + lg_f
-    fl_logits = 3 * F.logits_flops(model, T) / tp
-    st_first["flops"] = st_first["flops"] + np.where(has_last, 0.0, fl_logits)
-    st_last["flops"] = st_last["flops"] + fl_logits
+    st_first, st_mid, st_last = stage(Lf, dense_first), stage(Lm, dense_mid), stage(Ll, dense_last)
+    only = pp == 1
+    st_first["fwd"] = st_first["fwd"] + lq["t_emb"] + np.where(only, lq["logits_f"], 0.0)
+    st_first["tf"] = st_first["tf"] + lq["t_emb"] + np.where(only, lq["logits_f"], 0.0)
+    st_first["bwd"] = st_first["bwd"] + lq["t_emb"] + np.where(only, lq["logits_b"], 0.0)
+    st_first["w"] = st_first["w"] + np.where(only, lq["lg_f"], 0.0)
+    st_first["flops"] = st_first["flops"] + np.where(only, lq["fl_logits"], 0.0)
+    for k, v in (("fwd", "logits_f"), ("tf", "logits_f"), ("bwd", "logits_b"), ("w", "lg_f"), ("flops", "fl_logits")):
+        st_last[k] = st_last[k] + lq[v]
 
-    # ZeRO-2/3 per-micro-batch DP traffic is charged to each stage below
+    # parameters per GPU by stage (dense: split by tp; routed experts: by ep * etp)
     dense_params_layer = model.attention_params() + model.norm_params()
     P_dense_layer_dense = dense_params_layer + model.mlp_params()
     P_dense_layer_moe = dense_params_layer + (model.moe_nonexpert_params_per_layer() if model.moe else 0)
     P_exp_layer = model.expert_params_per_layer()
+    # output layer; with tied embeddings and pp > 1 the last stage keeps its own copy of the
+    # embedding (Megatron-Core shared_embedding_or_output_weight)
+    out_p = np.where(model.tied_embeddings & (pp > 1), model.embedding_params(), model.output_params())
 
     def stage_params(layers, ndense, first, last):
         nmoe = layers - ndense
-        dense = (ndense * P_dense_layer_dense + nmoe * P_dense_layer_moe) / tp
-        dense = dense + np.where(first, model.embedding_params() / tp, 0.0)
-        # output layer; with tied embeddings and pp > 1 the last stage keeps its own copy of the
-        # embedding (Megatron-Core shared_embedding_or_output_weight)
-        out_p = np.where(model.tied_embeddings & (pp > 1), model.embedding_params(), model.output_params())
-        dense = dense + np.where(last, out_p / tp, 0.0)
-        experts = nmoe * P_exp_layer / (ep * etp)
-        return dense, experts
+        dense = (ndense * P_dense_layer_dense + nmoe * P_dense_layer_moe
+                 + np.where(first, model.embedding_params(), 0.0) + np.where(last, out_p, 0.0)) / tp
+        return dense, nmoe * P_exp_layer / (ep * etp)
 
-    pf = stage_params(Lf, dense_first, True, pp == 1)
+    pf = stage_params(Lf, dense_first, True, only)
     pm = stage_params(Lm, dense_mid, False, False)
     pl = stage_params(Ll, dense_last, False, pp > 1)
 
-    dpcp = dp * cp                                    # dense-gradient group (Megatron: dp x cp)
-    # a stack that cannot pool NICs sees its DP groups as if each member sat in its own domain
-    d0 = cluster.domain_sizes[0] or 1
-    dstr_f = (lambda d: d["tp"]) if stack.pooled_nics else (lambda d: np.maximum(d["tp"], d0))
-    estr_f = ((lambda d: d["ep"] * d["etp"]) if stack.pooled_nics
-              else (lambda d: np.maximum(d["ep"] * d["etp"], d0)))
-    shard = np.where(c.shard_group > 0, f(c.shard_group), dpcp)
-    edp = tp * cp * dp / (ep * etp)                   # expert data-parallel group
-    eshard = np.minimum(shard, edp)
-    zero = c.zero
+    shard, eshard, dpcp = lq["shard"], lq["eshard"], lq["dpcp"]
+    hsdp = shard < dpcp
     gbytes = stack.grad_reduce_bytes
 
-    if di is None:
-        sgv = f(c.shard_group)
-    else:   # generated chunks carry one shard-group value (it is a held knob, not searched)
-        sgv = float(c.shard_group[0]) if len(c) else 0.0
-        if len(c) and not np.all(c.shard_group == c.shard_group[0]):
-            raise ValueError("candidates crossed from a degree table must share one shard_group")
-    shard_of = lambda d: np.where(sgv > 0, np.minimum(sgv, d["dp"] * d["cp"]), d["dp"] * d["cp"])  # noqa: E731
-    edp_of = lambda d: d["tp"] * d["cp"] * d["dp"] / (d["ep"] * d["etp"])  # noqa: E731
-    g_dense = group(lambda d: d["dp"] * d["cp"], dstr_f)       # all-reduce group of dense gradients
-    g_shard = group(shard_of, dstr_f)                           # ZeRO shard group (= g_dense unless HSDP)
-    g_repl = group(lambda d: d["dp"] * d["cp"] / shard_of(d), lambda d: dstr_f(d) * shard_of(d))  # HSDP replicas
-    g_exp = group(edp_of, estr_f)
-    g_eshard = group(lambda d: np.minimum(shard_of(d), edp_of(d)), estr_f)
-    hsdp = shard < dpcp
+    def coll(name, kind, nbytes):
+        return lq[f"{name}_a_{kind}"] * nbytes + lq[f"{name}_b_{kind}"]
 
     def dp_times(params, layers):
         pd_, pe_ = params
         # gradient reduction: all-reduce (ZeRO-0) or reduce-scatter (ZeRO>=1); HSDP adds an
-        # all-reduce of the shard across replicas (Zhao et al. 2023 'PyTorch FSDP' sec. 3.2.2)
-        # collectives are issued per bucket / per layer, each paying the latency term again:
+        # all-reduce of the shard across replicas (Zhao et al. 2023 'PyTorch FSDP' sec. 3.2.2).
+        # Collectives are issued per bucket / per layer, each paying the latency term again:
         # Megatron buckets of max(40M, 1M*dp) elements (distributed/param_and_grad_buffer.py);
         # ZeRO-3 / FSDP gathers and reduces one layer (FSDP unit) at a time
         n_buckets = np.maximum(np.ceil((pd_ + pe_) / np.maximum(40e6, 1e6 * dpcp)), 1.0)
         extra = np.where(zero == 3, np.maximum(layers, 1.0), n_buckets) - 1
-        ar = (g_dense.all_reduce(pd_ * gbytes) + g_exp.all_reduce(pe_ * gbytes)
-              + extra * (g_dense.lat_ar + g_exp.lat_ar))
-        rs = (g_shard.reduce_scatter(pd_ * gbytes) + g_eshard.reduce_scatter(pe_ * gbytes)
-              + np.where(hsdp, g_repl.all_reduce(pd_ * gbytes / shard), 0.0)
-              + extra * (g_shard.lat_ag + g_eshard.lat_ag))
+        ar = (coll("dense", "ar", pd_ * gbytes) + coll("exp", "ar", pe_ * gbytes)
+              + extra * (lq["dense_b_ar"] + lq["exp_b_ar"]))
+        rs = (coll("shard", "ag", pd_ * gbytes) + coll("eshard", "ag", pe_ * gbytes)
+              + np.where(hsdp, coll("repl", "ar", pd_ * gbytes / shard), 0.0)
+              + extra * (lq["shard_b_ag"] + lq["eshard_b_ag"]))
         grad = np.where(zero == 0, ar, rs)
-        ag = (g_shard.all_gather(pd_ * 2.0) + g_eshard.all_gather(pe_ * 2.0)
-              + extra * (g_shard.lat_ag + g_eshard.lat_ag))
-        return grad, ag
-
-    def dp_per_step_and_mb(params, layers):
-        grad, ag = dp_times(params, layers)
+        ag = (coll("shard", "ag", pd_ * 2.0) + coll("eshard", "ag", pe_ * 2.0)
+              + extra * (lq["shard_b_ag"] + lq["eshard_b_ag"]))
         # ZeRO-1: grads reduced once per step, params gathered once (Megatron distributed optimizer)
         # ZeRO-2: grads reduce-scattered every micro-batch (DeepSpeed stage 2)
         # ZeRO-3: params gathered for fwd (and again for bwd), grads reduce-scattered every micro-batch
@@ -349,46 +401,45 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         return per_step, per_mb_f, per_mb_b
 
     stages = []
+    ovl_dp = c.overlap_dp
     for st, prm, nl in ((st_first, pf, Lf), (st_mid, pm, Lm), (st_last, pl, Ll)):
-        per_step, mb_f, mb_b = dp_per_step_and_mb(prm, nl)
-        comp_f, comp_b = st["fwd"], st["bwd"] + st["rc"]
-        ovl = c.overlap_dp
-        dp_mb = np.where(ovl, np.maximum(mb_f - comp_f, 0.0) + np.maximum(mb_b - comp_b, 0.0), mb_f + mb_b)
-        stages.append(dict(st, per_step=per_step, dp_mb=dp_mb, params=prm,
+        per_step, mb_f, mb_b = dp_times(prm, nl)
+        dp_mb = np.where(ovl_dp, np.maximum(mb_f - st["fwd"], 0.0) + np.maximum(mb_b - st["bwd"] - st["rc"], 0.0),
+                         mb_f + mb_b)
+        stages.append(dict(st, per_step=per_step, dp_mb=dp_mb, pd=prm[0], pe=prm[1],
                            t=st["fwd"] + st["bwd"] + st["rc"] + st["tp"] + st["cp"] + st["ep"] + dp_mb))
     first, mid, last = stages
     t_first, t_mid, t_last = first["t"], np.where(pp > 2, mid["t"], 0.0), np.where(pp > 1, last["t"], 0.0)
-    which = np.argmax(np.stack([t_first, t_mid, t_last]), axis=0)
-    pick = lambda key: np.choose(which, [first[key], mid[key], last[key]])  # noqa: E731
+    which = np.where(t_first >= t_mid, np.where(t_first >= t_last, 0, 2), np.where(t_mid >= t_last, 1, 2))
+    w0, w1 = which == 0, which == 1
+    pick = lambda key: np.where(w0, first[key], np.where(w1, mid[key], last[key]))  # noqa: E731
     t_slow = pick("t")
     sum_t = t_first + t_mid * np.maximum(pp - 2, 0) + t_last
     avg_other = np.where(pp > 1, (sum_t - t_slow) / np.maximum(pp - 1, 1), 0.0)
     # bubble from the other stages' average per-micro-batch times, split into f / b / w shares
     frac_f = pick("tf") / np.maximum(t_slow, 1e-30)
     frac_w = pick("w") / np.maximum(t_slow, 1e-30)
-    bubble = np.where(pp > 1, S.bubble_time(c.schedule, pp, vpp, avg_other * frac_f,
+    bubble = np.where(pp > 1, S.bubble_time(sched, pp, vpp, avg_other * frac_f,
                                             avg_other * (1 - frac_f), avg_other * frac_w), 0.0)
-    # PP p2p: one activation (scatter/gathered across TP under SP) per stage boundary, fwd and bwd;
-    # fill and drain sit on the critical path, steady-state sends overlap unless --no-overlap pp
-    p2p_bytes = act / np.where(sp, tp, 1)
-    t_p2p = np.where(pp > 1, C.p2p(cluster, p2p_bytes, tp * cp * dp), 0.0)
-    cross = S.p2p_crossings(c.schedule, pp, vpp, nmb)
+    # PP p2p: fill and drain sit on the critical path; steady-state sends overlap unless --no-overlap pp
+    cross = S.p2p_crossings(sched, pp, vpp, nmb)
+    t_p2p = lq["t_p2p"]
     pp_comm = 2 * t_p2p * cross * (pp - 1) + np.where(c.overlap_pp, 0.0, 2 * t_p2p * cross * nmb)
 
     # DP once per step: overlapped with the last micro-batch's backward (grad reduce-scatter,
     # Megatron overlap_grad_reduce) and the first forward (param all-gather, overlap_param_gather)
-    per_step = pick("per_step")
-    window = np.where(c.overlap_dp, pick("bwd") + pick("rc") + pick("fwd") * np.where(zero == 1, 1.0, 0.0), 0.0)
-    dp_exposed = np.maximum(per_step - window, 0.0) + pick("dp_mb") * nmb
+    window = np.where(ovl_dp, pick("bwd") + pick("rc") + pick("fwd") * (zero == 1), 0.0)
+    dp_exposed = np.maximum(pick("per_step") - window, 0.0) + pick("dp_mb") * nmb
 
     # optimizer step over the parameters this rank owns (sharded by ZeRO>=1)
-    pd_, pe_ = pick("params")
-    owned = pd_ / np.where(zero >= 1, shard, 1) + pe_ / np.where(zero >= 1, eshard, 1)
-    t_opt = owned * ADAM_BYTES_PER_PARAM * S.weight_copies(c.schedule) / hbm
+    pd_, pe_ = pick("pd"), pick("pe")
+    sharded = zero >= 1
+    owned = pd_ / np.where(sharded, shard, 1) + pe_ / np.where(sharded, eshard, 1)
+    copies = S.weight_copies(sched)
+    t_opt = owned * ADAM_BYTES_PER_PARAM * copies / hbm
 
-    compute_mb = pick("fwd") + pick("bwd")
     breakdown = {
-        "compute": nmb * compute_mb,
+        "compute": nmb * (pick("fwd") + pick("bwd")),
         "recompute": nmb * pick("rc"),
         "tp_comm": nmb * pick("tp"),
         "cp_comm": nmb * pick("cp"),
@@ -397,58 +448,45 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         "dp_comm": dp_exposed,
         "bubble": bubble,
         "optimizer": t_opt,
-        "overhead": np.full(len(c), stack.step_overhead_s),
+        "overhead": np.full(n, stack.step_overhead_s),
     }
     step = sum(breakdown.values())
 
     # ------------------------------------------------------------------ memory (peak stage)
-    flash = stack.flash_attention
-    imb = moe_imbalance if not capacity_factor else min(moe_imbalance, capacity_factor)
-    act_dense, full_dense = M.layer_activation_bytes(model, T, tp, sp, rec, False, flash, s, etp, imb)
-    if model.moe:
-        act_moe, full_moe = M.layer_activation_bytes(model, T, tp, sp, rec, True, flash, s, etp, imb)
-    else:
-        act_moe = full_moe = 0.0
-    infl = S.inflight_microbatches(c.schedule, pp, vpp, nmb)
-    copies = S.weight_copies(c.schedule)
-    wbytes = 2.0 + np.where(fp8, 2.0, 0.0)            # bf16 weights (+ TE fp8 weight and transpose)
+    act_dense = np.where(rec0, lq["act_dense_0"], np.where(rec1, lq["act_dense_1"], lq["act_dense_2"]))
+    act_moe = np.where(rec0, lq["act_moe_0"], np.where(rec1, lq["act_moe_1"], lq["act_moe_2"]))
+    infl = S.inflight_microbatches(sched, pp, vpp, nmb)
+    wbytes = 2.0 + np.where(c.precision == 1, 2.0, 0.0)   # bf16 weights (+ TE fp8 weight and transpose)
+    live = np.where(rec > 0, lq["act_live"], 0.0)
+    reserved = np.full(n, gpu.reserved_bytes)
+    buffers = 2 * lq["act"]                           # TP/SP all-gather in/out buffers of one activation
 
     def stage_mem(layers, ndense, prm, inflight, is_last, is_first):
         pd_, pe_ = prm
         w_d, g_d, o_d = M.model_state_bytes(pd_, shard, zero, stack.grad_bytes, 1.0)
         w_e, g_e, o_e = M.model_state_bytes(pe_, eshard, zero, stack.grad_bytes, 1.0)
-        weights = (w_d + w_e) * wbytes * copies
         # ZeRO-3 gathers one layer ahead (prefetch): two layers of full weights in flight
-        per_layer_full = (pd_ + pe_) / np.maximum(layers, 1) * 2.0
-        weights = weights + np.where(zero == 3, 2 * per_layer_full, 0.0)
-        nmoe = layers - ndense
-        acts = (ndense * act_dense + nmoe * act_moe) * inflight
-        # recompute needs one layer's full activations live while it runs backward
-        acts = acts + np.where(rec > 0, np.maximum(full_dense if model.dense_layers else 0.0,
-                                                   full_moe if model.moe else 0.0), 0.0)
-        acts = acts + np.where(is_first, 2.0 * T * h / np.where(sp, tp, 1) * inflight, 0.0)
-        # logits: fp32 logits of one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
-        logits = np.where(is_last, 4.0 * T * model.vocab / tp, 0.0)
-        buffers = 2 * act * np.ones(len(c))   # TP/SP all-gather in/out buffers of one activation
+        weights = (w_d + w_e) * wbytes * copies + np.where(zero == 3, 4.0 * (pd_ + pe_) / np.maximum(layers, 1), 0.0)
+        acts = (ndense * act_dense + (layers - ndense) * act_moe) * inflight + live
+        acts = acts + np.where(is_first, lq["act_emb"] * inflight, 0.0)
         return dict(weights=weights, gradients=(g_d + g_e) * copies, optimizer=(o_d + o_e) * copies,
-                    activations=acts, logits=logits, buffers=buffers,
-                    reserved=np.full(len(c), gpu.reserved_bytes))
+                    activations=acts, logits=np.where(is_last, lq["logits_bytes"], 0.0), buffers=buffers,
+                    reserved=reserved)
 
-    mf = stage_mem(Lf, dense_first, pf, infl, pp == 1, True)
+    mf = stage_mem(Lf, dense_first, pf, infl, only, True)
     mm = stage_mem(Lm, dense_mid, pm, np.maximum(infl - 1, 1), False, False)
     ml = stage_mem(Ll, dense_last, pl, np.minimum(infl, 1), True, False)
-    tot = [sum(x.values()) for x in (mf, mm, ml)]
-    tot[1] = np.where(pp > 2, tot[1], 0.0)
-    tot[2] = np.where(pp > 1, tot[2], 0.0)
-    mwhich = np.argmax(np.stack(tot), axis=0)
-    mem = {k: np.choose(mwhich, [mf[k], mm[k], ml[k]]) for k in MEMORY_TERMS}
-    mem_total = sum(mem.values())
+    tf_, tm_, tl_ = sum(mf.values()), np.where(pp > 2, sum(mm.values()), 0.0), np.where(pp > 1, sum(ml.values()), 0.0)
+    mwhich = np.where(tf_ >= tm_, np.where(tf_ >= tl_, 0, 2), np.where(tm_ >= tl_, 1, 2))
+    m0, m1 = mwhich == 0, mwhich == 1
+    mem = {k: np.where(m0, mf[k], np.where(m1, mm[k], ml[k])) for k in MEMORY_TERMS}
+    mem_total = np.maximum(np.maximum(tf_, tm_), tl_)
 
     # ------------------------------------------------------------------ headline figures
     tokens_step = gb * s
-    mflops_tok = F.model_flops_per_token(model, int(s.flat[0]) if np.ndim(s) else int(s), causal=True) \
-        if np.all(s == s.flat[0]) else None
-    if mflops_tok is None:   # mixed sequence lengths: per-candidate attention share
+    if np.all(s == s.flat[0]):
+        mflops_tok = F.model_flops_per_token(model, int(s.flat[0]), causal=True)
+    else:   # mixed sequence lengths: per-candidate attention share
         base = F.model_flops_per_token(model, 1, causal=True)
         core1 = 3 * model.layers * F.attention_core_flops(model, 1.0, 1.0, True)
         mflops_tok = base - core1 + core1 * s * F.mean_attended(model, s)
@@ -457,24 +495,25 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     out["step_time_s"] = step
     out["tokens_per_s_per_gpu"] = tokens_step / step / world
     out["model_tflops_per_gpu"] = model_flops / step / world / 1e12
-    out["mfu"] = model_flops / step / world / gpu.peak_flops["bf16"]
+    # MFU against the dense peak of the precision the linear layers run in (PaLM, Chowdhery et al.
+    # 2022 appendix B: model FLOPs over the peak of the hardware as used)
+    out["mfu"] = model_flops / step / world / lq["lin_peak"]
     # hardware FLOPs per step summed over every GPU of every stage (tp*cp*dp GPUs per stage)
-    per_stage_gpus = tp * cp * dp
-    hw = (first["flops"] + np.where(pp > 2, mid["flops"] * np.maximum(pp - 2, 0), 0.0)
-          + np.where(pp > 1, last["flops"], 0.0)) * nmb * per_stage_gpus
-    rc_fl = (first["flops_rc"] + np.where(pp > 2, mid["flops_rc"] * np.maximum(pp - 2, 0), 0.0)
-             + np.where(pp > 1, last["flops_rc"], 0.0)) * nmb * per_stage_gpus
-    out["model_flops_step"] = model_flops * np.ones(len(c))
+    per_stage_gpus = tp * cp * dp * nmb
+    mids = np.where(pp > 2, np.maximum(pp - 2, 0), 0.0)
+    hw = (first["flops"] + mid["flops"] * mids + np.where(pp > 1, last["flops"], 0.0)) * per_stage_gpus
+    rc_fl = (first["flops_rc"] + mid["flops_rc"] * mids + np.where(pp > 1, last["flops_rc"], 0.0)) * per_stage_gpus
+    out["model_flops_step"] = model_flops * np.ones(n)
     out["hardware_flops_step"] = hw
     out["recompute_flops_step"] = rc_fl
-    out["hfu"] = hw / step / world / gpu.peak_flops["bf16"]
+    out["hfu"] = hw / step / world / lq["lin_peak"]
     out["memory_bytes"] = mem_total
     out["feasible"] = mem_total <= gpu.hbm_bytes
     out["micro_batches"] = nmb
     out["gpus"] = world
     out["peak_stage"] = mwhich
     for k, v in breakdown.items():
-        out[f"time_{k}_s"] = v if np.shape(v) == step.shape else np.broadcast_to(v, step.shape).astype(np.float64)
+        out[f"time_{k}_s"] = np.broadcast_to(v, (n,))
     for k, v in mem.items():
-        out[f"mem_{k}_bytes"] = v if np.shape(v) == step.shape else np.broadcast_to(v, step.shape).astype(np.float64)
+        out[f"mem_{k}_bytes"] = np.broadcast_to(v, (n,))
     return out

@@ -21,8 +21,11 @@ DEFAULT_SEQ_LEN = 4096
 DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024   # default global batch: 4Mi tokens (GPT-3's 3.2M, Llama-3's 4M-16M)
 
 
-def default_global_batch(seq_len: int) -> int:
-    return max(1, DEFAULT_BATCH_TOKENS // seq_len)
+def default_global_batch(seq_len: int, gpus: int = 1) -> int:
+    """4Mi tokens, or one sequence per 8 GPUs if that is more, rounded up to a power of two
+    (Llama 3 405B: 2,048 x 8K sequences = 16M tokens on 16K GPUs, Dubey et al. 2024 sec. 3.3)."""
+    gb = max(1, DEFAULT_BATCH_TOKENS // seq_len, -(-gpus // 8))
+    return 1 << (gb - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
     fixed.setdefault("zero", list(stack.zero_stages))
     fixed.setdefault("schedule", list(stack.schedules))
     seq_len = seq_len or model.seq_len or DEFAULT_SEQ_LEN
-    global_batch = global_batch or default_global_batch(seq_len)
+    global_batch = global_batch or default_global_batch(seq_len, max(gpu_counts(gpus, cluster)))
     if precisions is None:
         precisions = [p for p in ("bf16", "fp8") if p in cluster.gpu.peak_flops]
     counts = gpu_counts(gpus, cluster)

@@ -20,7 +20,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 # integer knobs held as int64 columns; string knobs are held as codes into the tuples above
 INT_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len",
              "zero", "shard_group", "first_stage_layers", "last_stage_layers")
-BOOL_KNOBS = ("sp", "overlap_tp", "overlap_dp", "overlap_pp")
+BOOL_KNOBS = ("sp", "overlap_tp", "overlap_dp", "overlap_pp", "overlap_ep")
 CODE_KNOBS = {"recompute": RECOMPUTE, "schedule": SCHEDULES, "cp_comm": CP_COMM,
               "precision": PRECISIONS}
 
@@ -51,6 +51,8 @@ class Layout:
     overlap_tp: bool = True
     overlap_dp: bool = True
     overlap_pp: bool = True
+    overlap_ep: bool = True       # EP all-to-all hidden behind another micro-batch's compute
+                                  # (Megatron-Core --overlap-moe-expert-parallel-comm)
 
     def __post_init__(self):
         for n in INT_KNOBS:
@@ -94,9 +96,9 @@ class Candidates:
         if missing:
             raise ValueError(f"candidate columns missing: {sorted(missing)}")
         self.cols = cols
-        # optional: the small table of distinct degree rows (tp, pp, dp, cp, ep, etp, micro_batch)
-        # these candidates were crossed from, and each candidate's row in it; lets the cost model
-        # compute degree-only terms (collective groups) once per row instead of per candidate
+        # optional: the small table of distinct per-layer rows (costmodel.LAYER_COLS: degrees,
+        # micro-batch, sp, precision, cp_comm, ...) these candidates were crossed from, and each
+        # candidate's row in it; the cost model computes per-layer terms once per table row
         self.deg_table = deg_table
         self.deg_index = deg_index
 

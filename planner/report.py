@@ -21,7 +21,8 @@ def _top_terms(p, n=3):
 def _header(res, model, cluster, stack, a):
     from .engine import DEFAULT_SEQ_LEN, default_global_batch
     seq = (a.seq_len if a else None) or model.seq_len or DEFAULT_SEQ_LEN
-    gb = (a.global_batch if a else None) or default_global_batch(seq)
+    gb = (a.global_batch if a else None) or (res.plans[0].layout.global_batch if res.plans else
+                                             default_global_batch(seq, res.gpus))
     return dict(seq_len=seq, global_batch=gb)
 
 

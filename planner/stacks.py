@@ -26,8 +26,10 @@ class Stack:
     grad_bytes: int = 4           # bytes per gradient element held (fp32 main grads)
     fsdp_regather_backward: bool = True   # ZeRO-3 gathers parameters again in backward
     tp_overlap: bool = True       # can overlap TP collectives with GEMMs (TE userbuffers)
+    ep_overlap: bool = True       # can overlap the EP all-to-all with another micro-batch's compute
     flash_attention: bool = True  # fused attention (FlashAttention / cuDNN); False: scores materialised
     step_overhead_s: float = 0.0  # fixed per-step host overhead
+    kernel_overhead_s: float = 4e-6   # launch + sync gap per kernel (fitted: benchmarks/fit_efficiency.py)
     schedules: tuple = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")  # pipeline schedules it runs
     zero_stages: tuple = (0, 1, 2, 3)
     source: str = ""
@@ -43,25 +45,26 @@ STACKS = {
         "megatron-2021",
         "Megatron-LM of Narayanan et al. 2021 / Korthikanti et al. 2022 (Apex fused kernels, no TE, "
         "no TP overlap, grads all-reduced in fp32)",
-        tp_overlap=False, flash_attention=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
+        tp_overlap=False, ep_overlap=False, flash_attention=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
         source="Narayanan et al. 2021 sec. 5; Korthikanti et al. 2022 sec. 6"),
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
-        gemm=0.730, attention=0.527,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
-        elementwise=2.0, tp_overlap=False, zero_stages=(0, 3),
+        gemm=0.724, attention=0.527,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
+        elementwise=2.0, tp_overlap=False, ep_overlap=False, zero_stages=(0, 3),
         schedules=("1f1b", "interleaved", "zb-h1", "zbv"),
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
-        gemm=1.048,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
-        elementwise=1.5, tp_overlap=False, zero_stages=(2, 3), schedules=("1f1b",),
+        gemm=1.040,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
+        elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",),
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(
         "deepspeed",
         "DeepSpeed ZeRO (data parallel only, Narayanan et al. 2021 Table 2 baseline)",
-        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, flash_attention=False, schedules=("1f1b",),
+        grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, ep_overlap=False, flash_attention=False,
+        schedules=("1f1b",),
         pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }
