@@ -108,7 +108,10 @@ class Cluster:
     # Domain sizes are read off the topology graph (see topology_graph); last level unbounded.
     @property
     def domain_sizes(self) -> tuple:
-        return _domain_sizes_from_graph(self)
+        got = _DOMAINS.get(self.levels)
+        if got is None:
+            got = _DOMAINS[self.levels] = _domain_sizes_from_graph(self)
+        return got
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +143,9 @@ def topology_graph(cluster: Cluster, gpus: int):
     return g
 
 
+_DOMAINS: dict = {}
+
+
 @lru_cache(maxsize=64)
 def _domain_sizes_cached(levels: tuple) -> tuple:
     import networkx as nx
@@ -161,8 +167,36 @@ def _domain_sizes_cached(levels: tuple) -> tuple:
     return tuple(sizes)
 
 
+def _cache_path(levels: tuple):
+    import hashlib
+    import os
+    key = hashlib.sha256(repr([(lv.name, lv.domain) for lv in levels]).encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dtplanner", f"domains-{key}.json")
+
+
 def _domain_sizes_from_graph(cluster: Cluster) -> tuple:
-    return _domain_sizes_cached(cluster.levels)
+    """Domain sizes read off the topology graph. networkx takes ~0.2 s to import, so the result is
+    cached on disk per distinct level structure (a pure function of it); the graph is built the
+    first time a structure is seen. A cache that cannot be read or written is ignored."""
+    import json
+    path = _cache_path(cluster.levels)
+    try:
+        with open(path) as fh:
+            got = tuple(json.load(fh))
+        if len(got) == len(cluster.levels):
+            return got
+    except (OSError, ValueError, TypeError):
+        pass
+    sizes = _domain_sizes_cached(cluster.levels)
+    try:
+        import os
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        from .atomic import atomic_write_text
+        atomic_write_text(path, json.dumps(list(sizes)))
+    except OSError:
+        pass
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------

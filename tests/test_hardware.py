@@ -79,3 +79,16 @@ def test_bad_profiles_rejected(mutate, needle):
     mutate(d)
     with pytest.raises(PlannerError, match=needle):
         cluster_from_dict(d, "x.toml")
+
+
+def test_domain_cache_matches_graph(tmp_path, monkeypatch):
+    """The on-disk cache of graph-derived domain sizes returns what the graph gives."""
+    from planner import hardware as H
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    H._DOMAINS.clear()
+    c = load_hardware("gb200-nvl72")
+    assert H._domain_sizes_cached(c.levels) == (72, 0)
+    assert c.domain_sizes == (72, 0)                       # computed and written
+    H._DOMAINS.clear()
+    assert c.domain_sizes == (72, 0)                       # read back
+    assert list(tmp_path.rglob("domains-*.json"))
