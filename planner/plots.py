@@ -49,10 +49,11 @@ def _count(n) -> str:
 
 
 def layout_label(p, gpus=False) -> str:
-    """Compact layout name for axis labels: 'tp8 pp4 dp2 cp2 v2 mb1 sel z1 fp8'."""
+    """Compact layout name for axis labels: 'tp8sp pp4 dp2 cp2 v2 mb1 sel-rc z1 fp8' (sp = sequence
+    parallelism on, v = virtual stages, rc = activation recompute, z = ZeRO stage)."""
     L = p.layout
     parts = [f"{_count(p.gpus)} GPUs"] if gpus else []
-    parts += [f"tp{L.tp}", f"pp{L.pp}", f"dp{L.dp}"]
+    parts += [f"tp{L.tp}" + ("sp" if L.sp and L.tp > 1 else ""), f"pp{L.pp}", f"dp{L.dp}"]
     if L.cp > 1:
         parts.append(f"cp{L.cp}" + {"p2p": "", "allgather": "-ag", "a2a": "-a2a"}[L.cp_comm])
     if L.ep > 1:
@@ -92,10 +93,10 @@ def _plans_of(x):
 
 # ----------------------------------------------------------------------------------- breakdowns
 
-def time_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None):
+def time_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None, labels=None):
     """Stacked horizontal bars of the step-time terms (seconds) of up to `top` distinct layouts,
-    best at the top."""
-    plans = _distinct(_plans_of(plans), top)
+    best at the top. `labels` (one per plan) replaces the layout names and keeps every plan."""
+    plans = _distinct(_plans_of(plans), top) if labels is None else _plans_of(plans)[:top]
     fig = ax.figure if ax is not None else _figure(9, 1.2 + 0.45 * max(len(plans), 1))
     ax = ax or fig.add_subplot()
     multi = len({p.gpus for p in plans}) > 1
@@ -106,22 +107,23 @@ def time_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None):
         v = np.array([p.time_breakdown_s[k] for p in plans])
         ax.barh(y, v, left=left, color=TIME_COLOR[k], label=SHORT_TIME[k], height=0.65)
         left += v
-    ax.set_yticks(y, [f"#{i + 1} {layout_label(p, multi)}" for i, p in enumerate(plans)], fontsize=8)
+    names = list(labels)[:len(plans)] if labels is not None else \
+        [f"#{i + 1} {layout_label(p, multi)}" for i, p in enumerate(plans)]
+    ax.set_yticks(y, names, fontsize=8)
     ax.set_xlabel("time per training step (s)")
     for yi, p in zip(y, plans):
         ax.text(p.step_time_s, yi, f" {p.step_time_s:.2f} s, MFU {p.mfu:.0%}", va="center", fontsize=7.5)
     ax.set_xlim(0, max((p.step_time_s for p in plans), default=1) * 1.28)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22 if len(plans) > 3 else -0.4),
-              ncol=min(len(used), 5), fontsize=8, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title(title or "Where the step time goes (exposed communication only)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
 
-def memory_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None):
+def memory_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None, labels=None):
     """Stacked horizontal bars of the memory terms per GPU (GiB) of up to `top` layouts, with the
-    GPU's HBM capacity as a dashed line."""
-    plans = _distinct(_plans_of(plans), top)
+    GPU's HBM capacity as a dashed line. `labels` (one per plan) replaces the layout names."""
+    plans = _distinct(_plans_of(plans), top) if labels is None else _plans_of(plans)[:top]
     fig = ax.figure if ax is not None else _figure(9, 1.2 + 0.45 * max(len(plans), 1))
     ax = ax or fig.add_subplot()
     multi = len({p.gpus for p in plans}) > 1
@@ -136,9 +138,10 @@ def memory_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None
     ax.axvline(hbm, color="#c00000", ls="--", lw=1.4)
     ax.text(hbm, y.max() + 0.45 if len(y) else 0.5, f" HBM {hbm:.1f} GiB", color="#c00000", fontsize=8,
             va="bottom", ha="left")
-    labels = [f"#{i + 1} {layout_label(p, multi)}" if len(plans) > 1 else layout_label(p, multi)
-              for i, p in enumerate(plans)]
-    ax.set_yticks(y, labels, fontsize=8)
+    if labels is None:
+        labels = [f"#{i + 1} {layout_label(p, multi)}" if len(plans) > 1 else layout_label(p, multi)
+                  for i, p in enumerate(plans)]
+    ax.set_yticks(y, list(labels)[:len(plans)], fontsize=8)
     for yi, p in zip(y, plans):
         txt = f" {p.memory_gib:.1f} GiB" + ("" if p.feasible else " (does not fit)")
         ax.text(max(p.memory_gib, 0), yi, txt, va="center", fontsize=7.5)
@@ -146,8 +149,7 @@ def memory_breakdown_bars(plans, top: int = 8, title: str | None = None, ax=None
     ax.set_xlim(0, xmax)
     ax.set_ylim(-0.6, (y.max() if len(y) else 0) + 0.9)
     ax.set_xlabel("memory per GPU (GiB)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22 if len(plans) > 3 else -0.4),
-              ncol=min(len(used), 4), fontsize=8, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title(title or "Where the memory goes (peak pipeline stage)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return fig
