@@ -215,6 +215,10 @@ def _cause(term, p, b, cluster, delta=None) -> str:
             return f"{L.precision} instead of {B.precision} linear layers: {cost}"
         if L.tp * L.etp > B.tp * B.etp:
             return f"tp={L.tp} splits every GEMM {L.tp} ways into smaller, less efficient kernels: {cost}"
+        if L.tp > 1 and B.sp and not L.sp:
+            return f"sp off repeats the LayerNorm and dropout work on every TP rank: {cost}"
+        if L.ep < B.ep:
+            return f"ep={L.ep} (best {B.ep}) leaves each rank {B.ep // max(L.ep, 1)}x the experts to compute: {cost}"
         if L.micro_batch < B.micro_batch:
             return f"micro_batch={L.micro_batch} (best {B.micro_batch}) gives smaller GEMMs: {cost}"
         if L.cp > B.cp:
