@@ -1,0 +1,38 @@
+"""Scenario dicts: what a validation run is told (model, layout, steps), JSON-able so it can be
+handed to spawned ranks."""
+from __future__ import annotations
+
+import dataclasses
+
+from planner.model_spec import MLASpec, ModelSpec, MoESpec
+
+DTYPES = ("float32", "float64", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
+LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "vpp", "sp", "micro_batch", "global_batch", "seq_len",
+               "recompute", "zero")
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    d = dict(d)
+    if d.get("moe"):
+        d["moe"] = MoESpec(**d["moe"])
+    if d.get("mla"):
+        d["mla"] = MLASpec(**d["mla"])
+    return ModelSpec(**d)
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
+
+
+def scenario(spec: ModelSpec, layout, steps=1, timed_steps=0, seed=1234, dtype="float32",
+             check_all_grads=False) -> dict:
+    return {"model": spec_to_dict(spec),
+            "layout": {k: getattr(layout, k) for k in LAYOUT_KEYS},
+            "steps": int(steps), "timed_steps": int(timed_steps), "seed": int(seed),
+            "dtype": dtype, "check_all_grads": bool(check_all_grads)}

@@ -1,0 +1,149 @@
+"""Starting the ranks: N local processes (gloo on CPU, NCCL on GPUs), or the ranks torchrun
+started.
+
+Local ranks are child processes that die with the parent (PR_SET_PDEATHSIG), run in their own
+process group, and are all killed when one fails or the run exceeds its timeout, so a dead or
+hung rank never leaves the run, or processes, behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from planner.errors import PlannerError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunFailed(RuntimeError):
+    """A rank died, failed or hung; the message names the rank."""
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_setup():
+    # die with the parent: the kernel sends SIGKILL when the parent thread exits
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _tail(path: Path, n=4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [l for l in text.splitlines() if l.strip() and "Warning" not in l and "warn(" not in l]
+    return "\n".join(lines)[-n:]
+
+
+def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_start=None):
+    """Run `scenarios` on nprocs local ranks; returns rank 0's results (one list of per-rank
+    result dicts per scenario). Raises RunFailed naming the failing rank, or on timeout."""
+    import torch  # noqa: F401  (the parent checks torch imports before spawning N copies)
+    tmp = Path(tempfile.mkdtemp(prefix="validate-"))
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"scenarios": scenarios}))
+    out = tmp / "result.pt"
+    port = free_port()
+    procs, errs = [], []
+    env0 = dict(os.environ)
+    env0.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nprocs),
+                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+                PYTHONPATH=str(ROOT) + os.pathsep + env0.get("PYTHONPATH", ""))
+    env0.pop("TORCHELASTIC_RUN_ID", None)
+    t0 = time.monotonic()
+    try:
+        for r in range(nprocs):
+            env = dict(env0, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nprocs))
+            err = tmp / f"rank{r}.err"
+            errs.append(err)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "validate.worker", str(job), str(out)],
+                env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                preexec_fn=_child_setup, start_new_session=True))
+        if on_start is not None:
+            on_start()
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                r, c = bad[0]
+                time.sleep(0.2)
+                _kill_all(procs)
+                how = f"was killed by signal {-c}" if c < 0 else f"exited with status {c}"
+                raise RunFailed(f"rank {r} {how}: {_tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else 'no output'}"
+                                + _detail(errs[r]))
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() - t0 > timeout:
+                alive = [r for r, c in enumerate(codes) if c is None]
+                _kill_all(procs)
+                raise RunFailed(f"timed out after {timeout:g} s; ranks still running: "
+                                f"{', '.join(map(str, alive))}")
+            time.sleep(0.05)
+        import torch
+        return torch.load(out, weights_only=False)
+    finally:
+        _kill_all(procs)
+        for f in tmp.iterdir():
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            tmp.rmdir()
+        except OSError:
+            pass
+
+
+def _detail(err: Path) -> str:
+    t = _tail(err)
+    return ("\n" + t) if os.environ.get("VALIDATE_DEBUG") and t else ""
+
+
+def check_torch():
+    try:
+        import torch  # noqa: F401
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        raise PlannerError("validate needs PyTorch: pip install 'dtplanner[validate]' "
+                           "(CPU build: pip install torch)") from None
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise PlannerError("this PyTorch build has no torch.distributed; validate needs it")

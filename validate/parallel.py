@@ -1,0 +1,451 @@
+"""Process groups in Megatron's rank order, tensor parallelism through PyTorch's parallel styles,
+and the data-parallel gradient reduction and optimizer (ZeRO 0-2 by hand in Megatron-Core's
+manner, ZeRO-3 through FSDP2's fully_shard).
+
+Rank order (megatron/core/parallel_state.py, order "tp-cp-ep-dp-pp"):
+    rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
+Expert layers re-split the tp*cp*dp ranks of a stage as etp (=1 here) x ep x edp, ep innermost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # torch < 2.4
+    from torch.distributed._tensor import DTensor, Replicate, Shard
+    from torch.distributed._tensor.placement_types import _Partial as Partial
+
+
+@dataclass
+class Topo:
+    world: int
+    rank: int
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+    ep: int
+    vpp: int
+
+    def __post_init__(self):
+        r = self.rank
+        self.tp_r = r % self.tp
+        self.cp_r = (r // self.tp) % self.cp
+        self.dp_r = (r // (self.tp * self.cp)) % self.dp
+        self.pp_r = r // (self.tp * self.cp * self.dp)
+        inner = r % (self.tp * self.cp * self.dp)   # index inside the stage
+        self.ep_r = inner % self.ep
+        self.edp = self.tp * self.cp * self.dp // self.ep
+        self.edp_r = inner // self.ep
+
+    def rank_of(self, tp_r=None, cp_r=None, dp_r=None, pp_r=None):
+        tp_r = self.tp_r if tp_r is None else tp_r
+        cp_r = self.cp_r if cp_r is None else cp_r
+        dp_r = self.dp_r if dp_r is None else dp_r
+        pp_r = self.pp_r if pp_r is None else pp_r
+        return tp_r + self.tp * (cp_r + self.cp * (dp_r + self.dp * pp_r))
+
+    def coords(self) -> dict:
+        return dict(tp=self.tp_r, cp=self.cp_r, dp=self.dp_r, pp=self.pp_r, ep=self.ep_r,
+                    edp=self.edp_r)
+
+    def all_groups(self, tied_pp: bool) -> dict:
+        """label -> list of rank lists (every group of that kind, in a fixed order)."""
+        stage = self.tp * self.cp * self.dp
+        R = range(self.world)
+        out = {}
+
+        def by(key):
+            d = {}
+            for r in R:
+                d.setdefault(key(r), []).append(r)
+            return [v for _, v in sorted(d.items())]
+
+        def c(r):
+            return Topo(self.world, r, self.tp, self.cp, self.dp, self.pp, self.ep, self.vpp)
+        T = [c(r) for r in R]
+        if self.tp > 1:
+            out["tp"] = by(lambda r: (T[r].cp_r, T[r].dp_r, T[r].pp_r))
+        if self.cp > 1:
+            out["cp"] = by(lambda r: (T[r].tp_r, T[r].dp_r, T[r].pp_r))
+        if self.dp * self.cp > 1:
+            # the dense-gradient group is dp x cp (Megatron get_data_parallel_group(with_context_parallel=True))
+            out["dp"] = by(lambda r: (T[r].tp_r, T[r].pp_r))
+        if self.pp > 1:
+            out["pp"] = by(lambda r: r % stage)
+        if self.ep > 1:
+            out["ep"] = by(lambda r: (T[r].edp_r, T[r].pp_r))
+        if self.edp > 1:
+            # expert data-parallel group (Megatron get_expert_data_parallel_group); with ep = 1
+            # it holds the same ranks as dp but is its own group
+            out["edp"] = by(lambda r: (T[r].ep_r, T[r].pp_r))
+        if tied_pp and self.pp > 1:
+            out["embd"] = [[i, i + (self.pp - 1) * stage] for i in range(stage)]
+        return out
+
+
+_PG_CACHE = {}     # (label, ranks) -> ProcessGroup, shared by the scenarios of one launch
+_MESH_CACHE = {}   # (name, group name) -> DeviceMesh
+
+
+class Groups:
+    """This rank's process groups by label, created in the same order on every rank. Groups are
+    kept for the life of the process and reused by later scenarios with the same label and
+    ranks: DTensor caches sharding decisions that hold on to meshes, so a mesh's group must
+    outlive the scenario that made it."""
+
+    def __init__(self, topo: Topo, tied_pp: bool, labeler):
+        self.pg, self.ranks = {}, {}
+        for label, lists in topo.all_groups(tied_pp).items():
+            for ranks in lists:
+                key = (label, tuple(ranks))
+                if key not in _PG_CACHE:
+                    _PG_CACHE[key] = dist.new_group(ranks)
+                g = _PG_CACHE[key]
+                if topo.rank in ranks:
+                    self.pg[label], self.ranks[label] = g, ranks
+                    labeler.add(label, g)
+        if "dp" not in self.pg:
+            self.ranks["dp"] = [topo.rank]
+        self.topo = topo
+
+    def get(self, label):
+        return self.pg.get(label)
+
+    def size(self, label):
+        return len(self.ranks.get(label, [0]))
+
+    def rank_in(self, label):
+        return self.ranks[label].index(self.topo.rank) if label in self.ranks else 0
+
+
+def mesh_1d(pg, device_type, name):
+    from torch.distributed.device_mesh import DeviceMesh
+    key = (name, pg.group_name)
+    if key not in _MESH_CACHE:
+        _MESH_CACHE[key] = DeviceMesh.from_group(pg, device_type, mesh_dim_names=(name,))
+    return _MESH_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallel (+ sequence parallel) with torch.distributed.tensor.parallel styles
+def apply_tp(chunk, tp_mesh, sp: bool):
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+    seq = Shard(1) if sp else Replicate()
+    plan = {}
+    if chunk.first:
+        # vocab-parallel embedding: partial sums reduce-scattered (SP) or all-reduced
+        plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    for i in chunk.layers:
+        p = f"layers.{i}"
+        if sp:
+            plan[f"{p}.attn_norm"] = SequenceParallel()
+            plan[f"{p}.mlp_norm"] = SequenceParallel()
+        # one conversion per block input, so Q/K/V (and gate/up) share one collective each way:
+        # all-gather / reduce-scatter under SP, identity / all-reduce without (Megatron's f and g)
+        plan[f"{p}.attn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        for w in ("wq", "wk", "wv"):
+            plan[f"{p}.attn.{w}"] = ColwiseParallel()
+        plan[f"{p}.attn.wo"] = RowwiseParallel(output_layouts=seq)
+        blk = chunk.layers[i]
+        if blk.moe_layer:
+            raise NotImplementedError("MoE layers with --tp > 1")
+        plan[f"{p}.mlp.w1"] = ColwiseParallel()
+        if blk.mlp.gated:
+            plan[f"{p}.mlp.w3"] = ColwiseParallel()
+        plan[f"{p}.mlp.w2"] = RowwiseParallel(output_layouts=seq)
+    if chunk.last:
+        if sp:
+            plan["head.norm"] = SequenceParallel()
+        if chunk.head.output is not None:
+            plan["head.output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1))
+    parallelize_module(chunk, tp_mesh, plan)
+    if chunk.last and chunk.head.output is None:
+        # tied output projection: the (vocab-sharded) embedding weight, input gathered first
+        head = chunk.head
+
+        def tied_logits(x, _mesh=tp_mesh, _head=head):
+            import torch.nn.functional as F
+            if isinstance(x, DTensor):
+                x = x.redistribute(_mesh, [Replicate()])
+            else:
+                x = DTensor.from_local(x, _mesh, [Replicate()], run_check=False)
+            return F.linear(x, _head.embed[0].weight).to_local()
+        head.tied_logits = tied_logits
+
+
+# ---------------------------------------------------------------------------------------------
+def local(t):
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _is_partial(g):
+    return isinstance(g, DTensor) and any(isinstance(p, Partial) for p in g.placements)
+
+
+class Bucket:
+    """One chunk's parameters of one kind (dense or expert) and their gradient-reduction group,
+    laid out flat as in Megatron-Core's DistributedDataParallel buffers, padded to a multiple of
+    the group size (megatron/core/distributed/param_and_grad_buffer.py) for ZeRO >= 1."""
+
+    def __init__(self, items, group, gsize, grank, zero, dtype):
+        self.items = items           # [(global name, param)]
+        self.group, self.G, self.g = group, gsize, grank
+        self.zero = zero
+        self.N = sum(local(p).numel() for _, p in items)
+        self.Np = (math.ceil(self.N / self.G) * self.G) if zero >= 1 else self.N
+        self.shard = self.Np // self.G if zero >= 1 else self.N
+        self.lo = self.g * self.shard if zero >= 1 else 0
+        flat = self.flat_params()
+        self.master = nn.Parameter(flat[self.lo:self.lo + self.shard].clone())
+        self.acc = torch.zeros_like(self.master) if zero == 2 else None
+        self.dtype = dtype
+
+    def flat_params(self):
+        v = [local(p).detach().reshape(-1) for _, p in self.items]
+        pad = self.Np - self.N
+        if pad:
+            v.append(torch.zeros(pad, dtype=v[0].dtype, device=v[0].device))
+        return torch.cat(v)
+
+    def flat_grads(self):
+        v = []
+        for _, p in self.items:
+            g = p.grad
+            v.append(torch.zeros(local(p).numel(), dtype=local(p).dtype, device=local(p).device)
+                     if g is None else local(g).reshape(-1))
+        pad = self.Np - self.N
+        if pad:
+            v.append(torch.zeros(pad, dtype=v[0].dtype, device=v[0].device))
+        return torch.cat(v)
+
+    def _reduce(self):
+        flat = self.flat_grads()
+        if self.zero == 0:
+            if self.G > 1:
+                dist.all_reduce(flat, group=self.group)
+            return flat
+        if self.G > 1:
+            out = torch.empty(self.shard, dtype=flat.dtype, device=flat.device)
+            dist.reduce_scatter_tensor(out, flat, group=self.group)
+            return out
+        return flat
+
+    def reduce_step(self):
+        """ZeRO 0: all-reduce; ZeRO 1: reduce-scatter, once per step (ZeRO 2: the micro-batch
+        reductions accumulated)."""
+        if self.zero == 2:
+            self.master.grad = self.acc.clone()
+            self.acc.zero_()
+        else:
+            self.master.grad = self._reduce()
+
+    def reduce_microbatch(self):
+        """ZeRO 2: reduce-scatter this micro-batch's gradients and free them (DeepSpeed stage 2)."""
+        self.acc += self._reduce()
+        for _, p in self.items:
+            p.grad = None
+
+    def gather_params(self):
+        if self.zero >= 1 and self.G > 1:
+            full = torch.empty(self.Np, dtype=self.master.dtype, device=self.master.device)
+            dist.all_gather_into_tensor(full, self.master.data.contiguous(), group=self.group)
+        else:
+            full = self.master.data
+        off = 0
+        with torch.no_grad():
+            for _, p in self.items:
+                t = local(p)
+                t.copy_(full[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
+    def grad_pieces(self):
+        """(global name, flat start, flat stop, values) of the reduced gradient this rank holds."""
+        g = self.master.grad
+        out, off = [], 0
+        for name, p in self.items:
+            n = local(p).numel()
+            a, b = max(off, self.lo), min(off + n, self.lo + self.shard)
+            if a < b:
+                out.append((name, p, a - off, b - off, g[a - self.lo:b - self.lo].detach().clone()))
+            off += n
+        return out
+
+    def state_bytes(self, opt):
+        e = self.master.element_size()
+        st = opt.state.get(self.master, {})
+        o = sum(v.numel() * v.element_size() for k, v in st.items()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
+        grads = (self.shard * e if self.zero == 2 else
+                 sum(local(p).numel() for _, p in self.items) * e)
+        return dict(weights=sum(local(p).numel() * local(p).element_size() for _, p in self.items),
+                    gradients=grads,
+                    optimizer=o + self.master.numel() * e,   # master copy + Adam moments
+                    pad_bytes=(self.Np - self.N) // self.G * e if self.zero >= 1 else 0)
+
+
+class HandOptimizer:
+    """ZeRO 0-2 for a rank's chunks: tensor-parallel partial gradients (sequence-parallel norms
+    and biases) all-reduced over tp, the tied embedding's gradient all-reduced between the first
+    and last stage, then each bucket reduced over its data-parallel group, Adam on the master
+    shard, parameters all-gathered (megatron/core/distributed/finalize_model_grads.py,
+    distributed_optimizer.py)."""
+
+    def __init__(self, chunks, names, groups: Groups, zero, lr, dtype, moe_names):
+        self.zero = zero
+        self.groups = groups
+        self.chunks = chunks
+        self.buckets = {}   # chunk index -> [buckets]
+        masters = []
+        for ci, ch in enumerate(chunks):
+            dense, expert = [], []
+            for n, p in ch.named_parameters():
+                gname = names[ci][n]
+                (expert if gname in moe_names else dense).append((gname, p))
+            bl = []
+            for items, label in ((dense, "dp"), (expert, "edp")):
+                if not items:
+                    continue
+                g = groups.get(label)
+                size = groups.size(label) if g is not None else 1
+                bl.append(Bucket(items, g, size, groups.rank_in(label) if g is not None else 0, zero, dtype))
+            self.buckets[ci] = bl
+            masters += [b.master for b in bl]
+        self.opt = torch.optim.Adam(masters, lr=lr)
+
+    def _pre_reduce(self, ci):
+        ch = self.chunks[ci]
+        tp = self.groups.get("tp")
+        for p in ch.parameters():
+            g = p.grad
+            if (isinstance(g, DTensor) and isinstance(p, DTensor) and not _is_partial(g)
+                    and tuple(g.placements) != tuple(p.placements)):
+                # e.g. the vocab-parallel embedding's gradient comes back Replicate (every tp
+                # rank computes all of it from the replicated tokens): keep this rank's shard
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+        if tp is not None:
+            part = [p for p in ch.parameters() if p.grad is not None and _is_partial(p.grad)]
+            if part:
+                flat = torch.cat([local(p.grad).reshape(-1) for p in part])
+                dist.all_reduce(flat, group=tp)
+                off = 0
+                for p in part:
+                    lt = local(p.grad)
+                    lt.copy_(flat[off:off + lt.numel()].view_as(lt))
+                    off += lt.numel()
+        embd = self.groups.get("embd")
+        if embd is not None:
+            for b in self.buckets[ci]:
+                for name, p in b.items:
+                    if name == "embed.weight" and p.grad is not None:
+                        dist.all_reduce(local(p.grad), group=embd)
+
+    def microbatch_done(self, ci):
+        if self.zero == 2:
+            self._pre_reduce(ci)
+            for b in self.buckets[ci]:
+                b.reduce_microbatch()
+
+    def reduce(self):
+        for ci, bl in self.buckets.items():
+            if self.zero != 2:
+                self._pre_reduce(ci)
+            for b in bl:
+                b.reduce_step()
+
+    def step(self):
+        self.opt.step()
+        for bl in self.buckets.values():
+            for b in bl:
+                b.gather_params()
+
+    def zero_grad(self):
+        for ch in self.chunks:
+            for p in ch.parameters():
+                p.grad = None
+        self.opt.zero_grad(set_to_none=True)
+
+    def grad_pieces(self):
+        out = []
+        for bl in self.buckets.values():
+            for b in bl:
+                out += b.grad_pieces()
+        return out
+
+    def state_bytes(self):
+        tot = {}
+        for ci, bl in self.buckets.items():
+            for b in bl:
+                kind = "expert" if any(".experts." in n for n, _ in b.items) else "dense"
+                for k, v in b.state_bytes(self.opt).items():
+                    tot[(kind, k)] = tot.get((kind, k), 0) + v
+        return tot
+
+
+class FSDPOptimizer:
+    """ZeRO-3 through FSDP2 (fully_shard per transformer layer and per chunk): parameters
+    all-gathered before forward and again before backward, gradients reduce-scattered every
+    micro-batch, Adam on the sharded parameters."""
+
+    def __init__(self, chunks, names, groups: Groups, lr, device_type, moe_names):
+        from torch.distributed.fsdp import fully_shard
+        self.chunks = chunks
+        self.groups = groups
+        g = groups.get("dp")
+        mesh = mesh_1d(g, device_type, "dp")
+        for ch in chunks:
+            for blk in ch.layers.values():
+                fully_shard(blk, mesh=mesh)
+            fully_shard(ch, mesh=mesh)
+            for m in [*ch.layers.values(), ch]:
+                m.set_gradient_divide_factor(1.0)   # sum semantics: the loss is already a global mean
+        self.opt = torch.optim.Adam([p for ch in chunks for p in ch.parameters()], lr=lr)
+        self.names = names
+
+    def microbatch_done(self, ci):
+        pass
+
+    def reduce(self):
+        pass
+
+    def step(self):
+        self.opt.step()
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def grad_pieces(self):
+        out = []
+        for ci, ch in enumerate(self.chunks):
+            for n, p in ch.named_parameters():
+                if p.grad is not None:
+                    out.append((self.names[ci][n], p, 0, local(p.grad).numel(),
+                                local(p.grad).detach().reshape(-1).clone()))
+        return out
+
+    def state_bytes(self):
+        tot = {}
+        G = self.groups.size("dp")
+        for ch in self.chunks:
+            for p in ch.parameters():
+                lt = local(p)
+                e = lt.element_size()
+                kind = ("dense", )
+                add = {"weights": lt.numel() * e,
+                       "gradients": (local(p.grad).numel() * e if p.grad is not None else 0),
+                       "optimizer": sum(v.numel() * v.element_size()
+                                        for v in (local(x) for x in self.opt.state.get(p, {}).values()
+                                                  if isinstance(x, torch.Tensor)) if v.dim() > 0),
+                       "pad_bytes": abs(lt.numel() - p.numel() / G) * e}
+                for k, v in add.items():
+                    tot[("dense", k)] = tot.get(("dense", k), 0) + v
+        return tot
