@@ -44,11 +44,14 @@ class Plan:
     hbm_gib: float
     time_to_train_s: float | None = None
     cost_usd: float | None = None
+    hardware_tflops_per_gpu: float | None = None   # incl. recompute and flash-attention backward
+    hfu: float | None = None
 
     def to_dict(self) -> dict:
         d = {k: getattr(self.layout, k) for k in LAYOUT_FIELDS}
         d.update(gpus=self.gpus, step_time_s=self.step_time_s, tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
-                 mfu=self.mfu, model_tflops_per_gpu=self.model_tflops_per_gpu, memory_gib=self.memory_gib,
+                 mfu=self.mfu, model_tflops_per_gpu=self.model_tflops_per_gpu,
+                 hardware_tflops_per_gpu=self.hardware_tflops_per_gpu, hfu=self.hfu, memory_gib=self.memory_gib,
                  feasible=self.feasible, memory_breakdown_gib=dict(self.memory_breakdown_gib),
                  time_breakdown_s=dict(self.time_breakdown_s))
         if self.time_to_train_s is not None:
@@ -110,7 +113,9 @@ def plan_from_eval(ev: dict, cands: Candidates, i: int, cluster: Cluster, tokens
                 memory_gib=float(ev["memory_bytes"][i]) / GiB, feasible=bool(ev["feasible"][i]),
                 time_breakdown_s={k: float(ev[f"time_{k}_s"][i]) for k in TIME_TERMS},
                 memory_breakdown_gib={k: float(ev[f"mem_{k}_bytes"][i]) / GiB for k in MEMORY_TERMS},
-                hbm_gib=cluster.gpu.hbm_bytes / GiB, time_to_train_s=ttt, cost_usd=cost)
+                hbm_gib=cluster.gpu.hbm_bytes / GiB, time_to_train_s=ttt, cost_usd=cost,
+                hardware_tflops_per_gpu=float(ev["hardware_flops_step"][i] / ev["step_time_s"][i] / world / 1e12),
+                hfu=float(ev["hfu"][i]))
 
 
 def evaluate_layout(model: ModelSpec, cluster: Cluster, layout: Layout, stack: Stack | None = None,
