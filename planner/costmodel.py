@@ -270,10 +270,14 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
 
 
 _LAYER_CACHE: dict = {}
+_DETAIL_ONLY = ("fl_dense", "fl_moe", "fl_logits", "lin_peak")   # layer terms only breakdowns need
 
 
 def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | None = None,
-             moe_imbalance: float = 1.0, capacity_factor: float = 0.0) -> Evaluation:
+             moe_imbalance: float = 1.0, capacity_factor: float = 0.0, detail: bool = True) -> Evaluation:
+    """Score every candidate. detail=False returns only what ranking needs (step_time_s,
+    tokens_per_s_per_gpu, memory_bytes, feasible, gpus); the search re-scores the few it keeps
+    with detail=True for their breakdowns."""
     stack = stack or STACKS["megatron-core"]
     f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
     tp, pp, dp, cp = f(c.tp), f(c.pp), f(c.dp), f(c.cp)
@@ -294,9 +298,15 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     if c.deg_table is not None:
         key = (id(c.deg_table), id(model), id(cluster), stack, moe_imbalance, capacity_factor)
         if _LAYER_CACHE.get("key") != key:
+            terms = _layer_terms(model, cluster, stack, c.deg_table, moe_imbalance, capacity_factor)
+            names = [k for k in terms if k not in _DETAIL_ONLY] + [k for k in _DETAIL_ONLY if k in terms]
             _LAYER_CACHE.update(key=key, table=c.deg_table,   # keep the table alive: ids stay unique
-                                terms=_layer_terms(model, cluster, stack, c.deg_table, moe_imbalance, capacity_factor))
-        lq = {k: v[c.deg_index] for k, v in _LAYER_CACHE["terms"].items()}
+                                names=names, stacked=np.stack([terms[k] for k in names]),
+                                ncore=len(names) - len([k for k in _DETAIL_ONLY if k in terms]))
+        names, stacked = _LAYER_CACHE["names"], _LAYER_CACHE["stacked"]
+        rows = len(names) if detail else _LAYER_CACHE["ncore"]
+        gathered = np.take(stacked[:rows], c.deg_index, axis=1)   # one gather for every term
+        lq = dict(zip(names[:rows], gathered))
     else:
         lq = _layer_terms(model, cluster, stack, {k: c.cols[k] for k in LAYER_COLS}, moe_imbalance,
                           capacity_factor)
@@ -324,8 +334,12 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         nmoe = layers - ndense
         tp1 = ndense * lq["tp_dense"] + nmoe * lq["tp_moe"]
         fwd = ndense * lq["f_dense"] + nmoe * lq["f_moe"]
-        flf = ndense * lq["fl_dense"] + nmoe * lq["fl_moe"]
-        fl_rc = np.where(rec0, 0.0, np.where(rec1, layers * core, flf))
+        if detail:
+            flf = ndense * lq["fl_dense"] + nmoe * lq["fl_moe"]
+            fl_rc = np.where(rec0, 0.0, np.where(rec1, layers * core, flf))
+            fl = 3 * flf + (ATTN_BWD_FACTOR - 2) * layers * core + fl_rc
+        else:
+            fl = fl_rc = 0.0
         return dict(
             fwd=fwd, bwd=ndense * lq["b_dense"] + nmoe * lq["b_moe"],
             w=ndense * lq["w_dense"] + nmoe * lq["w_moe"],
@@ -337,7 +351,7 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
             tf=fwd + tp1 + layers * lq["cp_f"] + nmoe * ep_f,
             # hardware FLOPs per GPU per micro-batch: fwd + 2x bwd (+0.5x fwd core for the flash
             # backward's recomputed scores) + recompute
-            flops=3 * flf + (ATTN_BWD_FACTOR - 2) * layers * core + fl_rc, flops_rc=fl_rc)
+            flops=fl, flops_rc=fl_rc)
 
     st_first, st_mid, st_last = stage(Lf, dense_first), stage(Lm, dense_mid), stage(Ll, dense_last)
     only = pp == 1
@@ -345,9 +359,11 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     st_first["tf"] = st_first["tf"] + lq["t_emb"] + np.where(only, lq["logits_f"], 0.0)
     st_first["bwd"] = st_first["bwd"] + lq["t_emb"] + np.where(only, lq["logits_b"], 0.0)
     st_first["w"] = st_first["w"] + np.where(only, lq["lg_f"], 0.0)
-    st_first["flops"] = st_first["flops"] + np.where(only, lq["fl_logits"], 0.0)
-    for k, v in (("fwd", "logits_f"), ("tf", "logits_f"), ("bwd", "logits_b"), ("w", "lg_f"), ("flops", "fl_logits")):
+    for k, v in (("fwd", "logits_f"), ("tf", "logits_f"), ("bwd", "logits_b"), ("w", "lg_f")):
         st_last[k] = st_last[k] + lq[v]
+    if detail:
+        st_first["flops"] = st_first["flops"] + np.where(only, lq["fl_logits"], 0.0)
+        st_last["flops"] = st_last["flops"] + lq["fl_logits"]
 
     # parameters per GPU by stage (dense: split by tp; routed experts: by ep * etp)
     dense_params_layer = model.attention_params() + model.norm_params()
@@ -375,6 +391,9 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     def coll(name, kind, nbytes):
         return lq[f"{name}_a_{kind}"] * nbytes + lq[f"{name}_b_{kind}"]
 
+    has_moe = model.moe is not None
+    any_hsdp = bool(np.any(hsdp))
+
     def dp_times(params, layers):
         pd_, pe_ = params
         # gradient reduction: all-reduce (ZeRO-0) or reduce-scatter (ZeRO>=1); HSDP adds an
@@ -384,14 +403,16 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         # ZeRO-3 / FSDP gathers and reduces one layer (FSDP unit) at a time
         n_buckets = np.maximum(np.ceil((pd_ + pe_) / np.maximum(40e6, 1e6 * dpcp)), 1.0)
         extra = np.where(zero == 3, np.maximum(layers, 1.0), n_buckets) - 1
-        ar = (coll("dense", "ar", pd_ * gbytes) + coll("exp", "ar", pe_ * gbytes)
-              + extra * (lq["dense_b_ar"] + lq["exp_b_ar"]))
-        rs = (coll("shard", "ag", pd_ * gbytes) + coll("eshard", "ag", pe_ * gbytes)
-              + np.where(hsdp, coll("repl", "ar", pd_ * gbytes / shard), 0.0)
-              + extra * (lq["shard_b_ag"] + lq["eshard_b_ag"]))
+        ar = coll("dense", "ar", pd_ * gbytes) + extra * lq["dense_b_ar"]
+        rs = coll("shard", "ag", pd_ * gbytes) + extra * lq["shard_b_ag"]
+        ag = coll("shard", "ag", pd_ * 2.0) + extra * lq["shard_b_ag"]
+        if has_moe:      # routed-expert gradients reduce over the expert data-parallel group
+            ar = ar + coll("exp", "ar", pe_ * gbytes) + extra * lq["exp_b_ar"]
+            rs = rs + coll("eshard", "ag", pe_ * gbytes) + extra * lq["eshard_b_ag"]
+            ag = ag + coll("eshard", "ag", pe_ * 2.0) + extra * lq["eshard_b_ag"]
+        if any_hsdp:
+            rs = rs + np.where(hsdp, coll("repl", "ar", pd_ * gbytes / shard), 0.0)
         grad = np.where(zero == 0, ar, rs)
-        ag = (coll("shard", "ag", pd_ * 2.0) + coll("eshard", "ag", pe_ * 2.0)
-              + extra * (lq["shard_b_ag"] + lq["eshard_b_ag"]))
         # ZeRO-1: grads reduced once per step, params gathered once (Megatron distributed optimizer)
         # ZeRO-2: grads reduce-scattered every micro-batch (DeepSpeed stage 2)
         # ZeRO-3: params gathered for fwd (and again for bwd), grads reduce-scattered every micro-batch
@@ -438,7 +459,10 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     copies = S.weight_copies(sched)
     t_opt = owned * ADAM_BYTES_PER_PARAM * copies / hbm
 
-    breakdown = {
+    if not detail:
+        step = (nmb * t_slow + pp_comm + bubble + np.maximum(pick("per_step") - window, 0.0) + t_opt
+                + stack.step_overhead_s)
+    breakdown = {} if not detail else {
         "compute": nmb * (pick("fwd") + pick("bwd")),
         "recompute": nmb * pick("rc"),
         "tp_comm": nmb * pick("tp"),
@@ -450,7 +474,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         "optimizer": t_opt,
         "overhead": np.full(n, stack.step_overhead_s),
     }
-    step = sum(breakdown.values())
+    if detail:
+        step = sum(breakdown.values())
 
     # ------------------------------------------------------------------ memory (peak stage)
     act_dense = np.where(rec0, lq["act_dense_0"], np.where(rec1, lq["act_dense_1"], lq["act_dense_2"]))
@@ -477,13 +502,21 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     mm = stage_mem(Lm, dense_mid, pm, np.maximum(infl - 1, 1), False, False)
     ml = stage_mem(Ll, dense_last, pl, np.minimum(infl, 1), True, False)
     tf_, tm_, tl_ = sum(mf.values()), np.where(pp > 2, sum(mm.values()), 0.0), np.where(pp > 1, sum(ml.values()), 0.0)
+    mem_total = np.maximum(np.maximum(tf_, tm_), tl_)
+    tokens_step = gb * s
+    if not detail:
+        out = Evaluation()
+        out["step_time_s"] = step
+        out["tokens_per_s_per_gpu"] = tokens_step / step / world
+        out["memory_bytes"] = mem_total
+        out["feasible"] = mem_total <= gpu.hbm_bytes
+        out["gpus"] = world
+        return out
     mwhich = np.where(tf_ >= tm_, np.where(tf_ >= tl_, 0, 2), np.where(tm_ >= tl_, 1, 2))
     m0, m1 = mwhich == 0, mwhich == 1
     mem = {k: np.where(m0, mf[k], np.where(m1, mm[k], ml[k])) for k in MEMORY_TERMS}
-    mem_total = np.maximum(np.maximum(tf_, tm_), tl_)
 
     # ------------------------------------------------------------------ headline figures
-    tokens_step = gb * s
     if np.all(s == s.flat[0]):
         mflops_tok = F.model_flops_per_token(model, int(s.flat[0]), causal=True)
     else:   # mixed sequence lengths: per-candidate attention share

@@ -171,7 +171,7 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
     pareto_pts = []
     for g in counts:
         for cands in iter_candidates(model, g, seq_len, global_batch, fixed, precisions, overlap or {}):
-            ev = evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor)
+            ev = evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor, detail=False)
             evaluated += len(cands)
             ok = ev["feasible"]
             nfeas = int(ok.sum())
@@ -196,15 +196,25 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
         # merge periodically to bound memory
         if len(best_c) > 8:
             best_c = [_merge(best_c, keep)]
+    # the few kept candidates are scored again with their breakdowns
+    full = lambda cands: evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor)  # noqa: E731
     plans = []
     if best_c:
-        sc, cands, ev = _merge(best_c, keep)
-        order = np.argsort(-sc, kind="stable")
-        plans = [plan_from_eval(ev, cands, int(i), cluster, tokens, price) for i in order[:top]]
+        sc, cands, _ = _merge(best_c, keep)
+        order = np.argsort(-sc, kind="stable")[:top]
+        cands = cands.take(order)
+        ev = full(cands)
+        plans = [plan_from_eval(ev, cands, i, cluster, tokens, price) for i in range(len(cands))]
     closest_plan = None
     if closest is not None:
-        closest_plan = plan_from_eval(closest[2], closest[1], 0, cluster, tokens, price)
-    pareto = _pareto_final(pareto_pts, cluster, tokens, price) if pareto_pts else []
+        closest_plan = plan_from_eval(full(closest[1]), closest[1], 0, cluster, tokens, price)
+    pareto = []
+    if pareto_pts:
+        red = _pareto_reduce(pareto_pts, cluster, tokens, price)
+        if red is not None:
+            pc = red[0]
+            pev = full(pc)
+            pareto = [plan_from_eval(pev, pc, i, cluster, tokens or 1e12, price) for i in range(len(pc))]
     return SearchResult(model=model.name, hardware=cluster.name,
                         gpus=counts[0] if len(counts) == 1 else int(plans[0].gpus) if plans else counts[-1],
                         evaluated=evaluated, feasible=feasible,
@@ -244,21 +254,23 @@ def gpu_counts(gpus, cluster: Cluster) -> list:
 
 
 def _pareto_chunk(ev, cands, ok, tokens, cluster, price):
-    """Reduce a chunk to its Pareto-optimal feasible points over (time, cost, memory)."""
+    """Reduce a chunk to its Pareto-optimal feasible points over (time, cost, memory).
+
+    Within one GPU count cost is proportional to time, so the chunk's front is the 2-D front of
+    (step time, memory). Exact pre-filter: a point slower than the leanest point, or heavier than
+    the fastest one, is dominated by that point; the rest is swept in time order."""
     idx = np.nonzero(ok)[0]
     if not len(idx):
         return None
-    ttt = tokens / (ev["tokens_per_s_per_gpu"][idx] * ev["gpus"][idx])
-    p = cluster.price_per_gpu_hour if price is None else price
-    cost = ttt / 3600 * ev["gpus"][idx] * p
+    t = 1.0 / (ev["tokens_per_s_per_gpu"][idx] * ev["gpus"][idx])   # time per token: time-to-train order
     mem = ev["memory_bytes"][idx]
-    # within one GPU count cost is proportional to time, so the chunk's front is the 2-D front of
-    # (time, memory): sort by time, keep points that lower the running memory minimum
-    order = np.lexsort((mem, ttt))
+    fast, lean = int(np.argmin(t)), int(np.argmin(mem))
+    keep = (t <= t[lean]) & (mem <= mem[fast])
+    idx, t, mem = idx[keep], t[keep], mem[keep]
+    order = np.lexsort((mem, t))
     run_min = np.minimum.accumulate(mem[order])
     prev = np.concatenate([[np.inf], run_min[:-1]])
     idx = idx[order[mem[order] < prev]]
-    del cost
     return cands.take(idx), {k: v[idx] for k, v in ev.items()}
 
 
@@ -280,14 +292,6 @@ def _pareto_reduce(parts, cluster, tokens, price):
     keep = keep[np.sort(first)]
     keep = keep[np.argsort(ttt[keep], kind="stable")]
     return Candidates({k: v[keep] for k, v in cols.items()}), {k: v[keep] for k, v in ev.items()}
-
-
-def _pareto_final(parts, cluster, tokens, price):
-    red = _pareto_reduce(parts, cluster, tokens, price)
-    if red is None:
-        return []
-    c, ev = red
-    return [plan_from_eval(ev, c, i, cluster, tokens or 1e12, price) for i in range(len(c))]
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
