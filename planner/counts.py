@@ -41,6 +41,12 @@ SDPA_BWD_FACTOR = 2.5
 INDEX_BYTES = 8   # int64 indices (token counts, routing order)
 
 
+def tp_collectives_per_layer(model: ModelSpec, moe_layer: bool) -> int:
+    """Tensor-parallel collective pairs per layer and pass: one after attention, one after the
+    MLP (Shoeybi et al. 2019 fig. 4; costmodel.py tp_colls_dense)."""
+    return 2
+
+
 @dataclass(frozen=True)
 class ElementBytes:
     """Bytes per element of each kind of state. The default is Megatron-Core mixed precision:
@@ -103,7 +109,9 @@ def check(model: ModelSpec, layout: Layout):
     if layout.first_stage_layers or layout.last_stage_layers:
         raise PlannerError("counts: uneven pipeline stages (first/last stage layers) are not supported")
     if L % nv:
-        raise PlannerError(f"counts: {L} layers do not split evenly over pp*vpp = {nv} stages")
+        raise PlannerError(f"--pp {layout.pp}" + (f" x --vpp {layout.vpp}" if layout.vpp > 1 else "")
+                           + f": the {L} layers of {model.name} do not split evenly over {nv} "
+                           "stages (counts cover even stages only)")
     if layout.schedule not in ("1f1b", "interleaved"):
         raise PlannerError(f"counts: schedule {layout.schedule} is not supported (1f1b, interleaved)")
     if layout.etp != 1:
@@ -270,12 +278,13 @@ def stage_collectives(model: ModelSpec, layout: Layout, chunks, eb: ElementBytes
         # each an all-reduce, or under SP an all-gather + reduce-scatter (Korthikanti 2022 sec. 4.2.2);
         # forward, backward, and forward again under full recompute (costmodel.py rec_comm)
         if tp > 1:
-            per = nl * nmb * (2 + (1 if full else 0))
+            per = sum(tp_collectives_per_layer(m, is_moe_layer(m, i)) for i in ch.layers)
+            per *= nmb * (2 + (1 if full else 0))
             if sp:
-                st.add("tp", "all_gather", 2 * per, act)
-                st.add("tp", "reduce_scatter", 2 * per, act)
+                st.add("tp", "all_gather", per, act)
+                st.add("tp", "reduce_scatter", per, act)
             else:
-                st.add("tp", "all_reduce", 2 * per, act)
+                st.add("tp", "all_reduce", per, act)
             if ch.first:   # vocab-parallel embedding: partial sums reduced (fwd); SP all-gathers the grad
                 if sp:
                     st.add("tp", "reduce_scatter", nmb, act)

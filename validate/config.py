@@ -31,8 +31,8 @@ def torch_dtype(name: str):
 
 
 def scenario(spec: ModelSpec, layout, steps=1, timed_steps=0, seed=1234, dtype="float32",
-             check_all_grads=False) -> dict:
-    return {"model": spec_to_dict(spec),
+             check_all_grads=False, fault=None) -> dict:
+    return {"fault": fault,"model": spec_to_dict(spec),
             "layout": {k: getattr(layout, k) for k in LAYOUT_KEYS},
             "steps": int(steps), "timed_steps": int(timed_steps), "seed": int(seed),
             "dtype": dtype, "check_all_grads": bool(check_all_grads)}

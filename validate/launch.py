@@ -78,7 +78,7 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
     import torch  # noqa: F401  (the parent checks torch imports before spawning N copies)
     tmp = Path(tempfile.mkdtemp(prefix="validate-"))
     job = tmp / "job.json"
-    job.write_text(json.dumps({"scenarios": scenarios}))
+    job.write_text(json.dumps({"scenarios": scenarios, "timeout": timeout}))
     out = tmp / "result.pt"
     port = free_port()
     procs, errs = [], []
@@ -90,7 +90,8 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
     t0 = time.monotonic()
     try:
         for r in range(nprocs):
-            env = dict(env0, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nprocs))
+            env = dict(env0, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nprocs),
+                       VALIDATE_PROGRESS=str(tmp / f"rank{r}.progress"))
             err = tmp / f"rank{r}.err"
             errs.append(err)
             procs.append(subprocess.Popen(
@@ -107,15 +108,16 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
                 time.sleep(0.2)
                 _kill_all(procs)
                 how = f"was killed by signal {-c}" if c < 0 else f"exited with status {c}"
-                raise RunFailed(f"rank {r} {how}: {_tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else 'no output'}"
-                                + _detail(errs[r]))
+                last = _tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else "no output"
+                raise RunFailed(f"rank {r} {how}{_where(tmp, r)}: {last}" + _detail(errs[r]))
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() - t0 > timeout:
                 alive = [r for r, c in enumerate(codes) if c is None]
+                where = sorted({_where(tmp, r) for r in alive})
                 _kill_all(procs)
                 raise RunFailed(f"timed out after {timeout:g} s; ranks still running: "
-                                f"{', '.join(map(str, alive))}")
+                                f"{', '.join(map(str, alive))}{''.join(where[:1])}")
             time.sleep(0.05)
         import torch
         return torch.load(out, weights_only=False)
@@ -130,6 +132,14 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             tmp.rmdir()
         except OSError:
             pass
+
+
+def _where(tmp: Path, r: int) -> str:
+    try:
+        sc, step = (tmp / f"rank{r}.progress").read_text().split()
+        return f" in step {step}" + (f" of scenario {sc}" if sc != "0" else "")
+    except (OSError, ValueError):
+        return " before its first step"
 
 
 def _detail(err: Path) -> str:

@@ -25,13 +25,21 @@ import zlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as _checkpoint, set_checkpoint_early_stop
 
 from . import phases
 
 aten = torch.ops.aten
 INIT_STD = 0.02
 ROPE_BASE = 10000.0
+
+
+def checkpoint(fn, *args):
+    """Activation recompute as Megatron does it: the whole region is replayed in backward
+    (torch's non-reentrant checkpoint would otherwise stop replaying once the tensors backward
+    needs exist, skipping the region's last GEMM and collective)."""
+    with set_checkpoint_early_stop(False):
+        return _checkpoint(fn, *args, use_reentrant=False, context_fn=phases.recompute_contexts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,21 +177,12 @@ class Rope:
 # ---------------------------------------------------------------------------------------------
 # attention core: flash attention on CPU (aten kernel), ring attention over CP ranks
 def _flash_fwd(q, k, v, causal):
-    if q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-    # CUDA: efficient-attention kernel returns (out, lse) and supports GQA via expansion
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
-    return out, lse[..., :q.shape[2]]
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
 
 
 def _flash_bwd(g, q, k, v, out, lse, causal):
-    if q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g.contiguous(), q, k, v, out, lse, 0.0, causal)
-    raise NotImplementedError("ring attention backward on CUDA")
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g.contiguous(), q, k, v, out, lse, 0.0, causal)
 
 
 def _merge(out, lse, o, l):
@@ -307,6 +306,15 @@ class Attention(nn.Module):
 
     def core(self, q, k, v):
         cx = self.ctx
+        if q.device.type != "cpu":
+            # GPU: PyTorch's SDPA kernels (flash / memory-efficient), whose output transposes to
+            # a contiguous [b, s, heads, d]; ring attention runs on the CPU kernels only
+            if cx.cp_size > 1:
+                raise NotImplementedError("context parallelism on GPU")
+            rep = q.shape[1] // k.shape[1]
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         return RingAttention.apply(q, k, v, cx.cp_group, cx.cp_rank, cx.cp_size, cx.cp_ranks)
 
     def forward(self, x):
@@ -317,11 +325,11 @@ class Attention(nn.Module):
         k = self.ctx.rope(k.view(b, s, -1, d)).transpose(1, 2)
         v = v.view(b, s, -1, d).transpose(1, 2)
         if self.ctx.recompute == "selective":
-            o = checkpoint(self.core, q, k, v, use_reentrant=False, context_fn=phases.recompute_contexts)
+            o = checkpoint(self.core, q, k, v)
             phases.note_checkpoint_inputs((q, k, v))
         else:
             o = self.core(q, k, v)
-        return self.wo(o.flatten(2))
+        return self.wo(o.reshape(o.shape[0], o.shape[1], -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +494,7 @@ class Chunk(nn.Module):
         for blk in self.layers.values():
             if self.ctx.recompute == "full":
                 inp = x
-                x = checkpoint(blk, inp, use_reentrant=False, context_fn=phases.recompute_contexts)
+                x = checkpoint(blk, inp)
                 phases.note_checkpoint_inputs((inp,), layer=blk.idx)
             else:
                 x = blk(x)

@@ -73,15 +73,19 @@ def compare(cfg: dict, per_rank: list, ref: dict, rtol: float) -> list:
             continue
         full, worst, missing = assemble(per_rank, step, ref["grads"][step])
         err = 0.0
+        nref = npar = 0.0
         for name, g in ref["grads"][step].items():
+            nref += float(g.double().pow(2).sum())
             if name in full:
+                npar += float(torch.nan_to_num(full[name]).double().pow(2).sum())
                 d = (full[name] - g).abs().max().item()
                 scale = max(g.abs().max().item(), 1e-30)
                 err = max(err, d / scale) if not math.isnan(d) else float("inf")
         ok = not missing and err <= rtol * 10 and worst <= rtol * 10
-        checks.append(dict(quantity="gradients", step=step, group="all", predicted=0.0,
-                           measured=err, rel_err=err, tol=rtol * 10, ok=bool(ok),
+        checks.append(dict(quantity="gradients", step=step, group="all", predicted=math.sqrt(nref),
+                           measured=math.sqrt(npar), rel_err=err, tol=rtol * 10, ok=bool(ok),
                            replica_disagreement=worst, missing=missing[:5],
-                           note="max |g - g_ref| / max |g_ref| over every parameter, "
-                                "reassembled from all ranks' shards"))
+                           note="predicted/measured: global gradient norms; rel_err: max over "
+                                "parameters of max|g - g_ref| / max|g_ref|, g reassembled from "
+                                "every rank's shards"))
     return checks

@@ -56,6 +56,30 @@ def _piece_meta(p):
     return tuple(p.shape), tuple(p.shape), (0,) * p.dim()
 
 
+def _progress(scenario: int, step: int):
+    """Where this rank is, for the launcher's error messages (a dead rank cannot say)."""
+    path = os.environ.get("VALIDATE_PROGRESS")
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{scenario} {step}")
+        except OSError:
+            pass
+
+
+def _inject(fault: dict, rank: int, step: int):
+    """Test hooks: make a rank die, fail or hang at a given step."""
+    if not fault or fault.get("rank") != rank or fault.get("step", 0) != step:
+        return
+    kind = fault.get("kind")
+    if kind == "exit":
+        os._exit(int(fault.get("status", 9)))
+    if kind == "raise":
+        raise RuntimeError("injected failure")
+    if kind == "hang":
+        time.sleep(10 ** 6)
+
+
 def run_scenario(cfg: dict, device) -> dict | None:
     """Run one layout on every rank; rank 0 returns the gathered results, others None."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -185,7 +209,12 @@ def run_scenario(cfg: dict, device) -> dict | None:
     res = dict(rank=rank, coords=topo.coords(), losses=[], step_times=[], timed_times=[],
                flops=[], coll_calls=[], coll_bytes=[], coll_phase=[], acts=[], grads=[],
                state=None, unknown=[])
+    fault = cfg.get("fault") or {}
+    if fault.get("kind") == "skip_grad_sync":
+        opt.reduce_hook = None   # test hook: gradients stay local (a layout computing something else)
     for step in range(total):
+        _progress(cfg.get("index", 0), step)
+        _inject(fault, rank, step)
         counted = 1 <= step <= steps
         opt.zero_grad()
         flop.reset(), rec.reset(), meter.reset()
@@ -193,21 +222,24 @@ def run_scenario(cfg: dict, device) -> dict | None:
         phases.set_meter(meter if counted else None)
         _sync(device)
         t0 = time.perf_counter()
-        if counted:
-            with rec, flop, saved_tensors_hooks(meter.pack, meter.unpack):
+        try:
+            if counted:
+                with rec, flop, saved_tensors_hooks(meter.pack, meter.unpack):
+                    phases.set_driver_phase("forward")
+                    loss = run_microbatches(step)
+                    phases.set_driver_phase("optimizer")
+                    opt.reduce()
+                    grads = opt.grad_pieces()
+                    opt.step()
+            else:
                 phases.set_driver_phase("forward")
                 loss = run_microbatches(step)
                 phases.set_driver_phase("optimizer")
                 opt.reduce()
-                grads = opt.grad_pieces()
+                grads = opt.grad_pieces() if step == 0 or cfg.get("check_all_grads") else []
                 opt.step()
-        else:
-            phases.set_driver_phase("forward")
-            loss = run_microbatches(step)
-            phases.set_driver_phase("optimizer")
-            opt.reduce()
-            grads = opt.grad_pieces() if step == 0 or cfg.get("check_all_grads") else []
-            opt.step()
+        except Exception as e:
+            raise RuntimeError(f"step {step}: {type(e).__name__}: {e}") from e
         _sync(device)
         dt = time.perf_counter() - t0
         phases.set_driver_phase("setup")
@@ -245,9 +277,13 @@ def worker_main(config_path: str, out_path: str):
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = device_for(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    from datetime import timedelta
+    # collectives give up after the run's timeout, so a dead peer ends the run with an error
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(job.get("timeout", 300))),
+                            device_id=device if device.type == "cuda" else None)
     results = []
     for i, cfg in enumerate(job["scenarios"]):
+        cfg = dict(cfg, index=i)
         try:
             r = run_scenario(cfg, device)
         except Exception as e:

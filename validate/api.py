@@ -1,0 +1,153 @@
+"""Run layouts and build their reports (what `python -m validate run` and the tests call).
+
+Several layouts of one world size run in one launch of the ranks, so process start-up is paid
+once (tests group their checks this way)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+
+from planner.counts import ElementBytes, check as counts_check, predict
+from planner.errors import PlannerError
+from planner.layout import Layout
+from planner.model_spec import ModelSpec
+
+from .config import DTYPE_BYTES, scenario
+
+TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2}
+
+
+def supported(spec: ModelSpec, layout: Layout):
+    """What validate implements; one-line PlannerError otherwise (checked before any rank starts)."""
+    counts_check(spec, layout)
+    tp, pp, ep = layout.tp, layout.pp, layout.ep
+    if spec.moe is not None and tp > 1:
+        raise PlannerError("validate: MoE layers with --tp > 1 are not implemented; "
+                           "parallelise MoE models with --ep, --dp, --cp and --pp")
+    if layout.zero == 3 and (tp > 1 or pp > 1 or ep > 1):
+        raise PlannerError("validate: --zero 3 (FSDP2) is implemented with data and context "
+                           "parallelism only (--tp, --pp and --ep must be 1)")
+    if layout.cp > 1 and _cuda():
+        raise PlannerError("validate: --cp > 1 runs on CPU ranks only (ring attention uses the CPU "
+                           "flash-attention kernels)")
+    if layout.cp_comm != "p2p":
+        raise PlannerError(f"validate: --cp-comm {layout.cp_comm} is not implemented (ring p2p only)")
+    if layout.shard_group not in (0, layout.dp * layout.cp):
+        raise PlannerError("validate: --shard-group (HSDP) is not implemented")
+    if spec.vocab % tp:
+        raise PlannerError(f"validate: --vocab {spec.vocab} must be divisible by --tp {tp} "
+                           "(vocab-parallel embedding)")
+    if spec.ffn_hidden % tp:
+        raise PlannerError(f"validate: --ffn-hidden {spec.ffn_hidden} must be divisible by --tp {tp}")
+    nmb = layout.global_batch // (layout.dp * layout.micro_batch)
+    if pp > 1 and nmb < pp:
+        raise PlannerError(f"validate: --pp {pp} needs at least {pp} micro-batches per step, got "
+                           f"{nmb} (global batch / (dp x micro-batch)); raise --global-batch")
+    if layout.vpp > 1 and nmb % pp:
+        raise PlannerError(f"validate: the interleaved schedule needs micro-batches ({nmb}) "
+                           f"divisible by --pp {pp}")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def element_bytes(dtype: str, zero: int) -> ElementBytes:
+    return ElementBytes.uniform(DTYPE_BYTES[dtype], zero)
+
+
+def _plan(spec, layout, hardware, stack):
+    if hardware is None:
+        return None
+    try:
+        from planner.hardware import load_hardware
+        try:
+            from planner.engine import evaluate_layout
+        except ImportError:  # older layout of the planner
+            from planner.search import evaluate_layout
+        from planner.stacks import get_stack
+        cluster = load_hardware(hardware)
+        p = evaluate_layout(spec, cluster, layout, get_stack(stack) if stack else None)
+        return p, cluster.name
+    except PlannerError:
+        raise
+    except Exception:  # the step-time prediction is informational
+        return None
+
+
+def launch_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0):
+    """items: [(ModelSpec, Layout)] or [(ModelSpec, Layout, fault)] of one world size, run in
+    one launch. Returns [(scenario dict, per-rank results)]."""
+    from .launch import check_torch, launch
+    check_torch()
+    worlds = {it[1].gpus for it in items}
+    if len(worlds) != 1:
+        raise ValueError(f"one launch runs one world size, got {sorted(worlds)}")
+    for it in items:
+        supported(it[0], it[1])
+    cfgs = [scenario(it[0], it[1], steps, timed_steps, seed, dtype,
+                     fault=it[2] if len(it) > 2 else None) for it in items]
+    results = launch(cfgs, worlds.pop(), timeout)
+    return list(zip(cfgs, results))
+
+
+def run_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0,
+                hardware="h100-sxm", stack=None, reference=True, notes=()):
+    """Launch `items` (one world size) and return one report dict per item."""
+    runs = launch_layouts(items, steps=steps, timed_steps=timed_steps, dtype=dtype, seed=seed,
+                          timeout=timeout)
+    return [report_for(cfg, it[0], it[1], per_rank, reference=reference, hardware=hardware,
+                       stack=stack, notes=notes)
+            for (cfg, per_rank), it in zip(runs, items)]
+
+
+def report_for(cfg, spec, lay, per_rank, *, reference=True, hardware=None, stack=None, notes=(),
+               ref=None):
+    """Predict the counts of (spec, lay) and hold a finished run's measurements against them.
+    `ref`: a reference run (reference.run_reference) to reuse."""
+    return _report(cfg, spec, lay, per_rank, cfg["dtype"], reference, hardware, stack, notes, ref)
+
+
+def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, ref=None):
+    from . import report
+    from .reference import compare, run_reference
+    stages = predict(spec, lay, element_bytes(dtype, lay.zero))
+    ref_checks = []
+    notes = list(notes)
+    if reference:
+        ref_checks = compare(cfg, per_rank, ref or run_reference(cfg), TOLERANCE[dtype])
+    else:
+        notes.append("no single-process reference run (--no-reference): losses and gradients not checked")
+    pl = _plan(spec, lay, hardware, stack)
+    plan, hw = pl if pl else (None, None)
+    rep = report.build(cfg, per_rank, stages, ref_checks, plan, notes)
+    rep["step_time_s"]["hardware"] = hw
+    return rep
+
+
+def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardware, stack,
+                 reference, notes=()):
+    """Under torchrun: this process is one rank; rank 0 returns the report, others None."""
+    import torch.distributed as dist
+    from .worker import device_for, run_scenario
+    supported(spec, lay)
+    world = int(os.environ["WORLD_SIZE"])
+    if world != lay.gpus:
+        raise PlannerError(f"torchrun started {world} ranks but the layout needs "
+                           f"tp*pp*dp*cp = {lay.gpus}")
+    device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=timeout))
+    cfg = scenario(spec, lay, steps, timed_steps, seed, dtype)
+    per_rank = run_scenario(cfg, device)
+    rep = None
+    if dist.get_rank() == 0:
+        rep = _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes)
+    dist.barrier()
+    dist.destroy_process_group()
+    return rep
