@@ -114,6 +114,9 @@ def check(model: ModelSpec, layout: Layout):
                            "stages (counts cover even stages only)")
     if layout.schedule not in ("1f1b", "interleaved"):
         raise PlannerError(f"counts: schedule {layout.schedule} is not supported (1f1b, interleaved)")
+    if model.heads % layout.tp or model.kv_heads % layout.tp:
+        raise PlannerError(f"--tp {layout.tp} must divide the {model.heads} attention heads and "
+                           f"{model.kv_heads} KV heads of {model.name}")
     if layout.etp != 1:
         raise PlannerError("counts: --etp other than 1 is not supported")
     if layout.global_batch % (layout.dp * layout.micro_batch):

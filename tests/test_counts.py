@@ -144,7 +144,7 @@ def test_activations_are_the_planners_formula_plus_named_deltas():
     (dict(pp=3), "do not split evenly over 3 stages"),
     (dict(ep=2), "needs a mixture-of-experts"),
     (dict(cp=3, seq_len=20), "needs --seq-len divisible"),
-    (dict(tp=4, sp=True, cp=2, seq_len=12), "divisible by --tp"),
+    (dict(tp=2, sp=True, seq_len=15), "divisible by --tp"),
 ])
 def test_check_refuses_what_it_cannot_count(kw, msg):
     with pytest.raises(PlannerError, match=msg):

@@ -154,17 +154,20 @@ def test_planted_planner_bug_in_flops_formula(two, monkeypatch):
 
 
 def test_expert_parallel_counts_are_exact_as_a_group_mean(two):
-    """Routed tokens differ per EP rank; the FLOPs and all-to-all bytes of the ranks do differ,
-    and their mean is the prediction (checked exactly above)."""
+    """Routed tokens differ per EP rank, so its all-to-all bytes and expert FLOPs do; summed
+    over the EP group they are exactly what the planner predicts for every rank."""
     _, per_rank, rep = two["ep2-moe"]
-    fwd = [r["flops"][0]["forward"] for r in per_rank]
-    assert rep["ok"]
-    assert len(set(fwd)) >= 1
+    pred = next(c["predicted"] for c in rep["checks"] if c["quantity"] == "collective.bytes"
+                and c["group_label"] == "ep" and c["kind"] == "all_to_all")
+    per = [r["coll_bytes"][0]["ep|all_to_all"] for r in per_rank]
+    assert sum(per) == pred * len(per)
+    fpred = next(c["predicted"] for c in rep["checks"] if c["quantity"] == "flops.forward")
+    assert sum(r["flops"][0]["forward"] for r in per_rank) == fpred * len(per_rank)
 
 
 def test_suite_budget(two, eight):
     # the two launches hold ~23 layouts; the whole file must stay well inside 5 minutes
-    assert two["_seconds"] + eight["_seconds"] < 200, (two["_seconds"], eight["_seconds"])
+    assert two["_seconds"] + eight["_seconds"] < 240, (two["_seconds"], eight["_seconds"])
 
 
 # ------------------------------------------------------------------------------ CLI

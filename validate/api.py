@@ -4,7 +4,6 @@ Several layouts of one world size run in one launch of the ranks, so process sta
 once (tests group their checks this way)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from datetime import timedelta
 
@@ -15,7 +14,11 @@ from planner.model_spec import ModelSpec
 
 from .config import DTYPE_BYTES, scenario
 
-TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2}
+# (loss, gradients) relative tolerances of the match with the single-process reference. Adam
+# turns rounding differences in near-zero gradients into whole-step parameter differences, so
+# float32 gradients drift by ~1e-4 after a few steps; a layout that computes something else is
+# off by O(1).
+TOLERANCE = {"float64": (1e-9, 1e-8), "float32": (1e-4, 1e-2), "bfloat16": (3e-2, 1e-1)}
 
 
 def supported(spec: ModelSpec, layout: Layout):

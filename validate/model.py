@@ -19,7 +19,6 @@ log-sum-exp (FlashAttention-2).
 """
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch

@@ -9,7 +9,7 @@ Expert layers re-split the tp*cp*dp ranks of a stage as etp (=1 here) x ep x edp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -445,7 +445,6 @@ class FSDPOptimizer:
             for p in ch.parameters():
                 lt = local(p)
                 e = lt.element_size()
-                kind = ("dense", )
                 add = {"weights": lt.numel() * e,
                        "gradients": (local(p.grad).numel() * e if p.grad is not None else 0),
                        "optimizer": sum(v.numel() * v.element_size()

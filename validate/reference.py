@@ -56,8 +56,10 @@ def assemble(per_rank: list, step: int, ref_grads: dict):
     return full, worst, missing
 
 
-def compare(cfg: dict, per_rank: list, ref: dict, rtol: float) -> list:
-    """Checks: the loss of every step, and the gradients of every step the ranks reported."""
+def compare(cfg: dict, per_rank: list, ref: dict, tol) -> list:
+    """Checks: the loss of every step, and the gradients of every step the ranks reported.
+    tol: (loss, gradient) relative tolerances."""
+    rtol, gtol = tol
     checks = []
     steps = len(ref["losses"])
     for step in range(steps):
@@ -81,9 +83,9 @@ def compare(cfg: dict, per_rank: list, ref: dict, rtol: float) -> list:
                 d = (full[name] - g).abs().max().item()
                 scale = max(g.abs().max().item(), 1e-30)
                 err = max(err, d / scale) if not math.isnan(d) else float("inf")
-        ok = not missing and err <= rtol * 10 and worst <= rtol * 10
+        ok = not missing and err <= gtol and worst <= gtol
         checks.append(dict(quantity="gradients", step=step, group="all", predicted=math.sqrt(nref),
-                           measured=math.sqrt(npar), rel_err=err, tol=rtol * 10, ok=bool(ok),
+                           measured=math.sqrt(npar), rel_err=err, tol=gtol, ok=bool(ok),
                            replica_disagreement=worst, missing=missing[:5],
                            note="predicted/measured: global gradient norms; rel_err: max over "
                                 "parameters of max|g - g_ref| / max|g_ref|, g reassembled from "

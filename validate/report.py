@@ -118,6 +118,15 @@ def build(cfg: dict, per_rank: list, stages: list, ref_checks: list, plan=None,
                         "hardware": getattr(plan, "_hardware", None)},
         "notes": list(notes),
     }
+    # what a breakdown of the measured step needs (issue 5): per stage, the collective bytes by
+    # phase and the wall time of every rank
+    out["details"] = {"stages": [
+        {"stage": s, "ranks": [r["rank"] for r in rs],
+         "step_time_s": [mean(r["timed_times"] or r["step_times"]) for r in rs],
+         "collective_bytes_by_phase": {k: mean(_mean_steps(r, "coll_phase").get(k, 0) for r in rs)
+                                       for k in sorted(set().union(*(_mean_steps(r, "coll_phase")
+                                                                     for r in rs)))}}
+        for s, rs in sorted(by_stage.items())]}
     mm = [r.get("max_memory_allocated") for r in per_rank if r.get("max_memory_allocated")]
     if mm:
         out["memory"] = {"max_memory_allocated_bytes": max(mm),

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from . import phases
 from .config import spec_from_dict, torch_dtype
 from .counters import ActivationMeter, CollectiveRecorder, GroupLabeler, PhaseFlopCounter
 from .model import Chunk, Ctx, Init, Rope, cp_positions, cross_entropy_sum
-from .parallel import FSDPOptimizer, Groups, HandOptimizer, Topo, apply_tp, local, mesh_1d
+from .parallel import FSDPOptimizer, Groups, HandOptimizer, Topo, apply_tp, mesh_1d
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -27,6 +28,9 @@ except ImportError:  # torch < 2.4
     from torch.distributed._tensor import DTensor, Shard
 
 LR = 1e-2
+# torch 2.13 deprecates dist.reduce_scatter_tensor / all_gather_into_tensor in favour of names
+# older releases lack; the run keeps the names every supported release has
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def make_data(vocab, global_batch, seq_len, steps, seed):
