@@ -22,6 +22,9 @@ from planner.errors import PlannerError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+LAST_PIDS: list = []   # process ids of the most recent launch's ranks (tests check none is left)
+
+
 class RunFailed(RuntimeError):
     """A rank died, failed or hung; the message names the rank."""
 
@@ -98,6 +101,7 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
                 [sys.executable, "-m", "validate.worker", str(job), str(out)],
                 env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
                 preexec_fn=_child_setup, start_new_session=True))
+        LAST_PIDS[:] = [p.pid for p in procs]
         if on_start is not None:
             on_start()
         while True:
