@@ -345,7 +345,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
             w=ndense * lq["w_dense"] + nmoe * lq["w_moe"],
             rc=ndense * recomp_dense + nmoe * recomp_moe,
             tp=tp1 * (2 + rec_comm),
-            cp=layers * (lq["cp_f"] + lq["cp_b"] + rec_comm * lq["cp_f"]),
+            # selective recompute re-runs core attention, so the K/V ring runs again too
+            cp=layers * (lq["cp_f"] + lq["cp_b"] + (rec >= 1) * lq["cp_f"]),
             ep=nmoe * ep_f * (2 + rec_comm),
             # forward share of the per-micro-batch time (compute + exposed forward communication)
             tf=fwd + tp1 + layers * lq["cp_f"] + nmoe * ep_f,
@@ -365,19 +366,31 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         st_first["flops"] = st_first["flops"] + np.where(only, lq["fl_logits"], 0.0)
         st_last["flops"] = st_last["flops"] + lq["fl_logits"]
 
-    # parameters per GPU by stage (dense: split by tp; routed experts: by ep * etp)
-    dense_params_layer = model.attention_params() + model.norm_params()
-    P_dense_layer_dense = dense_params_layer + model.mlp_params()
-    P_dense_layer_moe = dense_params_layer + (model.moe_nonexpert_params_per_layer() if model.moe else 0)
+    # parameters per GPU by stage. Column-parallel weights and biases and row-parallel weights are
+    # split over tp; norms, row-parallel biases and the router are whole on every tp rank
+    # (Megatron-Core ColumnParallelLinear / RowParallelLinear; as planner/counts.local_params,
+    # which validate/ checks exactly); routed experts are split over ep * etp.
+    row_b = model.hidden if model.bias else 0
+    norms = model.norm_params()
+    dd_shard = model.attention_params() - row_b + model.mlp_params() - row_b
+    dd_repl = 2 * row_b + norms
+    if model.moe:
+        mo = model.moe
+        dm_shard = model.attention_params() - row_b + mo.shared_experts * model.mlp_params(mo.shared_expert_ffn_hidden)
+        dm_repl = row_b + norms + model.hidden * mo.experts
+    else:
+        dm_shard = dm_repl = 0
     P_exp_layer = model.expert_params_per_layer()
+    final_norm = model.hidden * (2 if model.bias else 1)
     # output layer; with tied embeddings and pp > 1 the last stage keeps its own copy of the
     # embedding (Megatron-Core shared_embedding_or_output_weight)
     out_p = np.where(model.tied_embeddings & (pp > 1), model.embedding_params(), model.output_params())
 
     def stage_params(layers, ndense, first, last):
         nmoe = layers - ndense
-        dense = (ndense * P_dense_layer_dense + nmoe * P_dense_layer_moe
-                 + np.where(first, model.embedding_params(), 0.0) + np.where(last, out_p, 0.0)) / tp
+        dense = ((ndense * dd_shard + nmoe * dm_shard + np.where(first, model.embedding_params(), 0.0)
+                  + np.where(last, out_p, 0.0)) / tp
+                 + ndense * dd_repl + nmoe * dm_repl + np.where(last, final_norm, 0.0))
         return dense, nmoe * P_exp_layer / (ep * etp)
 
     pf = stage_params(Lf, dense_first, True, only)

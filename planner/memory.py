@@ -50,7 +50,10 @@ def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0):
     local = tokens / tp  # MoE with TP requires SP in Megatron-Core: tokens are sharded by tp
     replicated = tokens * m.hidden * (2 + 2 + (1 if m.dropout else 0)) / spdiv
     routed = local * e.top_k * imbalance
-    experts = ACT_BYTES * routed * (m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
+    # permuted expert inputs, expert activations, and the expert outputs the unpermute keeps for
+    # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps
+    experts = ACT_BYTES * routed * (2 * m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
+    experts = experts + 8.0 * routed
     shared = (ACT_BYTES * tokens * e.shared_experts * e.shared_expert_ffn_hidden
               * (3 if m.gated else 2) / tp) if e.shared_experts else 0.0
     probs = 4.0 * local * e.experts  # fp32 router logits/probabilities
@@ -66,7 +69,7 @@ def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, f
     mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance) if moe_layer else \
         mlp_activation_bytes(m, tokens, tp, sp)
     full_layer = attn + core + mlp
-    selective = attn + mlp + np.where(flash, core, 0.0)
+    selective = attn + mlp            # core attention (scores, or flash's log-sum-exp) recomputed
     ckpt = ACT_BYTES * tokens * m.hidden / np.where(sp, tp, 1)
     return np.select([recompute == 0, recompute == 1], [full_layer, selective], ckpt), full_layer
 
