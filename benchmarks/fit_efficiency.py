@@ -82,8 +82,15 @@ def predictions(p: dict, rows) -> np.ndarray:
 FP8_RATIO = None   # set by --fp8-ratio: fp8 GEMM efficiency tied to ratio x the bf16 one
 
 
+# efficiencies are fractions of a peak (<= 1); stack factors may exceed 1 (a stack faster than
+# the reference); the kernel overhead is >= 0
+UPPER = np.array([1.5 if "." in k and k.split(".")[0] in ("torchtitan", "llm-foundry") else
+                  (5.0 if k == "kernel_overhead_us" else 1.0) for k in PARAMS])
+LOWER = np.array([0.0 if k == "kernel_overhead_us" else 0.05 for k in PARAMS])
+
+
 def expand(x) -> dict:
-    p = dict(zip(PARAMS, np.clip(x, 0.0, 1.5)))
+    p = dict(zip(PARAMS, np.clip(x, LOWER, UPPER)))
     if FP8_RATIO is not None:
         for fam in ("hopper", "blackwell"):
             p[f"{fam}.gemm8"] = FP8_RATIO * p[f"{fam}.gemm16"]
