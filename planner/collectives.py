@@ -101,6 +101,16 @@ def all_to_all(cluster, nbytes, size, stride):
     return np.where(n > 1, t + lat, 0.0)
 
 
+def ring_step(cluster, nbytes, size, stride):
+    """One step of a ring over `size` ranks at `stride` (ring attention's K/V pass): every rank
+    sends to its neighbour at once and the step ends with the slowest hop, which crosses the
+    outermost level the ring spans (Liu et al. 2023 'Ring Attention' sec. 3.1: each step is
+    bounded by the inter-host link when the ring leaves a host)."""
+    size = np.asarray(size, dtype=np.float64)
+    stride = np.asarray(stride, dtype=np.float64)
+    return p2p(cluster, nbytes, np.where(size > 1, (size - 1) * stride, stride))   # first-to-last distance
+
+
 def p2p(cluster, nbytes, stride):
     """Send/recv of nbytes to the rank `stride` away: over the innermost level whose domain holds
     both ranks (first and last rank of a domain cross it; a stride below the domain stays in)."""

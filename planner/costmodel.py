@@ -201,7 +201,7 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     # K and V of this rank's heads (kv heads split by tp; Megatron replicates them when tp > kv_heads)
     kv_split = tp if model.mla else np.minimum(tp, model.kv_heads)
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
-    cp_step = C.p2p(cluster, kv_local, tp)
+    cp_step = C.ring_step(cluster, kv_local, cp, tp)
     g_cp = C.Group(cluster, cp, tp)
     cp_ring_f = np.maximum((cp - 1) * cp_step - t_core_f * (cp - 1) / cp, 0.0)
     cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - t_core_b * (cp - 1) / cp, 0.0)

@@ -17,6 +17,8 @@ position count (n_positions, max_position_embeddings, max_seq_len).
 """
 from __future__ import annotations
 
+import math
+
 from .errors import PlannerError
 from .model_spec import MLASpec, ModelSpec, MoESpec
 
@@ -82,9 +84,12 @@ def from_hf_config(cfg: dict, name: str) -> ModelSpec:
     src = f"Hugging Face config.json (model_type {key}"
     src += f", {origin})" if isinstance(origin, str) and origin else ")"
     fields.setdefault("dropout", _has_dropout(cfg))
+    from .model_io import check_bounds
     try:
-        return ModelSpec(name=name, source=src, **fields)
+        return check_bounds(ModelSpec(name=name, source=src, **fields), c.where)
     except PlannerError as e:
+        if str(e).startswith(c.where):
+            raise
         raise PlannerError(f"{c.where}: {e}") from None
 
 
@@ -97,12 +102,20 @@ def _has_dropout(cfg: dict) -> bool:
     return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals)
 
 
+MAX_DEFAULT_SEQ = 8192   # cap on a default taken from a declared context limit
+
+
 def _context(c: _Cfg, *keys) -> int | None:
+    """Default training length: rope_scaling's original context when the config was extended;
+    else the declared maximum, capped at 8,192 - a config's position limit is often the
+    long-context extension (Qwen3 declares 40,960, pre-trained at 4,096), not the length most of
+    training ran at. --seq-len overrides."""
     for rk in ("rope_scaling", "rope_parameters"):
         rs = c.cfg.get(rk)
         if isinstance(rs, dict) and rs.get("original_max_position_embeddings") is not None:
             return _Cfg(rs, c.name, c.mt).int("original_max_position_embeddings")
-    return c.int(*keys, required=False)
+    v = c.int(*keys, required=False)
+    return None if v is None else min(v, MAX_DEFAULT_SEQ)
 
 
 def _gated_mlp(c: _Cfg) -> str:
@@ -215,8 +228,11 @@ def _qwen3_moe(c: _Cfg) -> dict:
         c.fail(f"field 'mlp_only_layers' must be a list of layer indices, got {only_mlp!r}")
     if step < 1:
         c.fail(f"field 'decoder_sparse_step' must be >= 1, got {step}")
-    n_moe = sum(1 for i in range(layers)
-                if i not in only_mlp and experts > 0 and (i + 1) % step == 0)
+    # layers i with (i + 1) % step == 0 that mlp_only_layers does not list (counted, not looped:
+    # num_hidden_layers may be absurdly large); a listed 3.0 or True matches i == 3 or 1 as `in` would
+    listed = {int(x) for x in only_mlp if isinstance(x, (int, float)) and math.isfinite(x) and x == int(x)}
+    n_moe = 0 if experts <= 0 or layers <= 0 else (
+        layers // step - sum(1 for i in listed if 0 <= i < layers and (i + 1) % step == 0))
     if n_moe:
         d["moe"] = MoESpec(experts=experts, top_k=c.int("num_experts_per_tok"),
                            expert_ffn_hidden=c.int("moe_intermediate_size"),
@@ -231,7 +247,8 @@ def _deepseek_v3(c: _Cfg) -> dict:
     freq = c.int("moe_layer_freq", required=False, default=1)
     if freq < 1:
         c.fail(f"field 'moe_layer_freq' must be >= 1, got {freq}")
-    n_moe = sum(1 for i in range(layers) if i >= first_dense and i % freq == 0)
+    start = max(first_dense, 0)       # multiples of freq in [start, layers), counted not looped
+    n_moe = (layers - 1) // freq - (start - 1) // freq if layers > start else 0
     experts = c.int("n_routed_experts", required=False, default=0)
     if experts and n_moe:
         d["moe"] = MoESpec(experts=experts, top_k=c.int("num_experts_per_tok"),
@@ -296,8 +313,9 @@ def _mpt(c: _Cfg) -> dict:
     if ffn is None:
         if ratio is None:
             c.fail("missing field 'expansion_ratio'")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            c.fail(f"field 'expansion_ratio' must be a number, got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                or not 0 < ratio * hidden <= 1 << 53:
+            c.fail(f"field 'expansion_ratio' must be a positive finite number, got {ratio!r}")
         ffn = int(ratio * hidden)
     ffn_type = str(ffn_cfg.get("ffn_type", "mptmlp")).lower()
     act = str(ffn_cfg.get("ffn_act_fn", {}).get("name", "gelu")

@@ -92,3 +92,10 @@ def test_domain_cache_matches_graph(tmp_path, monkeypatch):
     H._DOMAINS.clear()
     assert c.domain_sizes == (72, 0)                       # read back
     assert list(tmp_path.rglob("domains-*.json"))
+
+
+def test_cp_ring_step_is_bounded_by_its_slowest_hop():
+    h = load_hardware("h100-sxm")
+    inside = C.ring_step(h, 1e8, 4, 2)      # ranks 0,2,4,6: one NVLink domain
+    across = C.ring_step(h, 1e8, 8, 2)      # ranks 0..14: the ring leaves the node
+    assert inside == pytest.approx(C.p2p(h, 1e8, 1)) and across > 5 * inside
