@@ -17,6 +17,7 @@ from .errors import PlannerError
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hwprofiles"
 ALGORITHMS = ("ring", "tree", "nvls", "mesh")
 PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
+MAX_DOMAIN = 1 << 14     # GPUs in one bounded network domain (NVL72: 72; a 16K-GPU pod at most)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class NetLevel:
     latency: float           # seconds per collective step (alpha)
     algorithm: str = "ring"
     oversubscription: float = 1.0
+    # per-collective fits, ((op, latency s per step, bandwidth bytes/s), ...), as written by
+    # `python -m validate calibrate`; informational (planner/collectives.py uses the two above)
+    fits: tuple = field(default=(), compare=False)
 
     def __post_init__(self):
         w = f"network level '{self.name}'"
@@ -78,6 +82,10 @@ class Efficiency:
     network: float = 0.85           # achievable fraction of link bandwidth (NCCL busbw / line rate)
     grouped_gemm: float = 1.0       # MoE grouped-GEMM efficiency relative to a dense GEMM of the same shape
     source: str = "planner default (benchmarks/fit_efficiency.py)"
+    # measured by `python -m validate calibrate` (absent from datasheet profiles):
+    attention_by_precision: dict = field(default_factory=dict)   # precision -> fraction of its own peak
+    kernel_overhead: float | None = None    # host seconds per kernel (the planner's kernel count), eager PyTorch
+    step_overhead: float | None = None      # host seconds per training step outside the layers
 
 
 @dataclass(frozen=True)
@@ -228,13 +236,14 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
     for req in ("name", "gpu", "network", "price_per_gpu_hour"):
         if req not in d:
             raise PlannerError(f"{w}: missing '{req}'")
+    _check_name(d["name"], f"{w}: name")
     g = d["gpu"]
-    if not isinstance(g, dict) or not isinstance(g.get("peak_flops"), dict) or not g["peak_flops"]:
-        raise PlannerError(f"{w}: [gpu] needs a [gpu.peak_flops] table with bf16/fp8/... entries")
+    if not isinstance(g, dict) or not isinstance(g.get("peak_flops"), dict) or "bf16" not in g["peak_flops"]:
+        raise PlannerError(f"{w}: [gpu] needs a [gpu.peak_flops] table with a bf16 entry (and fp8, ... if any)")
     peaks = {}
     for prec, ent in g["peak_flops"].items():
         if prec not in PRECISIONS:
-            raise PlannerError(f"{w}: gpu.peak_flops.{prec}: unknown precision; valid: {', '.join(PRECISIONS)}")
+            raise PlannerError(f"{w}: gpu.peak_flops.{_show(prec, 40)}: unknown precision; valid: {', '.join(PRECISIONS)}")
         if isinstance(ent, dict) and ent.get("sparsity", "dense") != "dense":
             raise PlannerError(f"{w}: gpu.peak_flops.{prec}: only dense peaks are accepted")
         val = _num(g["peak_flops"], prec, f"{w}: gpu.peak_flops")
@@ -255,32 +264,63 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
         lw = f"{w}: network[{i}]"
         if not isinstance(n, dict) or "name" not in n or "domain" not in n:
             raise PlannerError(f"{lw}: needs name, domain, bandwidth, latency")
+        _check_name(n["name"], f"{lw}.name")
         dom = n["domain"]
         if isinstance(dom, dict):
             dom = dom.get("value")
         if isinstance(dom, bool) or not isinstance(dom, int) or dom < 0:
-            raise PlannerError(f"{lw}: domain must be an integer >= 0, got {dom!r}")
+            raise PlannerError(f"{lw}: domain must be an integer >= 0, got {_show(repr(dom), 60)}")
+        if dom > MAX_DOMAIN:   # the topology graph holds two domains of the outermost bounded level
+            raise PlannerError(f"{lw}: domain must be at most {MAX_DOMAIN} GPUs (0 = the whole cluster), got {dom}")
         bw = _num(n, "bandwidth", lw)
         if bw <= 0:
             raise PlannerError(f"{lw}: bandwidth must be > 0, got {bw}")
+        fits = []
+        if "fit" in n:
+            if not isinstance(n["fit"], dict):
+                raise PlannerError(f"{lw}: 'fit' must be a table of collectives")
+            for op, ent in n["fit"].items():
+                if not isinstance(ent, dict):
+                    raise PlannerError(f"{lw}.fit.{op}: needs latency and bandwidth")
+                fbw = _num(ent, "bandwidth", f"{lw}.fit.{op}")
+                if fbw <= 0:
+                    raise PlannerError(f"{lw}.fit.{op}: bandwidth must be > 0, got {fbw}")
+                fits.append((str(op), _num(ent, "latency", f"{lw}.fit.{op}"), fbw))
         levels.append(NetLevel(name=str(n["name"]), domain=dom, bandwidth=bw,
                                latency=_num(n, "latency", lw),
                                algorithm=str(n.get("algorithm", "ring")),
-                               oversubscription=_num(n, "oversubscription", lw, required=False, default=1.0)))
+                               oversubscription=_num(n, "oversubscription", lw, required=False, default=1.0),
+                               fits=tuple(fits)))
     eff = Efficiency()
     if "efficiency" in d:
         e = d["efficiency"]
         ew = f"{w}: efficiency"
+        if not isinstance(e, dict) or not isinstance(e.get("gemm_max", {}), dict):
+            raise PlannerError(f"{ew}: [efficiency] and [efficiency.gemm_max] must be tables")
         gm = dict(eff.gemm_max)
         for prec in e.get("gemm_max", {}):
+            if prec not in PRECISIONS:
+                raise PlannerError(f"{ew}.gemm_max.{_show(prec, 40)}: unknown precision; valid: {', '.join(PRECISIONS)}")
             gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
         kw = {}
         for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm"):
             if key in e:
                 kw[key] = _num(e, key, ew)
-        for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()]:
+        ab = {}
+        for prec in e.get("attention_by_precision", {}):
+            if prec not in PRECISIONS:
+                raise PlannerError(f"{ew}.attention_by_precision.{prec}: unknown precision; "
+                                   f"valid: {', '.join(PRECISIONS)}")
+            ab[prec] = _num(e["attention_by_precision"], prec, f"{ew}.attention_by_precision")
+        for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()] \
+                + [(f"attention_by_precision.{p}", v) for p, v in ab.items()]:
             if key != "gemm_half_dim" and not 0 < v <= 1:
                 raise PlannerError(f"{ew}.{key}: must be in (0, 1], got {v}")
+        for key in ("kernel_overhead", "step_overhead"):      # seconds, >= 0
+            if key in e:
+                kw[key] = _num(e, key, ew)
+        if ab:
+            kw["attention_by_precision"] = ab
         eff = Efficiency(gemm_max=gm, source=str(e.get("source", origin)), **kw)
     return Cluster(name=str(d["name"]), gpu=gpu, levels=tuple(levels),
                    price_per_gpu_hour=_num(d, "price_per_gpu_hour", w), efficiency=eff,
@@ -291,30 +331,59 @@ def list_hardware() -> list:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+MAX_PROFILE_BYTES = 1 << 20      # a profile is a few KiB
+
+
 @lru_cache(maxsize=32)
 def load_hardware(spec: str = "h100-sxm") -> Cluster:
     """A profile name from hwprofiles/ or a path to a TOML file."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise PlannerError(f"unknown hardware {_show(spec)!r}; give one of {', '.join(list_hardware())} "
+                           "or a path to a .toml profile")
     p = Path(spec)
-    if p.suffix.lower() == ".toml" or p.exists() or "/" in spec:
-        origin = str(p)
-    else:
-        p = PROFILE_DIR / f"{spec.lower()}.toml"
-        if not p.exists():
-            raise PlannerError(
-                f"unknown hardware '{spec}'; give one of {', '.join(list_hardware())} or a path to a .toml profile")
-        origin = p.name
     try:
+        is_path = p.suffix.lower() == ".toml" or "/" in spec or p.exists()
+        name = PROFILE_DIR / f"{spec.lower()}.toml"
+        if not is_path and (not spec.isprintable() or "\\" in spec or not name.is_file()):
+            raise PlannerError(f"unknown hardware '{_show(spec)}'; give one of {', '.join(list_hardware())} "
+                               "or a path to a .toml profile")
+        if not is_path:
+            p = name
+        origin = _show(str(p)) if is_path else p.name
+        if not p.exists():
+            raise PlannerError(f"hardware profile {origin}: file not found")
+        if not p.is_file():    # never open a FIFO or device: reading one may block forever
+            kind = "a directory" if p.is_dir() else "a device, pipe or socket"
+            raise PlannerError(f"hardware profile {origin}: cannot read (not a regular file: {kind})")
         with open(p, "rb") as fh:
-            d = tomllib.load(fh)
-    except FileNotFoundError:
-        raise PlannerError(f"hardware profile {origin}: file not found") from None
-    except (OSError, IsADirectoryError) as e:
-        raise PlannerError(f"hardware profile {origin}: cannot read ({e.strerror or e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise PlannerError(f"hardware profile {origin}: invalid TOML ({e})") from None
+            data = fh.read(MAX_PROFILE_BYTES + 1)
+    except OSError as e:       # name too long, permission denied, ...
+        raise PlannerError(f"hardware profile {_show(spec)}: cannot read ({e.strerror or e})") from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise PlannerError(f"hardware profile {origin}: larger than {MAX_PROFILE_BYTES >> 20} MiB; "
+                           "a profile is a few KiB")
+    try:
+        d = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise PlannerError(f"hardware profile {origin}: not a UTF-8 text file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PlannerError(f"hardware profile {origin}: invalid TOML ({e})") from None
+    except (ValueError, RecursionError) as e:   # integers over Python's digit limit, deep nesting
+        raise PlannerError(f"hardware profile {origin}: invalid TOML ({e or 'nested too deeply'})") from None
     return cluster_from_dict(d, origin)
+
+
+def _check_name(v, where: str) -> None:
+    """Names are quoted in messages and reports: printable text on one line."""
+    if not isinstance(v, str) or not v.strip() or not v.isprintable():
+        raise PlannerError(f"{where} must be printable text on one line, got {_show(repr(v), 60)}")
+
+
+def _show(text, most: int = 200) -> str:
+    """A user-given string for a one-line message: escaped unless printable, long ones cut."""
+    t = str(text)
+    t = t if t.isprintable() else repr(t)[1:-1]
+    return t if len(t) <= most else t[:most] + "..."
 
 
 def hardware_table():
@@ -329,3 +398,79 @@ def hardware_table():
                                           for lv in c.levels),
                      "usd_per_gpu_hour": c.price_per_gpu_hour})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+def _toml_key(k: str) -> str:
+    import re
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
+
+
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in str(s):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ord(ch) < 0x20 or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_val(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"a profile number must be finite, got {v}")
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_val(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_val(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to a profile")
+
+
+def _is_number_table(v) -> bool:
+    return isinstance(v, dict) and "value" in v
+
+
+def profile_to_toml(d: dict, header: str = "") -> str:
+    """A profile dict (the schema of hwprofiles/*.toml: numbers as {value, source} tables) as TOML
+    text that tomllib reads back to the same dict. Numbers become inline tables; other tables
+    become [sections]; lists of tables become [[arrays]]."""
+    lines = [f"# {ln}" if ln else "#" for ln in header.splitlines()]
+
+    def section(path, tbl):
+        scalars = [(k, v) for k, v in tbl.items()
+                   if not isinstance(v, dict) or _is_number_table(v)
+                   if not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))]
+        subs = [(k, v) for k, v in tbl.items() if isinstance(v, dict) and not _is_number_table(v)]
+        arrays = [(k, v) for k, v in tbl.items()
+                  if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        for k, v in scalars:
+            lines.append(f"{_toml_key(k)} = {_toml_val(v)}")
+        for k, v in subs:
+            p = f"{path}.{_toml_key(k)}" if path else _toml_key(k)
+            lines.append("")
+            lines.append(f"[{p}]")
+            section(p, v)
+        for k, v in arrays:
+            p = f"{path}.{_toml_key(k)}" if path else _toml_key(k)
+            for x in v:
+                lines.append("")
+                lines.append(f"[[{p}]]")
+                section(p, x)
+
+    section("", d)
+    return "\n".join(lines).lstrip("\n") + "\n"
