@@ -414,6 +414,9 @@ class FSDPOptimizer:
             fully_shard(ch, mesh=mesh)
             for m in [*ch.layers.values(), ch]:
                 m.set_gradient_divide_factor(1.0)   # sum semantics: the loss is already a global mean
+                if hasattr(m, "set_force_sum_reduction_for_comms"):
+                    # float32/bf16 would otherwise reduce with PREMUL_SUM(1/factor), which gloo lacks
+                    m.set_force_sum_reduction_for_comms(True)
         self.opt = torch.optim.Adam([p for ch in chunks for p in ch.parameters()], lr=lr)
         self.names = names
 
