@@ -64,19 +64,18 @@ def element_bytes(dtype: str, zero: int) -> ElementBytes:
     return ElementBytes.uniform(DTYPE_BYTES[dtype], zero)
 
 
-def _plan(spec, layout, hardware, stack):
+def _plan(spec, layout, hardware, stack, dtype="float32"):
+    """(Plan, profile name, notes) of the planner's prediction for this run, or None.
+    A calibrated profile (validate calibrate) is used as validate runs: calibrate_predict."""
     if hardware is None:
         return None
     try:
         from planner.hardware import load_hardware
-        try:
-            from planner.engine import evaluate_layout
-        except ImportError:  # older layout of the planner
-            from planner.search import evaluate_layout
         from planner.stacks import get_stack
+        from .calibrate_predict import predict
         cluster = load_hardware(hardware)
-        p = evaluate_layout(spec, cluster, layout, get_stack(stack) if stack else None)
-        return p, cluster.name
+        p, notes = predict(spec, layout, cluster, get_stack(stack) if stack else None, dtype)
+        return p, cluster.name, notes
     except PlannerError:
         raise
     except Exception:  # the step-time prediction is informational
@@ -126,10 +125,12 @@ def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, 
         ref_checks = compare(cfg, per_rank, ref or run_reference(cfg), TOLERANCE[dtype])
     else:
         notes.append("no single-process reference run (--no-reference): losses and gradients not checked")
-    pl = _plan(spec, lay, hardware, stack)
-    plan, hw = pl if pl else (None, None)
+    pl = _plan(spec, lay, hardware, stack, dtype)
+    plan, hw, pnotes = pl if pl else (None, None, [])
     rep = report.build(cfg, per_rank, stages, ref_checks, plan, notes)
     rep["step_time_s"]["hardware"] = hw
+    if pnotes:
+        rep["step_time_s"]["prediction_notes"] = pnotes
     return rep
 
 
@@ -141,8 +142,9 @@ def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardwar
     supported(spec, lay)
     world = int(os.environ["WORLD_SIZE"])
     if world != lay.gpus:
-        raise PlannerError(f"torchrun started {world} ranks but the layout needs "
-                           f"tp*pp*dp*cp = {lay.gpus}")
+        raise PlannerError(f"torchrun started {world} ranks (WORLD_SIZE) but the layout needs "
+                           f"tp*pp*dp*cp = {lay.gpus}; start {lay.gpus} ranks or change --gpus "
+                           f"and the degrees")
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=timeout))

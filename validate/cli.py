@@ -65,6 +65,8 @@ def build_parser():
                    help="skip the single-process reference (losses and gradients unchecked)")
     v.add_argument("--format", choices=("table", "json"), default="table")
     v.add_argument("--out", help="also write the JSON report to this file (atomically)")
+    from .calibrate import add_parser
+    add_parser(sub)
     return top
 
 
@@ -149,8 +151,11 @@ def layout_from_args(a, spec):
 
 def run(argv) -> int:
     a = build_parser().parse_args(argv)
+    if a.command == "calibrate":
+        from . import calibrate
+        return calibrate.run(a)
     if a.command != "run":
-        raise _UsageError("expected a command: run")
+        raise _UsageError("expected a command: run or calibrate")
     from . import api, report
     from .launch import RunFailed, check_torch, under_torchrun
     from planner.hardware import load_hardware
@@ -171,7 +176,11 @@ def run(argv) -> int:
             if rep is None:
                 return 0
         else:
-            rep = api.run_layouts([(spec, lay)], **kw)[0]
+            import json
+            import os
+            # test hook (tests/test_validate_robust.py): make a rank die or stall on purpose
+            fault = json.loads(os.environ["VALIDATE_FAULT"]) if os.environ.get("VALIDATE_FAULT") else None
+            rep = api.run_layouts([(spec, lay, fault) if fault else (spec, lay)], **kw)[0]
     except RunFailed as e:
         print(f"validate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 3

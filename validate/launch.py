@@ -75,13 +75,19 @@ def _tail(path: Path, n=4000) -> str:
     return "\n".join(lines)[-n:]
 
 
-def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_start=None):
+def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_start=None, *,
+           module: str = "validate.worker", job_extra: dict | None = None, on_poll=None,
+           where=None):
     """Run `scenarios` on nprocs local ranks; returns rank 0's results (one list of per-rank
-    result dicts per scenario). Raises RunFailed naming the failing rank, or on timeout."""
+    result dicts per scenario). Raises RunFailed naming the failing rank, or on timeout.
+
+    module: the rank's entry point (`python -m module job.json out`); job_extra: more keys for
+    job.json; on_poll(progress_of_rank_0): called while the ranks run (a progress bar);
+    where(scenario, step) -> str: how an error names the place a rank had reached."""
     import torch  # noqa: F401  (the parent checks torch imports before spawning N copies)
     tmp = Path(tempfile.mkdtemp(prefix="validate-"))
     job = tmp / "job.json"
-    job.write_text(json.dumps({"scenarios": scenarios, "timeout": timeout}))
+    job.write_text(json.dumps({"scenarios": scenarios, "timeout": timeout, **(job_extra or {})}))
     out = tmp / "result.pt"
     port = free_port()
     procs, errs = [], []
@@ -98,7 +104,7 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             err = tmp / f"rank{r}.err"
             errs.append(err)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "validate.worker", str(job), str(out)],
+                [sys.executable, "-m", module, str(job), str(out)],
                 env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
                 preexec_fn=_child_setup, start_new_session=True))
         LAST_PIDS[:] = [p.pid for p in procs]
@@ -113,15 +119,17 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
                 _kill_all(procs)
                 how = f"was killed by signal {-c}" if c < 0 else f"exited with status {c}"
                 last = _tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else "no output"
-                raise RunFailed(f"rank {r} {how}{_where(tmp, r)}: {last}" + _detail(errs[r]))
+                raise RunFailed(f"rank {r} {how}{_where(tmp, r, where)}: {last}" + _detail(errs[r]))
             if all(c == 0 for c in codes):
                 break
+            if on_poll is not None:
+                on_poll(_progress_of(tmp, 0))
             if time.monotonic() - t0 > timeout:
                 alive = [r for r, c in enumerate(codes) if c is None]
-                where = sorted({_where(tmp, r) for r in alive})
+                at = sorted({_where(tmp, r, where) for r in alive})
                 _kill_all(procs)
                 raise RunFailed(f"timed out after {timeout:g} s; ranks still running: "
-                                f"{', '.join(map(str, alive))}{''.join(where[:1])}")
+                                f"{', '.join(map(str, alive))}{''.join(at[:1])}")
             time.sleep(0.05)
         import torch
         return torch.load(out, weights_only=False)
@@ -138,12 +146,23 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             pass
 
 
-def _where(tmp: Path, r: int) -> str:
+def _progress_of(tmp: Path, r: int):
+    """(scenario, step) rank r last reported, or None."""
     try:
         sc, step = (tmp / f"rank{r}.progress").read_text().split()
-        return f" in step {step}" + (f" of scenario {sc}" if sc != "0" else "")
+        return int(sc), int(step)
     except (OSError, ValueError):
+        return None
+
+
+def _where(tmp: Path, r: int, where=None) -> str:
+    at = _progress_of(tmp, r)
+    if at is None:
         return " before its first step"
+    sc, step = at
+    if where is not None:
+        return where(sc, step)
+    return f" in step {step}" + (f" of scenario {sc}" if sc != 0 else "")
 
 
 def _detail(err: Path) -> str:

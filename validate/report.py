@@ -103,6 +103,7 @@ def build(cfg: dict, per_rank: list, stages: list, ref_checks: list, plan=None,
         if t:
             times.append(mean(t))
     measured_step = max(times) if times else None
+    measured_breakdown = _measured_breakdown(per_rank)
     out = {
         "model": cfg["model"]["name"],
         "layout": lay,
@@ -116,6 +117,10 @@ def build(cfg: dict, per_rank: list, stages: list, ref_checks: list, plan=None,
                         "measured_from": "uninstrumented steps" if per_rank and per_rank[0]["timed_times"]
                         else "instrumented steps",
                         "hardware": getattr(plan, "_hardware", None)},
+        "time_breakdown": {
+            "predicted_s": dict(plan.time_breakdown_s) if plan is not None else None,
+            "predicted": _predicted_split(plan),
+            "measured": measured_breakdown},
         "notes": list(notes),
     }
     # what a breakdown of the measured step needs (issue 5): per stage, the collective bytes by
@@ -132,6 +137,36 @@ def build(cfg: dict, per_rank: list, stages: list, ref_checks: list, plan=None,
         out["memory"] = {"max_memory_allocated_bytes": max(mm),
                          "predicted_peak_bytes": plan.memory_gib * 1024 ** 3 if plan else None}
     return out
+
+
+def _predicted_split(plan):
+    if plan is None:
+        return None
+    from .calibrate_predict import split
+    return split(plan.time_breakdown_s)
+
+
+def _measured_breakdown(per_rank):
+    """Compute vs communication wait of the timed (uninstrumented) steps: the slowest rank's, and
+    the mean over ranks. Wait = time blocked in Work.wait / wait_tensor (incl. waiting for a slower
+    peer); compute = the rest of the step; cpu = the rank's main-thread CPU seconds (below the
+    wall time when ranks share cores)."""
+    rows = []
+    for r in per_rank:
+        if not r.get("timed_comm_wait"):
+            continue
+        st, w = mean(r["timed_times"]), mean(r["timed_comm_wait"])
+        rows.append({"rank": r["rank"], "step_s": st, "compute_s": st - w, "comm_wait_s": w,
+                     "cpu_s": mean(r["timed_cpu"]) if r.get("timed_cpu") else None,
+                     "process_cpu_s": mean(r["timed_process_cpu"]) if r.get("timed_process_cpu") else None})
+    if not rows:
+        return None
+    slow = max(rows, key=lambda x: x["step_s"])
+    avg = {k: mean(x[k] for x in rows) for k in ("step_s", "compute_s", "comm_wait_s")}
+    for k in ("cpu_s", "process_cpu_s"):
+        if all(x[k] is not None for x in rows):
+            avg[k] = mean(x[k] for x in rows)
+    return {"slowest_rank": slow, "mean_over_ranks": avg}
 
 
 def _fmt(v):
@@ -174,7 +209,19 @@ def to_table(rep: dict) -> str:
     st = rep["step_time_s"]
     lines.append("")
     lines.append(f"step time: predicted {_fmt(st['predicted'])} s ({st.get('hardware') or 'planner profile'}), "
-                 f"measured {_fmt(st['measured'])} s ({st['measured_from']}); not a check until calibrated")
+                 f"measured {_fmt(st['measured'])} s ({st['measured_from']})"
+                 + (f", error {100 * (st['predicted'] - st['measured']) / st['measured']:+.1f}%"
+                    if st['predicted'] and st['measured'] else "") + "; reported, not checked")
+    tb = rep.get("time_breakdown") or {}
+    if tb.get("predicted") and tb.get("measured"):
+        p, m = tb["predicted"], tb["measured"]["mean_over_ranks"]
+        lines.append(f"  compute: predicted {_fmt(p['compute_s'])} s, measured {_fmt(m['compute_s'])} s; "
+                     f"communication wait (incl. bubble): predicted {_fmt(p['comm_wait_s'])} s, "
+                     f"measured {_fmt(m['comm_wait_s'])} s (mean over ranks)")
+        terms = ", ".join(f"{k} {_fmt(v)}" for k, v in tb["predicted_s"].items() if v)
+        lines.append(f"  predicted terms (s): {terms}")
+    for n in st.get("prediction_notes", []):
+        lines.append(f"  note: {n}")
     if "memory" in rep:
         m = rep["memory"]
         lines.append(f"GPU memory: max_memory_allocated {_fmt(m['max_memory_allocated_bytes'])} B, "

@@ -71,6 +71,48 @@ def _progress(scenario: int, step: int):
             pass
 
 
+class CommWait:
+    """Wall time this rank spends blocked on communication: in Work.wait() (torch.distributed
+    calls, FSDP2, pipelining, ring attention, the all-to-all) and in functional collectives'
+    wait_tensor (DTensor). Patched in only for the timed steps; a wait includes waiting for a
+    slower peer (a pipeline bubble is one)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.calls = 0
+        self.trace = [] if os.environ.get("VALIDATE_WAIT_TRACE") else None
+        self._saved = None
+
+    def _wrap(self, f, name):
+        me = self
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                d = time.perf_counter() - t0
+                me.total += d
+                me.calls += 1
+                if me.trace is not None:
+                    me.trace.append((name, t0, d))
+        return timed
+
+    def __enter__(self):
+        import torch.distributed._functional_collectives as fc
+        W = torch._C._distributed_c10d.Work
+        self._saved = (W.wait, fc.wait_tensor)
+        W.wait = self._wrap(W.wait, "work")
+        fc.wait_tensor = self._wrap(fc.wait_tensor, "funcol")
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed._functional_collectives as fc
+        W = torch._C._distributed_c10d.Work
+        W.wait, fc.wait_tensor = self._saved
+        return False
+
+
 def _inject(fault: dict, rank: int, step: int):
     """Test hooks: make a rank die, fail or hang at a given step."""
     if not fault or fault.get("rank") != rank or fault.get("step", 0) != step:
@@ -78,6 +120,9 @@ def _inject(fault: dict, rank: int, step: int):
     kind = fault.get("kind")
     if kind == "exit":
         os._exit(int(fault.get("status", 9)))
+    if kind == "kill":     # as the OOM killer or a node failure would
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
     if kind == "raise":
         raise RuntimeError("injected failure")
     if kind == "hang":
@@ -225,8 +270,12 @@ def run_scenario(cfg: dict, device) -> dict | None:
         meter.enabled = counted
         phases.set_meter(meter if counted else None)
         _sync(device)
+        waits = CommWait() if step > steps else None
+        cpu0, pcpu0 = time.thread_time(), time.process_time()
         t0 = time.perf_counter()
         try:
+            if waits is not None:
+                waits.__enter__()
             if counted:
                 with rec, flop, saved_tensors_hooks(meter.pack, meter.unpack):
                     phases.set_driver_phase("forward")
@@ -244,8 +293,12 @@ def run_scenario(cfg: dict, device) -> dict | None:
                 opt.step()
         except Exception as e:
             raise RuntimeError(f"step {step}: {type(e).__name__}: {e}") from e
+        finally:
+            if waits is not None:
+                waits.__exit__(None, None, None)
         _sync(device)
         dt = time.perf_counter() - t0
+        cpu, pcpu = time.thread_time() - cpu0, time.process_time() - pcpu0
         phases.set_driver_phase("setup")
         phases.set_meter(None)
         res["losses"].append(loss if (is_last and topo.tp_r == 0) else None)
@@ -264,6 +317,12 @@ def run_scenario(cfg: dict, device) -> dict | None:
                     res["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
         elif step > steps:
             res["timed_times"].append(dt)
+            res.setdefault("timed_comm_wait", []).append(waits.total)
+            res.setdefault("timed_comm_waits_n", []).append(waits.calls)
+            if waits.trace is not None:
+                res.setdefault("wait_trace", []).append((t0, waits.trace))
+            res.setdefault("timed_cpu", []).append(cpu)   # this thread's CPU seconds
+            res.setdefault("timed_process_cpu", []).append(pcpu)   # all threads (gloo's included)
     res["moe_layers"] = [blk.idx for ch in chunks for blk in ch.layers.values() if blk.moe_layer]
     res["layers"] = [blk.idx for ch in chunks for blk in ch.layers.values()]
     res["first"], res["last"] = is_first, is_last
@@ -278,6 +337,15 @@ def worker_main(config_path: str, out_path: str):
     with open(config_path) as f:
         job = json.load(f)
     rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    for i, cfg in enumerate(job["scenarios"]):
+        lay = cfg["layout"]
+        need = lay["tp"] * lay["pp"] * lay["dp"] * lay["cp"]
+        if need != world:     # before any rendezvous or collective: a clear error, no hang
+            sys.stderr.write(f"validate: rank {rank}: {world} ranks were started but scenario {i}'s "
+                             f"layout needs tp*pp*dp*cp = {need}\n")
+            sys.stderr.flush()
+            os._exit(2)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = device_for(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
