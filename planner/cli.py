@@ -146,7 +146,7 @@ def run(argv) -> int:
     model = load_model(a.model)
     cluster = load_hardware(a.hardware)
     stack = get_stack(a.stack)
-    tokens = parse_count(a.tokens, "--tokens") if a.tokens else None
+    tokens = parse_count(a.tokens, "--tokens") if a.tokens is not None else None
     fixed = _fixed(a)
     if a.vpp and a.vpp > 1 and not a.schedule:
         fixed["schedule"] = "interleaved"
@@ -235,6 +235,12 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:        # e.g. --out or --plot into a missing or read-only directory
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"plan: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:     # argparse's --help (exit 0)
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("plan: interrupted", file=sys.stderr)
         return 130

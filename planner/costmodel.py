@@ -504,7 +504,9 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         w_d, g_d, o_d = M.model_state_bytes(pd_, shard, zero, stack.grad_bytes, 1.0)
         w_e, g_e, o_e = M.model_state_bytes(pe_, eshard, zero, stack.grad_bytes, 1.0)
         # ZeRO-3 gathers one layer ahead (prefetch): two layers of full weights in flight
-        weights = (w_d + w_e) * wbytes * copies + np.where(zero == 3, 4.0 * (pd_ + pe_) / np.maximum(layers, 1), 0.0)
+        # (nothing is gathered where the shard group is one rank)
+        gathered = pd_ * (shard > 1) + pe_ * (eshard > 1)
+        weights = (w_d + w_e) * wbytes * copies + np.where(zero == 3, 4.0 * gathered / np.maximum(layers, 1), 0.0)
         acts = (ndense * act_dense + (layers - ndense) * act_moe) * inflight + live
         acts = acts + np.where(is_first, lq["act_emb"] * inflight, 0.0)
         return dict(weights=weights, gradients=(g_d + g_e) * copies, optimizer=(o_d + o_e) * copies,

@@ -255,7 +255,7 @@ def stage_state(model: ModelSpec, layout: Layout, chunks, eb: ElementBytes) -> t
 def _fsdp_units(model: ModelSpec, layout: Layout, ch: Chunk):
     """FSDP2 units of a chunk: one per layer, and the chunk root (embedding, final norm, output)."""
     pd, pe = local_params(model, layout, ch)
-    one = replace(layout, pp=1, vpp=1)
+    one = replace(layout, pp=1, vpp=1, schedule="1f1b")
     layers = []
     for i in ch.layers:
         d, e = local_params(model, one, Chunk(0, [i], False, False))
