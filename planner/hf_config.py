@@ -63,11 +63,12 @@ class _Cfg:
         return v
 
     def fail(self, msg: str):
-        raise PlannerError(f"{self.where}: {msg}")
+        raise PlannerError(f"{self.where}: {_text(msg, 10 ** 6)}")
 
 
 def from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """Build a ModelSpec named `name` from a Hugging Face config.json dict."""
+    name = _text(str(name))
     if not isinstance(cfg, dict):
         raise PlannerError(f"Hugging Face config '{name}': expected a JSON object")
     mt = cfg.get("model_type")
@@ -76,7 +77,7 @@ def from_hf_config(cfg: dict, name: str) -> ModelSpec:
                            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     key = mt.lower()
     if key not in _PARSERS:
-        raise PlannerError(f"Hugging Face config '{name}': unsupported model_type '{mt}'; "
+        raise PlannerError(f"Hugging Face config '{name}': unsupported model_type '{_text(mt)}'; "
                            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     c = _Cfg(cfg, name, key)
     fields = _PARSERS[key](c)
@@ -94,6 +95,12 @@ def from_hf_config(cfg: dict, name: str) -> ModelSpec:
 
 
 # ---- shared pieces --------------------------------------------------------------------------
+def _text(t: str, most: int = 200) -> str:
+    """Text from the config for a one-line message: escaped unless printable, long ones cut."""
+    t = t if t.isprintable() else repr(t)[1:-1]
+    return t if len(t) <= most else t[:most] + "..."
+
+
 def _has_dropout(cfg: dict) -> bool:
     vals = [cfg.get(k) for k in _DROPOUT_KEYS]
     attn = cfg.get("attn_config")
@@ -124,7 +131,7 @@ def _gated_mlp(c: _Cfg) -> str:
         return "swiglu"
     if act.startswith("gelu"):
         return "geglu"
-    c.fail(f"unsupported hidden_act '{act}' for a gated MLP; supported: silu, gelu")
+    c.fail(f"unsupported hidden_act '{_text(act, 60)}' for a gated MLP; supported: silu, gelu")
 
 
 def _sliding(c: _Cfg, layers: int, default_layers: int) -> dict:
@@ -282,7 +289,7 @@ def _nemotron(c: _Cfg) -> dict:
     elif act.startswith("gelu"):
         mlp = "gelu"
     else:
-        c.fail(f"unsupported hidden_act '{act}'; supported: relu2, gelu")
+        c.fail(f"unsupported hidden_act '{_text(act, 60)}'; supported: relu2, gelu")
     return _llama_like(c, mlp=mlp)
 
 
@@ -325,7 +332,7 @@ def _mpt(c: _Cfg) -> dict:
     elif ffn_type in ("mptmlp", "te_ln_mlp"):
         mlp = "gelu"
     else:
-        c.fail(f"unsupported ffn_config.ffn_type '{ffn_type}'; supported: mptmlp, mptglu")
+        c.fail(f"unsupported ffn_config.ffn_type '{_text(ffn_type, 60)}'; supported: mptmlp, mptglu")
     attn_type = str(attn_cfg.get("attn_type", "multihead_attention"))
     kv = heads
     if attn_type == "multiquery_attention":

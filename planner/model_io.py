@@ -19,6 +19,8 @@ from .model_spec import MLP_KINDS, MLASpec, ModelSpec, MoESpec
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 MODEL_FILE_SUFFIXES = (".json", ".toml")
+MAX_FILE_BYTES = 16 << 20    # a model file or config.json is a few KiB; refuse to read more than this
+MAX_FIELD = 1 << 53          # largest integer shape field: exact in the float64 cost model
 
 # key -> (type, required). bool is not accepted where int is wanted, and vice versa.
 _TOP_KEYS: dict[str, tuple[type, bool]] = {
@@ -69,10 +71,19 @@ def list_models() -> list[str]:
 
 def _catalog_path(name: str) -> Path | None:
     key = name.strip().lower()
-    if not key or "/" in key or "\\" in key:
+    if not key or "/" in key or "\\" in key or key.startswith(".") or not key.isprintable():
         return None
     p = CATALOG_DIR / f"{key}.toml"
-    return p if p.is_file() else None
+    try:
+        return p if p.is_file() else None
+    except (OSError, ValueError):    # a name too long for the file system
+        return None
+
+
+def _show(text: str, most: int = 200) -> str:
+    """A user-given string for a one-line message: as is when printable, else escaped; long ones cut."""
+    t = text if text.isprintable() else repr(text)[1:-1]
+    return t if len(t) <= most else t[:most] + "..."
 
 
 def catalog_table():
@@ -116,8 +127,14 @@ def load_model(spec: str | os.PathLike) -> ModelSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise PlannerError(_unknown_model_message(str(spec)))
     spec = spec.strip()
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in MODEL_FILE_SUFFIXES or path.is_file():
+    try:
+        path = Path(spec).expanduser()
+        # a path-like spec that exists (a directory, a device) is a file the user meant, not a name
+        as_file = (path.suffix.lower() in MODEL_FILE_SUFFIXES or path.is_file()
+                   or ((os.sep in spec or spec.startswith((".", "~"))) and path.exists()))
+    except (OSError, ValueError, RuntimeError) as e:  # name too long, NUL byte, unknown ~user
+        raise PlannerError(f"model file {_show(spec)}: cannot be opened ({_reason(e)})") from None
+    if as_file:
         return _load_file(path, spec)
     cat = _catalog_path(spec)
     if cat is None:
@@ -132,16 +149,24 @@ def _unknown_model_message(spec: str) -> str:
     close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.6)
     if close:
         hint = f" (did you mean '{close[0]}'?)"
-    return (f"unknown model '{spec}'{hint}; give a catalog name ({', '.join(names)}), "
+    return (f"unknown model '{_show(spec)}'{hint}; give a catalog name ({', '.join(names)}), "
             "or a path to a .json/.toml model file")
 
 
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def _load_file(path: Path, spec: str) -> ModelSpec:
-    origin = f"model file {spec}"
-    if not path.exists():
-        raise PlannerError(f"{origin}: no such file")
-    if not path.is_file():
-        raise PlannerError(f"{origin}: not a regular file")
+    origin = f"model file {_show(spec)}"
+    try:
+        if not path.exists():
+            raise PlannerError(f"{origin}: no such file")
+        if not path.is_file():
+            kind = "a directory" if path.is_dir() else "a device, pipe or socket"
+            raise PlannerError(f"{origin}: not a regular file ({kind}); give a .json or .toml model file")
+    except OSError as e:
+        raise PlannerError(f"{origin}: cannot be opened ({_reason(e)})") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         return model_from_dict(_read_toml(path, origin), origin)
@@ -149,19 +174,24 @@ def _load_file(path: Path, spec: str) -> ModelSpec:
         data = _read_json(path, origin)
         if "model_type" in data:
             from .hf_config import from_hf_config
-            return from_hf_config(data, path.stem)
+            return from_hf_config(data, _show(path.stem))
         return model_from_dict(data, origin)
-    raise PlannerError(f"{origin}: unsupported file type '{path.suffix or '(none)'}'; "
+    raise PlannerError(f"{origin}: unsupported file type '{_show(path.suffix) or '(none)'}'; "
                        "a model file must end in .json or .toml")
 
 
 def _read_text(path: Path, origin: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise PlannerError(f"{origin}: cannot read ({_reason(e)})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PlannerError(f"{origin}: larger than {MAX_FILE_BYTES >> 20} MiB; a model file is a few KiB")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PlannerError(f"{origin}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise PlannerError(f"{origin}: cannot read ({e.strerror or e})") from None
 
 
 def _read_toml(path: Path, origin: str) -> dict:
@@ -170,6 +200,8 @@ def _read_toml(path: Path, origin: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PlannerError(f"{origin}: invalid TOML: {_one_line(str(e))}") from None
+    except (ValueError, RecursionError) as e:   # integers over Python's digit limit, deep nesting
+        raise PlannerError(f"{origin}: invalid TOML: {_one_line(str(e)) or 'nested too deeply'}") from None
 
 
 def _read_json(path: Path, origin: str) -> dict:
@@ -179,6 +211,8 @@ def _read_json(path: Path, origin: str) -> dict:
     except json.JSONDecodeError as e:
         raise PlannerError(
             f"{origin}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:   # integers over Python's digit limit, deep nesting
+        raise PlannerError(f"{origin}: invalid JSON: {_one_line(str(e)) or 'nested too deeply'}") from None
     if not isinstance(data, dict):
         raise PlannerError(f"{origin}: expected a JSON object at the top level, "
                            f"got {type(data).__name__}")
@@ -198,7 +232,7 @@ def _check_keys(d: dict, schema: dict[str, tuple[type, bool]], origin: str, tabl
         if k not in schema:
             close = difflib.get_close_matches(str(k), list(schema), n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise PlannerError(f"{origin}: unknown key '{prefix}{k}'{hint}; "
+            raise PlannerError(f"{origin}: unknown key '{prefix}{_show(str(k), 60)}'{hint}; "
                                f"valid keys {'in ' + where if where else ''}are: {valid}")
     missing = [k for k, (_, req) in schema.items() if req and k not in d]
     if missing:
@@ -216,9 +250,32 @@ def _check_keys(d: dict, schema: dict[str, tuple[type, bool]], origin: str, tabl
         else:
             ok = isinstance(v, want)
         if not ok:
-            raise PlannerError(f"{origin}: '{prefix}{k}' must be {_TYPE_WORD[want]}, got {v!r}")
+            raise PlannerError(f"{origin}: '{prefix}{k}' must be {_TYPE_WORD[want]}, got {_short(v)}")
+        if want is int and abs(v) > MAX_FIELD:
+            raise PlannerError(f"{origin}: '{prefix}{k}' must be at most 2^53 = {MAX_FIELD:,}, got {_short(v)}")
         out[k] = v
     return out
+
+
+def _short(v, most: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= most else r[:most] + "..."
+
+
+def check_bounds(m: ModelSpec, origin: str) -> ModelSpec:
+    """Refuse integer shape fields, and a parameter count, above MAX_FIELD: numbers the float64
+    cost model cannot hold exactly and that overflow its int64 arithmetic."""
+    for owner, prefix in ((m, ""), (m.moe, "moe."), (m.mla, "mla.")):
+        if owner is None:
+            continue
+        for k, v in vars(owner).items():
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_FIELD:
+                raise PlannerError(f"{origin}: '{prefix}{k}' must be at most 2^53 = {MAX_FIELD:,}, got {_short(v)}")
+    n = m.total_params()
+    if n > MAX_FIELD:
+        raise PlannerError(f"{origin}: the model has {n:.3g} parameters; the planner handles at most "
+                           f"2^53 = {MAX_FIELD:.3g}")
+    return m
 
 
 def model_from_dict(d: dict, origin: str) -> ModelSpec:
@@ -227,6 +284,8 @@ def model_from_dict(d: dict, origin: str) -> ModelSpec:
     if not isinstance(d, dict):
         raise PlannerError(f"{origin}: expected a table of model keys, got {type(d).__name__}")
     top = _check_keys(d, _TOP_KEYS, origin, "")
+    if not top["name"].isprintable():   # it is quoted in messages and reports: one line of text
+        raise PlannerError(f"{origin}: 'name' must be printable text on one line, got {_short(top['name'])}")
     if top["mlp"] not in MLP_KINDS:
         raise PlannerError(f"{origin}: 'mlp' must be one of {', '.join(MLP_KINDS)}, "
                            f"got {top['mlp']!r}")
@@ -235,9 +294,10 @@ def model_from_dict(d: dict, origin: str) -> ModelSpec:
     try:
         moe = MoESpec(**moe_d) if moe_d is not None else None
         mla = MLASpec(**mla_d) if mla_d is not None else None
-        return ModelSpec(**top, moe=moe, mla=mla)
+        m = ModelSpec(**top, moe=moe, mla=mla)
     except PlannerError as e:
         raise PlannerError(f"{origin}: {e}") from None
+    return check_bounds(m, origin)
 
 
 def model_to_dict(m: ModelSpec) -> dict:
