@@ -7,6 +7,7 @@ cp_comm) form a second table; the two are crossed in chunks so memory stays boun
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -15,13 +16,35 @@ from .layout import BOOL_KNOBS, CODE_KNOBS, INT_KNOBS, Candidates, CP_COMM, PREC
 from .model_spec import ModelSpec
 
 MAX_MICRO_BATCH = 32
+# Bounds that keep absurd but well-formed input answerable in seconds and bounded memory:
+MAX_GPUS = 1 << 24           # 16,777,216 GPUs: 16x the largest clusters built (~10^6 GPUs)
+MAX_DEGREE_ROWS = 1 << 17    # (tp, pp, cp, dp, ep, etp, micro-batch) rows of one search; the
+                             # catalog's largest is 53,568 (deepseek-v3 on 2^30 GPUs)
+_MAX_CROSS = 1 << 24         # elements of one intermediate cross product (128 MiB per column)
 
 
 def divisors(n: int) -> np.ndarray:
     n = int(n)
-    small = np.arange(1, int(np.sqrt(n)) + 1, dtype=np.int64)
+    if not 1 <= n <= 1 << 40:   # trial division up to sqrt(n): 2^20 candidates at most
+        raise PlannerError(f"cannot enumerate the divisors of {n}: expected 1 to {1 << 40}")
+    small = np.arange(1, math.isqrt(n) + 1, dtype=np.int64)
     small = small[n % small == 0]
     return np.unique(np.concatenate([small, n // small]))
+
+
+def _too_large(model: ModelSpec, gpus: int, rows) -> PlannerError:
+    return PlannerError(
+        f"the search space of {model.name} on {gpus} GPUs is too large ({rows} combinations of tp, pp, "
+        f"cp, dp, ep, etp and micro-batch; at most {MAX_DEGREE_ROWS:,}); hold some of --tp, --pp, --cp, "
+        "--ep, --micro-batch fixed")
+
+
+def _guarded_cross(model, gpus, *arrays):
+    """_cross, refusing products too large to hold (hostile shapes with thousands of divisors)."""
+    size = math.prod(len(a) for a in arrays)
+    if size > _MAX_CROSS:
+        raise _too_large(model, gpus, f"more than {MAX_DEGREE_ROWS:,}")
+    return _cross(*arrays)
 
 
 def _cross(*arrays):
@@ -44,9 +67,14 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
     tp_ax = axis("tp", d[(model.heads % d == 0) & (attn_groups % d == 0)])
     pp_ax = axis("pp", d[d <= model.layers])
     cp_ax = axis("cp", d[(seq_len % (2 * d) == 0) | (d == 1)])
-    tp, pp, cp = _cross(tp_ax, pp_ax, cp_ax)
-    prod = tp * pp * cp
-    ok = gpus % prod == 0
+    # (tp, pp) pairs first, then x cp: the same rows in the same order as one three-way cross,
+    # without materialising it (a divisor-rich count has hundreds of divisors per axis)
+    tp, pp = _guarded_cross(model, gpus, tp_ax, pp_ax)
+    ok = gpus % (tp * pp) == 0
+    tp, pp = tp[ok], pp[ok]
+    i, cp = _guarded_cross(model, gpus, np.arange(len(tp)), cp_ax)
+    tp, pp = tp[i], pp[i]
+    ok = gpus % (tp * pp * cp) == 0
     tp, pp, cp = tp[ok], pp[ok], cp[ok]
     dp = gpus // (tp * pp * cp)
     if fixed.get("dp") is not None:
@@ -54,13 +82,15 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
         tp, pp, cp, dp = tp[ok], pp[ok], cp[ok], dp[ok]
     # expert parallel (carved out of tp*cp*dp, Megatron-Core) and expert-tensor parallel
     if model.moe:
-        ep_ax = axis("ep", divisors(model.moe.experts))
+        # ep divides the experts and tp*cp*dp, hence gcd(experts, gpus): the same valid values
+        # without enumerating the divisors of a huge expert count
+        ep_ax = axis("ep", divisors(math.gcd(model.moe.experts, gpus)))
         etp_vals = np.unique(np.concatenate([[1], tp_ax]))
         etp_ax = axis("etp", etp_vals)
     else:
         ep_ax = axis("ep", np.array([1]))
         etp_ax = axis("etp", np.array([1]))
-    i, ep, etp = _cross(np.arange(len(tp)), ep_ax, etp_ax)
+    i, ep, etp = _guarded_cross(model, gpus, np.arange(len(tp)), ep_ax, etp_ax)
     tp, pp, cp, dp = tp[i], pp[i], cp[i], dp[i]
     ok = ((tp * cp * dp) % (ep * etp) == 0)
     if model.moe:
@@ -70,9 +100,11 @@ def degree_table(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, f
         pass
     tp, pp, cp, dp, ep, etp = (x[ok] for x in (tp, pp, cp, dp, ep, etp))
     mb_ax = axis("micro_batch", np.array([1, 2, 4, 8, 16, 32], dtype=np.int64))
-    i, mb = _cross(np.arange(len(tp)), mb_ax)
+    i, mb = _guarded_cross(model, gpus, np.arange(len(tp)), mb_ax)
     tp, pp, cp, dp, ep, etp = (x[i] for x in (tp, pp, cp, dp, ep, etp))
     ok = (global_batch % (dp * mb) == 0)
+    if int(ok.sum()) > MAX_DEGREE_ROWS:
+        raise _too_large(model, gpus, f"{int(ok.sum()):,}")
     return {k: v[ok] for k, v in dict(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, micro_batch=mb).items()}
 
 
@@ -224,13 +256,15 @@ def iter_candidates(model: ModelSpec, gpus: int, seq_len: int, global_batch: int
 def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict):
     """Explain, in one line, why the user's fixed degrees admit no layout."""
     fixed = {k: v for k, v in fixed.items() if not isinstance(v, (list, tuple))}
+    if gpus > MAX_GPUS:
+        raise PlannerError(f"--gpus {gpus} is more than the planner searches (at most {MAX_GPUS:,})")
     tp, pp, cp, dp = (fixed.get(k) for k in ("tp", "pp", "cp", "dp"))
     prod = 1
     for name, v in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", dp)):
         if v is not None:
             prod *= v
             if gpus % v:
-                raise PlannerError(f"--{name} {v} does not divide --gpus {gpus}; valid: {', '.join(map(str, divisors(gpus)))}")
+                raise PlannerError(f"--{name} {v} does not divide --gpus {gpus}; valid: {_listing(divisors(gpus))}")
     if gpus % prod:
         raise PlannerError(f"the fixed degrees multiply to {prod}, which does not divide --gpus {gpus}")
     if all(v is not None for v in (tp, pp, cp, dp)) and prod != gpus:
@@ -241,10 +275,13 @@ def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fi
         if not model.mla and model.kv_heads % tp:
             raise PlannerError(f"--tp {tp} does not divide the {model.kv_heads} KV heads of {model.name} "
                                f"(Megatron needs kv_heads % tp == 0)")
+    fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
+    if fl + ll > model.layers or ((fl > 0) != (ll > 0) and fl + ll >= model.layers):
+        raise PlannerError(f"--first-stage-layers/--last-stage-layers ({fl}/{ll}) leave no layers for the other "
+                           f"stages: {model.name} has {model.layers} layers")
     if pp is not None:
         if pp > model.layers:
             raise PlannerError(f"--pp {pp} exceeds the {model.layers} layers of {model.name}")
-        fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
         if fl + ll > model.layers or (pp == 1 and (fl or ll)):
             raise PlannerError(f"--first-stage-layers/--last-stage-layers ({fl}/{ll}) do not fit {model.layers} "
                                f"layers over --pp {pp}")
@@ -260,8 +297,99 @@ def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fi
             raise PlannerError(f"--ep {ep} needs a mixture-of-experts model; {model.name} is dense")
         if model.moe.experts % ep:
             raise PlannerError(f"--ep {ep} does not divide the {model.moe.experts} experts of {model.name}")
+    etp = fixed.get("etp")
+    if etp is not None and etp > 1:
+        if not model.moe:
+            raise PlannerError(f"--etp {etp} needs a mixture-of-experts model; {model.name} is dense")
+        if model.moe.expert_ffn_hidden % etp:
+            raise PlannerError(f"--etp {etp} does not divide the expert FFN width {model.moe.expert_ffn_hidden} "
+                               f"of {model.name}")
+        if gpus % etp:
+            raise PlannerError(f"--etp {etp} does not divide --gpus {gpus}; valid: {_listing(divisors(gpus))}")
+    vpp = fixed.get("vpp")
+    if vpp is not None and vpp > 1:
+        if pp == 1:
+            raise PlannerError(f"--vpp {vpp} needs pipeline parallelism (--pp 2 or more), got --pp 1")
+        if vpp >= model.layers:
+            raise PlannerError(f"--vpp {vpp}: each pipeline stage must hold a multiple of {vpp} layers, and "
+                               f"{model.name} has {model.layers} layers (vpp must be below that)")
+    sg = fixed.get("shard_group")
+    if sg and (gpus % sg or (dp is not None and cp is not None and (dp * cp) % sg)):
+        raise PlannerError(f"--shard-group {sg} must divide the data-parallel ranks dp x cp "
+                           f"({dp * cp if dp is not None and cp is not None else f'a divisor of --gpus {gpus}'})")
     mb = fixed.get("micro_batch")
     if mb is not None and dp is not None and global_batch % (mb * dp):
         raise PlannerError(f"--global-batch {global_batch} is not divisible by micro-batch x dp = {mb * dp}")
     if dp is not None and global_batch % dp:
         raise PlannerError(f"--global-batch {global_batch} is not divisible by dp = {dp}")
+    if mb is not None and global_batch % mb:
+        raise PlannerError(f"--global-batch {global_batch} is not divisible by --micro-batch {mb}; valid "
+                           f"micro-batches up to {MAX_MICRO_BATCH}: "
+                           f"{_listing([d for d in range(1, MAX_MICRO_BATCH + 1) if global_batch % d == 0])}")
+
+
+def _listing(values, most: int = 24) -> str:
+    """'1, 2, 4' -- or the first and last few of a long list, with the count."""
+    v = [str(int(x)) for x in values]
+    if len(v) <= most:
+        return ", ".join(v)
+    return f"{', '.join(v[:most - 4])}, ..., {', '.join(v[-3:])} ({len(v)} values)"
+
+
+# knobs that decide whether a layout exists (the others -- sp, recompute, zero, precision, cp_comm --
+# are valid with every layout)
+_VALIDITY_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "schedule",
+                   "first_stage_layers", "last_stage_layers", "shard_group")
+_HINTS = {
+    "vpp": "each pipeline stage must hold a multiple of vpp layers",
+    "micro_batch": "the global batch must split into dp x micro-batch",
+    "first_stage_layers": "the layers left must split evenly over the other stages",
+    "last_stage_layers": "the layers left must split evenly over the other stages",
+    "shard_group": "the shard group must divide dp x cp",
+    "etp": "ep x etp must divide tp x cp x dp",
+    "ep": "ep x etp must divide tp x cp x dp",
+}
+_SCHEDULE_HINTS = {"dualpipe": "DualPipe needs an even pp and at least pp micro-batches",
+                   "zbv": "ZB-V needs an even number of layers per stage",
+                   "interleaved": "interleaving needs the micro-batches per step divisible by pp"}
+
+
+def explain_empty(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict,
+                  precisions=("bf16",)) -> None:
+    """Called when no layout satisfies the constraints. If knobs the user fixed are the cause,
+    raise a one-line PlannerError naming them -- the fixed knobs whose release alone admits
+    layouts -- and, for a single one, the values that would; otherwise return."""
+    given = [k for k in _VALIDITY_KNOBS if fixed.get(k) is not None and not isinstance(fixed[k], (list, tuple))]
+    if not given:
+        return
+
+    def admits(fx) -> bool:
+        return next(iter_candidates(model, gpus, seq_len, global_batch, fx, precisions, {}), None) is not None
+
+    without = lambda *ks: {k: v for k, v in fixed.items() if k not in ks}  # noqa: E731
+    if admits(fixed) or not admits(without(*given)):
+        return      # not the fixed knobs' doing (the model and GPU count admit no layout at all)
+    flag = lambda k: f"--{k.replace('_', '-')} {fixed[k]}"  # noqa: E731
+    hint = lambda k: _SCHEDULE_HINTS.get(fixed[k]) if k == "schedule" else _HINTS.get(k)  # noqa: E731
+    culprits = [k for k in given if admits(without(k))]
+    where = f"no layout of {model.name} on {gpus} GPUs"
+    if len(culprits) != 1:
+        hints = "; ".join(dict.fromkeys(h for h in map(hint, culprits or given) if h))
+        hints = f" ({hints})" if hints else ""
+        if culprits:
+            raise PlannerError(f"{where} has {' and '.join(flag(k) for k in culprits)} together{hints}; "
+                               "releasing any one of them admits layouts")
+        raise PlannerError(f"{where} satisfies the fixed knobs {' '.join(flag(k) for k in given)} together{hints}")
+    k = culprits[0]
+    seen, rows = set(), 0
+    for c in iter_candidates(model, gpus, seq_len, global_batch, without(k), precisions, {}):
+        col = c.cols[k]
+        seen.update(SCHEDULES[int(x)] if k == "schedule" else int(x) for x in np.unique(col))
+        rows += len(col)
+        if rows > 4_000_000:
+            break
+    vals = sorted(seen, key=lambda x: (isinstance(x, str), x))
+    raise PlannerError(f"{where} has {flag(k)} with the other knobs as given"
+                       f"{f' ({hint(k)})' if hint(k) else ''}; valid"
+                       f"{' values include' if rows > 4_000_000 else ''}: "
+                       f"{', '.join(map(str, vals)) if k == 'schedule' else _listing(vals)}")

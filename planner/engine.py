@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .candidates import check_fixed, iter_candidates
+from .candidates import MAX_GPUS, check_fixed, degree_table, explain_empty, iter_candidates
 from .costmodel import MEMORY_TERMS, TIME_TERMS, evaluate
 from .errors import PlannerError
 from .hardware import Cluster
@@ -17,6 +17,14 @@ from .stacks import STACKS, Stack
 from .units import GiB
 
 OBJECTIVES = ("throughput", "cost", "time")
+# layouts one search may score; more is refused (issue 7: answer or refuse within 10 s). Calibrated on
+# a 2-core CPU: ~1.1M layouts/s for one GPU count (6M: ~5.5 s), ~0.65M/s over a range, which also
+# keeps a Pareto front (4M: ~6 s). Raise them as scoring gets faster.
+MAX_LAYOUTS = 6_000_000
+MAX_RANGE_LAYOUTS = 4_000_000
+PRECOUNT_ROWS = 2048         # degree rows above which a search counts its layouts before scoring
+MAX_TOP = 10_000             # plans one search returns with breakdowns
+MAX_INT = 1 << 53            # integers the float64 cost model represents exactly
 DEFAULT_SEQ_LEN = 4096
 DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024   # default global batch: 4Mi tokens (GPT-3's 3.2M, Llama-3's 4M-16M)
 
@@ -148,6 +156,7 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     if objective not in OBJECTIVES:
         raise PlannerError(f"unknown objective '{objective}'; valid: {', '.join(OBJECTIVES)}")
+    _check_inputs(model, seq_len, global_batch, fixed, top, tokens, price, moe_imbalance, capacity_factor)
     if isinstance(stack, str):
         from .stacks import get_stack
         stack = get_stack(stack)
@@ -163,6 +172,7 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
     for g in counts:
         if len(counts) == 1:
             check_fixed(model, g, seq_len, global_batch, fixed)
+    _check_space(model, gpus, counts, seq_len, global_batch, fixed, precisions, overlap or {})
     keep = max(top, 1)
     best_s = best_i = None
     best_c = []
@@ -171,6 +181,8 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
     pareto_pts = []
     for g in counts:
         for cands in iter_candidates(model, g, seq_len, global_batch, fixed, precisions, overlap or {}):
+            if evaluated + len(cands) > _budget(counts):
+                raise _too_many(model, gpus, counts)
             ev = evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor, detail=False)
             evaluated += len(cands)
             ok = ev["feasible"]
@@ -196,6 +208,8 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
         # merge periodically to bound memory
         if len(best_c) > 8:
             best_c = [_merge(best_c, keep)]
+    if evaluated == 0 and len(counts) == 1:
+        explain_empty(model, counts[0], seq_len, global_batch, fixed, precisions)   # fixed knobs at fault: raises
     # the few kept candidates are scored again with their breakdowns
     full = lambda cands: evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor)  # noqa: E731
     plans = []
@@ -231,17 +245,88 @@ def _merge(parts, keep):
     return sc[idx], Candidates({kk: v[idx] for kk, v in cols.items()}), {kk: v[idx] for kk, v in ev.items()}
 
 
+def _budget(counts) -> int:
+    return MAX_LAYOUTS if len(counts) == 1 else MAX_RANGE_LAYOUTS
+
+
+def _too_many(model, gpus, counts) -> PlannerError:
+    return PlannerError(f"the search space of {model.name} on {_gpus_text(gpus)} GPUs has more than "
+                        f"{_budget(counts):,} layouts; hold some of --tp, --pp, --cp, --ep, --micro-batch, "
+                        "--precision, --recompute, --zero fixed, or narrow --gpus")
+
+
+def _check_space(model, gpus, counts, seq_len, global_batch, fixed, precisions, overlap) -> None:
+    """Refuse up front a search over more than MAX_LAYOUTS layouts. Where the space may be that
+    large (a GPU range, or many degree rows) the layouts are counted first: generating them costs
+    a small fraction of scoring them. (The search loop checks the same bound as it goes.)"""
+    if len(counts) == 1 and len(degree_table(model, counts[0], seq_len, global_batch, fixed)["tp"]) <= PRECOUNT_ROWS:
+        return
+    total = 0
+    for g in counts:
+        for c in iter_candidates(model, g, seq_len, global_batch, fixed, precisions, overlap):
+            total += len(c)
+            if total > _budget(counts):
+                raise _too_many(model, gpus, counts)
+
+
+def _gpus_text(gpus) -> str:
+    return str(gpus) if isinstance(gpus, (int, np.integer)) else "-".join(map(str, gpus))
+
+
+def _check_int(name: str, v, lo: int = 1, hi: int = MAX_INT) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise PlannerError(f"{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise PlannerError(f"{name} must be between {lo} and {hi:,}, got {v}")
+
+
+def _check_inputs(model, seq_len, global_batch, fixed, top, tokens, price, moe_imbalance, capacity_factor):
+    """Refuse, in one line, numbers the search cannot represent or that make no sense (they would
+    overflow int64 columns or give inf/NaN predictions)."""
+    import math
+    from .layout import INT_KNOBS
+    for name, v in (("--seq-len", seq_len), ("--global-batch", global_batch)):
+        if v is not None:
+            _check_int(name, v)
+    _check_int("--top", top, 1, MAX_TOP)
+    for k in INT_KNOBS:
+        for v in (fixed[k] if isinstance(fixed.get(k), (list, tuple)) else [fixed.get(k)]):
+            if v is not None:
+                _check_int(f"--{k.replace('_', '-')}", v, 0 if k in ("zero", "shard_group", "first_stage_layers",
+                                                                       "last_stage_layers") else 1)
+    for name, v, lo in (("--tokens", tokens, 0.0), ("--price", price, 0.0), ("--moe-imbalance", moe_imbalance, 1.0),
+                        ("--capacity-factor", capacity_factor, 0.0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
+                              or not math.isfinite(v) or v < lo):
+            raise PlannerError(f"{name} must be a finite number >= {lo:g}, got {v!r}")
+    if model.moe and moe_imbalance > model.moe.experts / model.moe.top_k:
+        # all tokens on one expert: load experts/top_k times the mean, the most there can be
+        raise PlannerError(f"--moe-imbalance {moe_imbalance:g} is more than {model.name} allows: at most "
+                           f"experts / top_k = {model.moe.experts / model.moe.top_k:g} (every token on one expert)")
+
+
 def gpu_counts(gpus, cluster: Cluster) -> list:
     """A single count, or for a (lo, hi) range the counts clusters are allocated in: the ends of
     the range, powers of two, and the innermost domain size times powers of two (e.g. 72 x 2^k
     on NVL72) that lie in it."""
-    if isinstance(gpus, (int, np.integer)):
+    if isinstance(gpus, (int, np.integer)) and not isinstance(gpus, bool):
         if gpus < 1:
             raise PlannerError(f"--gpus must be >= 1, got {gpus}")
+        if gpus > MAX_GPUS:
+            raise PlannerError(f"--gpus {gpus} is more than the planner searches (at most {MAX_GPUS:,})")
         return [int(gpus)]
-    lo, hi = (int(x) for x in gpus)
+    try:
+        lo, hi = (x for x in gpus)
+    except (TypeError, ValueError):
+        raise PlannerError(f"--gpus must be a count or a (LO, HI) range, got {gpus!r}") from None
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise PlannerError(f"--gpus range ends must be integers, got {gpus!r}")
+    lo, hi = int(lo), int(hi)
     if lo < 1 or hi < lo:
         raise PlannerError(f"--gpus range must be LO-HI with 1 <= LO <= HI, got {lo}-{hi}")
+    if hi > MAX_GPUS:
+        raise PlannerError(f"--gpus range {lo}-{hi} goes beyond what the planner searches (at most {MAX_GPUS:,})")
     dom = next((d for d in cluster.domain_sizes if d), 8)
     out = {lo, hi}
     for base in {1, dom}:
