@@ -297,7 +297,9 @@ def finish(a, plan, per_rank, prov, base) -> int:
            "profile": str(Path(a.out).name), "base": base.name if base is not None else None}
     if not getattr(a, "from_points", None):
         atomic_write_text(points_path(a.out), json.dumps(pts, indent=1, default=_plain) + "\n")
-    prof = build_profile(name, fits, prov, base)
+    prof = build_profile(name, fits, prov, base)       # adds fits["layer_probe"]
+    if not getattr(a, "from_points", None) and "layer_probe" in fits:
+        atomic_write_text(points_path(a.out), json.dumps(pts, indent=1, default=_plain) + "\n")
     text = profile_to_toml(prof, header=f"{name}: written by python -m validate calibrate; raw points, fits "
                                         f"and residuals in {points_path(a.out).name}")
     import tomllib

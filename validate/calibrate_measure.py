@@ -103,6 +103,10 @@ def build_plan(*, world: int, local: int, device: str, quick: bool, max_bytes: i
             items.append(dict(kind="memory", op=op, bytes=nbytes, dtype="float32"))
     for layers in (1, 3):
         items.append(dict(kind="overhead", layers=layers, dtype="float32"))
+    # the same step at a training-like size: what the planner's terms leave over is elementwise
+    lh, ls = ((2048, 2048) if cuda else (512, 256)) if not quick else ((1024, 1024) if cuda else (256, 128))
+    for layers in (1, 3):
+        items.append(dict(kind="overhead", layers=layers, dtype="float32", hidden=lh, seq=ls))
     hi = max_bytes or ((4 * MIB if cuda else 1 * MIB) if quick else 256 * MIB)
     sizes = byte_sizes(4 * KIB, hi, 4 if not quick else 16)
     groups = group_sizes(world, local)
@@ -129,7 +133,8 @@ def describe(item: dict) -> str:
     if k == "memory":
         return f"memory {item['op']} {_size(item['bytes'])}"
     if k == "overhead":
-        return f"overhead {item['layers']}-layer step"
+        return (f"{item['layers']}-layer step" + (f" at hidden {item['hidden']}, seq {item['seq']}"
+                                                  if item.get("hidden") else " at a tiny size"))
     return (f"{item['op']} {_size(item['bytes'])} in groups of {item['group']}"
             + (" between GEMMs" if item.get("loaded") else ""))
 
@@ -139,6 +144,16 @@ def _size(n: int) -> str:
         if n >= f and n % f == 0:
             return f"{n // f} {unit}"
     return f"{n} B"
+
+
+def probe_spec(it: dict):
+    """The model of an overhead item: validate's transformer, tiny unless sized."""
+    from planner.model_spec import ModelSpec
+    h = it.get("hidden", 16)
+    heads = max(h // 64, 2)
+    return ModelSpec(name="overhead-probe", layers=it["layers"], hidden=h, heads=heads,
+                     kv_heads=max(heads // 2, 1) if h > 16 else heads, ffn_hidden=2 * h,
+                     vocab=max(2 * h, 32), mlp="swiglu")
 
 
 def available_bytes(device) -> int | None:
@@ -264,12 +279,10 @@ class Rank:
         """A training step of validate's own model with `layers` layers at a tiny size: the
         difference between layer counts is the host cost of one layer's kernels."""
         t = self.torch
-        from planner.model_spec import ModelSpec
         from .model import Chunk, Ctx, Init, Rope, cross_entropy_sum
-        spec = ModelSpec(name="overhead-probe", layers=it["layers"], hidden=16, heads=2, kv_heads=2,
-                         ffn_hidden=32, vocab=32, mlp="swiglu")
+        spec = probe_spec(it)
         dt = self._dtype(it["dtype"])
-        s = 16
+        s = it.get("seq", 16)
         ctx = Ctx(spec, "none", Rope(t.arange(s), spec.head_dim, dt, self.device))
         model = Chunk(spec, range(spec.layers), True, True, ctx, Init(0, dt, self.device))
         opt = t.optim.Adam(model.parameters(), lr=1e-3)

@@ -37,7 +37,8 @@ def _group_time(it, res):
 def analyse(plan, per_rank, prov, base=None, collectives="loaded") -> dict:
     """Every fit, with its residuals, and the points it was made from (medians over ranks)."""
     items = _by_item(plan, per_rank)
-    out = {"points": {"gemm": [], "attention": [], "memory": [], "overhead": [], "collective": []}}
+    out = {"points": {"gemm": [], "attention": [], "memory": [], "overhead": [], "layer_probe": [],
+                      "collective": []}}
     P = out["points"]
     for it, res in items:
         k = it["kind"]
@@ -56,7 +57,7 @@ def analyse(plan, per_rank, prov, base=None, collectives="loaded") -> dict:
             P["memory"].append(dict(it, seconds=s, bytes_moved=res[0]["bytes_moved"],
                                     bytes_per_s=res[0]["bytes_moved"] / s))
         elif k == "overhead":
-            P["overhead"].append(dict(it, seconds=s))
+            P["overhead" if not it.get("hidden") else "layer_probe"].append(dict(it, seconds=s))
     cuda = prov["device_type"] == "cuda"
     primary = "bfloat16" if cuda else "float32"
     # ---- GEMM: peak per precision, then the efficiency curve
@@ -345,7 +346,62 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
     if ab:
         eff["attention_by_precision"] = ab
     d["efficiency"] = eff
+    probe = fits["points"].get("layer_probe") or []
+    if len({p["layers"] for p in probe}) >= 2:
+        lp = fit_layer_probe(d, probe)
+        fits["layer_probe"] = lp
+        stream = eff["hbm"]["value"]
+        eff["hbm"] = _num(lp["hbm"], (
+            f"fraction of the best streaming rate above that the elementwise work of validate's eager "
+            f"transformer layer reaches in the planner's terms: a training step (forward, backward, Adam) "
+            f"at hidden {lp['hidden']}, sequence {lp['seq']} with 1 and 3 layers on every rank at once; "
+            f"the per-layer time ({lp['measured_per_layer_s']:.4g} s) left after the planner's GEMM, "
+            f"attention and per-kernel terms, over the planner's elementwise and optimizer bytes"
+            + ("; the planner's terms alone exceed the measurement, so 1.0" if lp["capped"] else "")
+            + f". Copy / add / scale alone reach {stream:.3g} of it; {who}{share}"))
     return d
+
+
+def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
+    """The profile's hbm efficiency that makes the planner's per-layer time (the difference of
+    1- and 3-layer steps, as validate runs them: calibrate_predict) equal the measured one."""
+    import dataclasses
+
+    from planner.hardware import cluster_from_dict
+    from planner.layout import Layout
+    from .calibrate_measure import probe_spec
+    from .calibrate_predict import predict
+    cl = cluster_from_dict(d, "calibrated")
+    by = {p["layers"]: p for p in probe}
+    lo_l, hi_l = min(by), max(by)
+    meas = (by[hi_l]["seconds"] - by[lo_l]["seconds"]) / (hi_l - lo_l)
+    seq = by[lo_l]["seq"]
+    lay = Layout(micro_batch=1, global_batch=1, seq_len=seq, zero=0)
+
+    def per_layer(e):
+        c = dataclasses.replace(cl, efficiency=dataclasses.replace(cl.efficiency, hbm=e))
+        t = {L: predict(probe_spec(by[L]), lay, c, None, dtype)[0].step_time_s for L in (lo_l, hi_l)}
+        return (t[hi_l] - t[lo_l]) / (hi_l - lo_l)
+
+    capped = per_layer(1.0) >= meas
+    if capped:
+        e = 1.0
+    else:
+        a, b = 1e-4, 1.0                      # per_layer decreases with e
+        if per_layer(a) < meas:
+            e = a
+        else:
+            for _ in range(60):
+                m = (a * b) ** 0.5
+                if per_layer(m) > meas:
+                    a = m
+                else:
+                    b = m
+            e = (a * b) ** 0.5
+    pred = per_layer(e)
+    return {"hbm": e, "capped": capped, "measured_per_layer_s": meas, "predicted_per_layer_s": pred,
+            "hidden": by[lo_l]["hidden"], "seq": seq,
+            "residual": (pred - meas) / meas}
 
 
 def _mem_total() -> int:
@@ -381,6 +437,11 @@ def summary_table(fits: dict, prov: dict) -> str:
     o = fits["overhead"]
     L.append(f"host overhead per kernel         {o['kernel_overhead_s'] * 1e6:10.2f} us")
     L.append(f"host overhead per step           {o['step_overhead_s'] * 1e3:10.3f} ms")
+    if fits.get("layer_probe"):
+        lp = fits["layer_probe"]
+        L.append(f"elementwise efficiency (layer)   {lp['hbm']:10.3f}          (layer at hidden {lp['hidden']}, "
+                 f"seq {lp['seq']}: {lp['measured_per_layer_s'] * 1e3:.1f} ms measured"
+                 + (", planner terms alone exceed it" if lp["capped"] else "") + ")")
     for cond, levels in fits.get("levels_by_condition", {"": fits["levels"]}).items():
         for lv in levels:
             L += _level_lines(cond, lv, cond == fits.get("collectives_used"))
