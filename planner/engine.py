@@ -18,9 +18,10 @@ from .units import GiB
 
 OBJECTIVES = ("throughput", "cost", "time")
 # layouts one search may score; more is refused (issue 7: answer or refuse within 10 s). Calibrated on
-# a 2-core CPU: ~1M layouts/s for one GPU count (8M: deepseek-v3 on 8,192 GPUs, ~8 s), ~0.65M/s over
-# a range, which also keeps a Pareto front (4M: ~6 s). Raise them as scoring gets faster.
-MAX_LAYOUTS = 8_000_000
+# a 2-core CPU: 0.9-1.1M layouts/s for one GPU count (6M: ~7 s with start-up and the count; deepseek-v3
+# fits up to 2,048 GPUs), ~0.65M/s over a range, which also keeps a Pareto front (4M: ~6 s). Raise
+# them as scoring gets faster.
+MAX_LAYOUTS = 6_000_000
 MAX_RANGE_LAYOUTS = 4_000_000
 PRECOUNT_ROWS = 2048         # degree rows above which a search counts its layouts before scoring
 MAX_TOP = 10_000             # plans one search returns with breakdowns
