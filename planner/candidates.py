@@ -306,7 +306,12 @@ def check_fixed(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fi
                                f"of {model.name}")
         if gpus % etp:
             raise PlannerError(f"--etp {etp} does not divide --gpus {gpus}; valid: {_listing(divisors(gpus))}")
+    if ep is not None and etp is not None and gpus % (ep * etp):
+        raise PlannerError(f"--ep {ep} x --etp {etp} = {ep * etp} does not divide --gpus {gpus} "
+                           "(expert parallelism is carved out of tp x cp x dp)")
     vpp = fixed.get("vpp")
+    if vpp == 1 and fixed.get("schedule") == "interleaved":
+        raise PlannerError("--schedule interleaved needs --vpp 2 or more (virtual stages per rank), got --vpp 1")
     if vpp is not None and vpp > 1:
         if pp == 1:
             raise PlannerError(f"--vpp {vpp} needs pipeline parallelism (--pp 2 or more), got --pp 1")
@@ -355,41 +360,41 @@ _SCHEDULE_HINTS = {"dualpipe": "DualPipe needs an even pp and at least pp micro-
 
 
 def explain_empty(model: ModelSpec, gpus: int, seq_len: int, global_batch: int, fixed: dict,
-                  precisions=("bf16",)) -> None:
-    """Called when no layout satisfies the constraints. If knobs the user fixed are the cause,
-    raise a one-line PlannerError naming them -- the fixed knobs whose release alone admits
-    layouts -- and, for a single one, the values that would; otherwise return."""
-    given = [k for k in _VALIDITY_KNOBS if fixed.get(k) is not None and not isinstance(fixed[k], (list, tuple))]
-    if not given:
-        return
+                  precisions=("bf16",)) -> str | None:
+    """Why no layout satisfies the constraints, when the knobs the user fixed are the cause.
+
+    A knob that admits no layout of this model on this many GPUs on its own (every other knob
+    free) is an error, as in check_fixed: raise a one-line PlannerError naming it, why where that
+    is simple to say, and the values that would work. A combination of knobs, each possible alone,
+    is an empty search result, not an error (a sweep over strategies relies on that): return a
+    one-line reason naming the knobs that clash. None when nothing fixed is to blame."""
+    free = {k: v for k, v in fixed.items() if isinstance(v, (list, tuple))}   # the stack's lists
+    given = [k for k in _VALIDITY_KNOBS if fixed.get(k) is not None and k not in free]
 
     def admits(fx) -> bool:
         return next(iter_candidates(model, gpus, seq_len, global_batch, fx, precisions, {}), None) is not None
 
-    without = lambda *ks: {k: v for k, v in fixed.items() if k not in ks}  # noqa: E731
-    if admits(fixed) or not admits(without(*given)):
-        return      # not the fixed knobs' doing (the model and GPU count admit no layout at all)
+    if not given or not admits(free):
+        return None     # nothing fixed, or the model and GPU count admit no layout at all
     flag = lambda k: f"--{k.replace('_', '-')} {fixed[k]}"  # noqa: E731
     hint = lambda k: _SCHEDULE_HINTS.get(fixed[k]) if k == "schedule" else _HINTS.get(k)  # noqa: E731
-    culprits = [k for k in given if admits(without(k))]
     where = f"no layout of {model.name} on {gpus} GPUs"
-    if len(culprits) != 1:
-        hints = "; ".join(dict.fromkeys(h for h in map(hint, culprits or given) if h))
-        hints = f" ({hints})" if hints else ""
-        if culprits:
-            raise PlannerError(f"{where} has {' and '.join(flag(k) for k in culprits)} together{hints}; "
-                               "releasing any one of them admits layouts")
-        raise PlannerError(f"{where} satisfies the fixed knobs {' '.join(flag(k) for k in given)} together{hints}")
-    k = culprits[0]
-    seen, rows = set(), 0
-    for c in iter_candidates(model, gpus, seq_len, global_batch, without(k), precisions, {}):
-        col = c.cols[k]
-        seen.update(SCHEDULES[int(x)] if k == "schedule" else int(x) for x in np.unique(col))
-        rows += len(col)
-        if rows > 4_000_000:
-            break
-    vals = sorted(seen, key=lambda x: (isinstance(x, str), x))
-    raise PlannerError(f"{where} has {flag(k)} with the other knobs as given"
-                       f"{f' ({hint(k)})' if hint(k) else ''}; valid"
-                       f"{' values include' if rows > 4_000_000 else ''}: "
-                       f"{', '.join(map(str, vals)) if k == 'schedule' else _listing(vals)}")
+    alone = next((k for k in given if not admits({**free, k: fixed[k]})), None)
+    if alone is not None:
+        k, seen, rows = alone, set(), 0
+        for c in iter_candidates(model, gpus, seq_len, global_batch, free, precisions, {}):
+            col = c.cols[k]
+            seen.update(SCHEDULES[int(x)] if k == "schedule" else int(x) for x in np.unique(col))
+            rows += len(col)
+            if rows > 4_000_000:
+                break
+        vals = sorted(seen, key=lambda x: (isinstance(x, str), x))
+        raise PlannerError(f"{where} has {flag(k)}{f' ({hint(k)})' if hint(k) else ''}; "
+                           f"valid{' values include' if rows > 4_000_000 else ''}: "
+                           f"{', '.join(map(str, vals)) if k == 'schedule' else _listing(vals)}")
+    without = lambda k: {kk: v for kk, v in fixed.items() if kk != k}  # noqa: E731
+    release = [k for k in given if admits(without(k))]     # each of these alone would admit layouts
+    clash = release or given
+    hints = "; ".join(dict.fromkeys(h for h in map(hint, clash) if h))
+    return (f"{where} has {' and '.join(flag(k) for k in clash)} together{f' ({hints})' if hints else ''}"
+            + ("; releasing any one of them admits layouts" if release else ""))

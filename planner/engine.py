@@ -89,6 +89,7 @@ class SearchResult:
     plans: list = field(default_factory=list)        # best first, feasible only
     closest_infeasible: Plan | None = None
     pareto: list = field(default_factory=list)
+    empty_reason: str | None = None   # no layout at all: which fixed knobs clash (candidates.explain_empty)
 
     @property
     def best(self) -> Plan | None:
@@ -209,8 +210,9 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
         # merge periodically to bound memory
         if len(best_c) > 8:
             best_c = [_merge(best_c, keep)]
-    if evaluated == 0 and len(counts) == 1:
-        explain_empty(model, counts[0], seq_len, global_batch, fixed, precisions)   # fixed knobs at fault: raises
+    empty_reason = None
+    if evaluated == 0 and len(counts) == 1:    # a fixed knob impossible on its own raises; a clash is said
+        empty_reason = explain_empty(model, counts[0], seq_len, global_batch, fixed, precisions)
     # the few kept candidates are scored again with their breakdowns
     full = lambda cands: evaluate(model, cluster, cands, stack, moe_imbalance, capacity_factor)  # noqa: E731
     plans = []
@@ -234,7 +236,7 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
                         gpus=counts[0] if len(counts) == 1 else int(plans[0].gpus) if plans else counts[-1],
                         evaluated=evaluated, feasible=feasible,
                         search_seconds=time.perf_counter() - t0, plans=plans,
-                        closest_infeasible=closest_plan, pareto=pareto)
+                        closest_infeasible=closest_plan, pareto=pareto, empty_reason=empty_reason)
 
 
 def _merge(parts, keep):

@@ -152,7 +152,7 @@ BAD = [
     ("etp-not-dividing-expert-ffn", ["--model", "mixtral-8x7b", "--gpus", "64", "--etp", "3"],
      "--etp 3 does not divide the expert FFN width"),
     ("ep-etp-together", ["--model", "mixtral-8x7b", "--gpus", "16", "--ep", "8", "--etp", "8"],
-     "--ep 8 and --etp 8 together"),
+     "--ep 8 x --etp 8 = 64 does not divide --gpus 16"),
     # ---- batch into micro-batches x dp
     ("batch-vs-mb-dp", M + ["--dp", "64", "--micro-batch", "3", "--global-batch", "64"],
      "not divisible by micro-batch x dp = 192"),
@@ -160,10 +160,10 @@ BAD = [
     ("batch-vs-mb", M + ["--micro-batch", "3"], "not divisible by --micro-batch 3; valid micro-batches"),
     # ---- virtual pipeline stages the layer count cannot satisfy
     ("vpp-above-layers", M + ["--vpp", "1000"], "--vpp 1000: each pipeline stage must hold a multiple of 1000"),
-    ("vpp-no-split", M + ["--vpp", "7"], "has --vpp 7 with the other knobs as given"),
+    ("vpp-no-split", M + ["--vpp", "7"], "has --vpp 7 (each pipeline stage must hold a multiple of vpp layers)"),
     ("vpp-without-pp", M + ["--vpp", "2", "--pp", "1"], "--vpp 2 needs pipeline parallelism"),
     ("vpp-wrong-schedule", M + ["--vpp", "2", "--schedule", "1f1b"], "--vpp 2 needs --schedule interleaved"),
-    ("vpp-one-interleaved", M + ["--vpp", "1", "--schedule", "interleaved"], "--vpp 1 and --schedule interleaved"),
+    ("vpp-one-interleaved", M + ["--vpp", "1", "--schedule", "interleaved"], "interleaved needs --vpp 2 or more"),
     ("stage-layers-too-many", M + ["--first-stage-layers", "100"], "leave no layers for the other stages"),
     ("stage-layers-uneven", M + ["--pp", "4", "--first-stage-layers", "3"], "do not divide over the other 3 stages"),
     # ---- model files
@@ -345,6 +345,16 @@ def test_huge_input_answers_or_refuses_in_10s_and_2gb(argv, status, needle, huge
         assert err.startswith("no layout of "), err     # says why: the overflowing term, or no valid layout
     else:
         assert out.strip()
+
+
+def test_an_impossible_combination_is_an_empty_result_not_an_error():
+    """Library use: a sweep over strategies (notebooks/01) gets an empty result where a combination
+    of fixed knobs admits no layout, each knob being possible on its own."""
+    from planner import load_hardware, load_model, search
+    res = search(load_model("llama-3-70b"), load_hardware("h100-sxm"), 1024, fixed=dict(tp=1, pp=1, cp=1), top=1)
+    assert res.evaluated == 0 and res.best is None
+    assert res.empty_reason == ("no layout of llama-3-70b on 1024 GPUs has --tp 1 and --pp 1 and --cp 1 together; "
+                                "releasing any one of them admits layouts")
 
 
 # ---- found by this suite and fixed in planner/cli.py ---------------------------------------------
