@@ -499,14 +499,18 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     reserved = np.full(n, gpu.reserved_bytes)
     buffers = 2 * lq["act"]                           # TP/SP all-gather in/out buffers of one activation
 
+    layer_dense = (dd_shard / tp + dd_repl) if model.dense_layers else 0.0
+    if model.moe:
+        layer_dense = np.maximum(layer_dense, dm_shard / tp + dm_repl)
+    prefetch = 2 * 2.0 * (layer_dense * (shard > 1) + P_exp_layer / (ep * etp) * (eshard > 1))
+
     def stage_mem(layers, ndense, prm, inflight, is_last, is_first):
         pd_, pe_ = prm
         w_d, g_d, o_d = M.model_state_bytes(pd_, shard, zero, stack.grad_bytes, 1.0)
         w_e, g_e, o_e = M.model_state_bytes(pe_, eshard, zero, stack.grad_bytes, 1.0)
         # ZeRO-3 gathers one layer ahead (prefetch): two layers of full weights in flight
-        # (nothing is gathered where the shard group is one rank)
-        gathered = pd_ * (shard > 1) + pe_ * (eshard > 1)
-        weights = (w_d + w_e) * wbytes * copies + np.where(zero == 3, 4.0 * gathered / np.maximum(layers, 1), 0.0)
+        # (two layers' bf16 weights; nothing is gathered where the shard group is one rank)
+        weights = (w_d + w_e) * wbytes * copies + np.where(zero == 3, prefetch, 0.0)
         acts = (ndense * act_dense + (layers - ndense) * act_moe) * inflight + live
         acts = acts + np.where(is_first, lq["act_emb"] * inflight, 0.0)
         return dict(weights=weights, gradients=(g_d + g_e) * copies, optimizer=(o_d + o_e) * copies,
