@@ -295,8 +295,10 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
     if "efficiency" in d:
         e = d["efficiency"]
         ew = f"{w}: efficiency"
-        if not isinstance(e, dict) or not isinstance(e.get("gemm_max", {}), dict):
-            raise PlannerError(f"{ew}: [efficiency] and [efficiency.gemm_max] must be tables")
+        if not isinstance(e, dict) or not all(isinstance(e.get(t, {}), dict)
+                                              for t in ("gemm_max", "attention_by_precision")):
+            raise PlannerError(f"{ew}: [efficiency], [efficiency.gemm_max] and "
+                               "[efficiency.attention_by_precision] must be tables")
         gm = dict(eff.gemm_max)
         for prec in e.get("gemm_max", {}):
             if prec not in PRECISIONS:
@@ -309,7 +311,7 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
         ab = {}
         for prec in e.get("attention_by_precision", {}):
             if prec not in PRECISIONS:
-                raise PlannerError(f"{ew}.attention_by_precision.{prec}: unknown precision; "
+                raise PlannerError(f"{ew}.attention_by_precision.{_show(prec, 40)}: unknown precision; "
                                    f"valid: {', '.join(PRECISIONS)}")
             ab[prec] = _num(e["attention_by_precision"], prec, f"{ew}.attention_by_precision")
         for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()] \

@@ -345,6 +345,9 @@ def test_fuzz_hf_config_loader():
 
 # ---- hardware profiles -------------------------------------------------------------------------
 PROFILES = [tomllib.loads((PROFILE_DIR / f"{n}.toml").read_text()) for n in list_hardware()]
+# keys a profile may have beyond the bundled ones' (calibrated profiles: validate/calibrate)
+PROFILE_KEYS = ["attention_by_precision", "kernel_overhead", "step_overhead", "fit", "gemm_max", "algorithm",
+                "oversubscription", "reserved_bytes", "sparsity", "value", "source", "efficiency", "network"]
 GPT = load_model("gpt-1.7b")
 
 
@@ -378,8 +381,8 @@ def gen_profile(rng) -> dict:
                                          {"value": -1, "source": "x"}, {"value": 0}, {"source": "x"}])
         elif op == 3 and isinstance(container, list) and container:
             container.append(json.loads(json.dumps(rng.choice(container))))
-        elif isinstance(container, dict):
-            container[rand_text(rng) or "k"] = rand_value(rng)
+        elif isinstance(container, dict):    # a key the loader knows (optional ones too) or a new one
+            container[rng.choice(PROFILE_KEYS + [rand_text(rng) or "k"])] = rand_value(rng)
     return d
 
 
