@@ -253,6 +253,7 @@ def serialize(rng, d: dict) -> tuple:
 
 
 def _load_text(text, suffix: str):
+    TMP.mkdir(parents=True, exist_ok=True)   # another run's clean-up must not break this one
     p = TMP / f"m{suffix}"
     p.write_bytes(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
     try:
@@ -394,6 +395,7 @@ def _fuzz_profile(seed):
     d = gen_profile(rng)
     try:
         if rng.random() < 0.5:
+            TMP.mkdir(parents=True, exist_ok=True)
             p = TMP / "hw.toml"
             p.write_text(to_toml(_no_none(d)), encoding="utf-8", errors="surrogatepass")
             c = load_hardware.__wrapped__(str(p))      # bypass the cache: a new profile every time
