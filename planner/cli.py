@@ -4,7 +4,8 @@
     plan models | plan hardware
 
 Imports are lazy so the command starts fast. Bad input: one line on stderr, exit status 2.
-No layout fits: the reason on stderr, exit status 1.
+No layout fits in memory: the reason on stderr, exit status 1. Fixed knobs that admit no layout
+together: one line naming them, exit status 2.
 """
 from __future__ import annotations
 
@@ -167,11 +168,13 @@ def run(argv) -> int:
     if a.mtbf_hours:
         from .goodput import goodput_for
         goodput = goodput_for(res, model, a.mtbf_hours, a.checkpoint_minutes, a.checkpoint_write_s, cluster)
+    if not res.plans and res.evaluated == 0:
+        # the fixed knobs, each possible alone, clash: an input error that names them
+        raise PlannerError(res.empty_reason or f"no layout of {model.name} on {res.gpus} GPUs satisfies "
+                                               f"the divisibility constraints with the fixed knobs")
     if not res.plans:
         msg = f"no layout of {model.name} fits on {res.gpus} x {cluster.name}"
-        if res.evaluated == 0:
-            msg += ": no layout satisfies the divisibility constraints with the fixed knobs"
-        elif res.closest_infeasible is not None:
+        if res.closest_infeasible is not None:
             cl = res.closest_infeasible
             L = cl.layout
             msg += (f"; closest: tp={L.tp} pp={L.pp} dp={L.dp} cp={L.cp} ep={L.ep} mb={L.micro_batch} "
@@ -224,26 +227,36 @@ def _list(what: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def one_line(text) -> str:
+    """An error message on one line: every line break Python knows (\\r, U+2028, ...) a space."""
+    return " ".join(str(text).splitlines()).strip()
+
+
+def guarded_main(prog: str, run_fn, argv=None, usage_errors=()) -> int:
+    """Run a command's `run_fn(argv)`: bad input is one line on stderr and exit status 2, never a
+    traceback (shared by `plan` and `python -m validate`)."""
     from .errors import PlannerError
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return run(argv)
-    except (PlannerError, _UsageError) as e:
-        msg = str(e).replace("\n", " ").strip()
-        print(f"plan: error: {msg}", file=sys.stderr)
+        return run_fn(argv)
+    except (PlannerError, _UsageError, *usage_errors) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
     except OSError as e:        # e.g. --out or --plot into a missing or read-only directory
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"plan: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        where = f" {one_line(e.filename)}" if getattr(e, "filename", None) else ""
+        print(f"{prog}: error: cannot write{where}: {one_line(e.strerror or e)}", file=sys.stderr)
         return 2
     except SystemExit as e:     # argparse's --help (exit 0)
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print("plan: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    return guarded_main("plan", run, argv)
 
 
 if __name__ == "__main__":

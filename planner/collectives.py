@@ -10,6 +10,8 @@ all-gather and reduce-scatter (n-1)/n, all-to-all (n-1)/n. Across a scale-out le
 members of a group inside one lower domain drive k NICs at once (NCCL opens one channel per
 NIC), so the ring bandwidth there is k * per-GPU bandwidth / oversubscription, capped by the
 inner level.
+A level calibrated per collective (`NetLevel.fits`, written by `python -m validate calibrate`)
+times each op with its own fitted latency and bandwidth; otherwise every op uses the level's.
 """
 from __future__ import annotations
 
@@ -31,24 +33,25 @@ def _members(cluster: Cluster, size, stride):
     return ks
 
 
-def _level_terms(cluster: Cluster, size, stride):
-    """Per level: (uses, k_inner, k_here, bw, alpha)."""
+def _level_terms(cluster: Cluster, size, stride, op=None):
+    """Per level: (uses, k_inner, k_here, bw, alpha, level) for collective `op`."""
     ks = _members(cluster, size, stride)
     eff = cluster.efficiency.network
     out = []
     prev = np.ones_like(ks[0])
     for lv, k in zip(cluster.levels, ks):
         uses = k > prev
-        bw = lv.bandwidth * eff / lv.oversubscription
-        out.append((uses, prev, k, bw, lv.latency, lv))
+        alpha, lbw = lv.params(op)
+        bw = lbw * eff / lv.oversubscription
+        out.append((uses, prev, k, bw, alpha, lv))
         prev = k
     return out
 
 
-def ring_bandwidth(cluster: Cluster, size, stride):
+def ring_bandwidth(cluster: Cluster, size, stride, op=None):
     """Per-rank bus bandwidth (bytes/s) a ring/tree collective of the group achieves."""
     bw = np.full(np.broadcast(np.asarray(size), np.asarray(stride)).shape, np.inf)
-    for uses, k_in, k, lbw, _, lv in _level_terms(cluster, size, stride):
+    for uses, k_in, k, lbw, _, lv in _level_terms(cluster, size, stride, op):
         if lv.algorithm == "mesh":
             # full mesh of D GPUs: a member reaches k-1 peers over (k-1)/(D-1) of its links
             d = max(lv.domain, 2)
@@ -59,9 +62,9 @@ def ring_bandwidth(cluster: Cluster, size, stride):
     return bw
 
 
-def _latency(cluster: Cluster, size, stride, steps_factor: float):
+def _latency(cluster: Cluster, size, stride, steps_factor: float, op=None):
     lat = 0.0
-    for uses, k_in, k, _, alpha, lv in _level_terms(cluster, size, stride):
+    for uses, k_in, k, _, alpha, lv in _level_terms(cluster, size, stride, op):
         hops = np.maximum(k / k_in - 1.0, 0.0)
         if lv.algorithm in ("tree", "nvls"):
             hops = np.ceil(np.log2(np.maximum(k / k_in, 1.0)))
@@ -72,18 +75,20 @@ def _latency(cluster: Cluster, size, stride, steps_factor: float):
 def all_reduce(cluster, nbytes, size, stride):
     """Ring all-reduce of an nbytes buffer: 2(n-1)/n * S / busbw + 2(n-1) alpha (Thakur 2005)."""
     n = np.asarray(size, dtype=np.float64)
-    t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride)
-    return np.where(n > 1, t + _latency(cluster, size, stride, 2.0), 0.0)
+    t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, "all_reduce")
+    return np.where(n > 1, t + _latency(cluster, size, stride, 2.0, "all_reduce"), 0.0)
 
 
-def all_gather(cluster, nbytes, size, stride):
+def all_gather(cluster, nbytes, size, stride, op="all_gather"):
     """Ring all-gather producing an nbytes buffer: (n-1)/n * S / busbw + (n-1) alpha."""
     n = np.asarray(size, dtype=np.float64)
-    t = (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride)
-    return np.where(n > 1, t + _latency(cluster, size, stride, 1.0), 0.0)
+    t = (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, op)
+    return np.where(n > 1, t + _latency(cluster, size, stride, 1.0, op), 0.0)
 
 
-reduce_scatter = all_gather  # same traffic and steps as all-gather (Thakur 2005, sec. 4.3)
+def reduce_scatter(cluster, nbytes, size, stride):
+    """Same traffic and steps as all-gather (Thakur 2005, sec. 4.3); its own fit when calibrated."""
+    return all_gather(cluster, nbytes, size, stride, "reduce_scatter")
 
 
 def all_to_all(cluster, nbytes, size, stride):
@@ -92,7 +97,7 @@ def all_to_all(cluster, nbytes, size, stride):
     n = np.asarray(size, dtype=np.float64)
     t = 0.0
     lat = 0.0
-    for uses, k_in, k, lbw, alpha, lv in _level_terms(cluster, size, stride):
+    for uses, k_in, k, lbw, alpha, lv in _level_terms(cluster, size, stride, "all_to_all"):
         frac = (k - k_in) / n  # share of the buffer going to peers first reachable at this level
         if lv.algorithm == "mesh":
             lbw = lbw / max(lv.domain - 1, 1) * np.maximum(k - 1, 1)
@@ -117,48 +122,65 @@ def p2p(cluster, nbytes, stride):
     stride = np.asarray(stride, dtype=np.float64)
     t = np.full(stride.shape, np.nan)
     for lv, d in zip(cluster.levels, cluster.domain_sizes):
-        bw = lv.bandwidth * cluster.efficiency.network / lv.oversubscription
+        alpha, lbw = lv.params("send_recv")
+        bw = lbw * cluster.efficiency.network / lv.oversubscription
         inside = (stride < d) if d else np.ones(stride.shape, bool)
-        t = np.where(np.isnan(t) & inside, nbytes / bw + lv.latency, t)
+        t = np.where(np.isnan(t) & inside, nbytes / bw + alpha, t)
     return t
 
 
 class Group:
     """A parallel group (size, stride) on a cluster with its bus bandwidth and per-step latencies
-    computed once, so that every collective on it is two multiply-adds."""
+    computed once per collective, so that every collective on it is two multiply-adds."""
 
-    __slots__ = ("n", "bw", "lat_ar", "lat_ag", "cluster", "size", "stride")
+    __slots__ = ("n", "bw", "lat", "cluster", "size", "stride")
+
+    OPS = (("ar", "all_reduce", 2.0), ("ag", "all_gather", 1.0), ("rs", "reduce_scatter", 1.0))
 
     def __init__(self, cluster: Cluster, size, stride, take=None):
         """`take`: optional index array; the group is computed on the (small) arrays given and
         then gathered to candidate length with it."""
         size = np.asarray(size, dtype=np.float64)
         stride = np.broadcast_to(np.asarray(stride, dtype=np.float64), size.shape)
-        bw = ring_bandwidth(cluster, size, stride)
-        lat_ar = _latency(cluster, size, stride, 2.0) + np.zeros_like(size)
-        lat_ag = _latency(cluster, size, stride, 1.0) + np.zeros_like(size)
+        per_op = any(lv.fits for lv in cluster.levels)
+        self.bw, self.lat = {}, {}
+        for key, op, steps in self.OPS:
+            o = op if per_op else None
+            if per_op or not self.bw:
+                bw = ring_bandwidth(cluster, size, stride, o) + np.zeros_like(size)
+            self.bw[key] = bw
+            self.lat[key] = _latency(cluster, size, stride, steps, o) + np.zeros_like(size)
         if take is not None:
-            size, stride, bw, lat_ar, lat_ag = (x[take] for x in (size, stride, bw, lat_ar, lat_ag))
-        self.cluster, self.size, self.stride = cluster, size, stride
-        self.n, self.bw, self.lat_ar, self.lat_ag = size, bw, lat_ar, lat_ag
+            size, stride = size[take], stride[take]
+            self.bw = {k: v[take] for k, v in self.bw.items()}
+            self.lat = {k: v[take] for k, v in self.lat.items()}
+        self.cluster, self.size, self.stride, self.n = cluster, size, stride, size
+
+    def _time(self, key, share, nbytes):
+        n = self.n
+        return np.where(n > 1, share * (n - 1) / n * nbytes / self.bw[key] + self.lat[key], 0.0)
 
     def all_reduce(self, nbytes):
-        n = self.n
-        return np.where(n > 1, 2.0 * (n - 1) / n * nbytes / self.bw + self.lat_ar, 0.0)
+        return self._time("ar", 2.0, nbytes)
 
     def all_gather(self, nbytes):
-        n = self.n
-        return np.where(n > 1, (n - 1) / n * nbytes / self.bw + self.lat_ag, 0.0)
+        return self._time("ag", 1.0, nbytes)
 
-    reduce_scatter = all_gather
+    def reduce_scatter(self, nbytes):
+        return self._time("rs", 1.0, nbytes)
 
     def all_to_all(self, nbytes):
         return all_to_all(self.cluster, nbytes, self.size, self.stride)
 
-    def coefficients(self) -> dict:
-        """Time = a * bytes + b for all-reduce (ar) and all-gather / reduce-scatter (ag), zero for
-        a group of one: lets callers gather four arrays instead of recomputing the group."""
+    def coefficients(self, keys=("ar", "ag", "rs")) -> dict:
+        """Time = a * bytes + b for all-reduce (ar), all-gather (ag) and reduce-scatter (rs), zero
+        for a group of one: lets callers gather a few arrays instead of recomputing the group."""
         n = self.n
         one = n <= 1
-        return {"a_ar": np.where(one, 0.0, 2.0 * (n - 1) / n / self.bw), "b_ar": np.where(one, 0.0, self.lat_ar),
-                "a_ag": np.where(one, 0.0, (n - 1) / n / self.bw), "b_ag": np.where(one, 0.0, self.lat_ag)}
+        out = {}
+        for key, _, share in self.OPS:
+            if key not in keys:
+                continue
+            out[f"a_{key}"] = np.where(one, 0.0, share * (n - 1) / n / self.bw[key])
+            out[f"b_{key}"] = np.where(one, 0.0, self.lat[key])
+        return out

@@ -162,8 +162,10 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     else:
         out["fl_moe"] = np.zeros(n)
     # fixed per-kernel launch/sync cost: what FLOP and byte counts miss for small layers
-    k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s
-    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD) * stack.kernel_overhead_s
+    # (+ an eager TP stack's host cost per TP-sharded layer: DTensor dispatch, measured by calibrate)
+    k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
+    k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s + k_tp
+    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD) * stack.kernel_overhead_s + k_tp
     # layer forward = attention GEMMs + core + elementwise + MLP/MoE
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
     out["f_dense"] = t_attn_f + t_dense_mlp + t_ew_dense + k_dense
@@ -184,8 +186,9 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     tp_colls_dense = 2.0                                # attention + MLP (Megatron, Shoeybi 2019 fig. 4)
     tp_colls_moe = 1.0 + np.where(etp > 1, 1.0, 0.0)
     # TE userbuffer overlap needs the TP group inside one NVLink domain
+    # (nothing overlaps on shared processors: communication is CPU work of the same ranks)
     tp_overlap_on = (np.asarray(lt["overlap_tp"], bool) & stack.tp_overlap & sp
-                     & (tp <= (cluster.domain_sizes[0] or tp)))
+                     & (tp <= (cluster.domain_sizes[0] or tp)) & (cluster.gpu.shared_by == 1))
 
     def exposed(comm, hideable):
         hidden_part = np.minimum(comm * (1 - TP_OVERLAP_RESIDUAL), hideable)
@@ -203,8 +206,9 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
     cp_step = C.ring_step(cluster, kv_local, cp, tp)
     g_cp = C.Group(cluster, cp, tp)
-    cp_ring_f = np.maximum((cp - 1) * cp_step - t_core_f * (cp - 1) / cp, 0.0)
-    cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - t_core_b * (cp - 1) / cp, 0.0)
+    hide = 0.0 if cluster.gpu.shared_by > 1 else 1.0      # shared processors hide nothing (above)
+    cp_ring_f = np.maximum((cp - 1) * cp_step - hide * t_core_f * (cp - 1) / cp, 0.0)
+    cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - hide * t_core_b * (cp - 1) / cp, 0.0)
     cp_ag_f = g_cp.all_gather(kv_local * cp)
     cp_ag_b = cp_ag_f + g_cp.reduce_scatter(kv_local * cp)
     qkvo = 2.0 * T * (model.q_dim + 2 * kv_dim + model.v_dim) / tp
@@ -220,7 +224,7 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
         # Megatron-Core --overlap-moe-expert-parallel-comm runs one micro-batch's dispatch/combine
         # under another's attention and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1);
         # what exceeds that compute, and a residual share as for TP, stays exposed
-        ovl = np.asarray(lt["overlap_ep"], bool) & stack.ep_overlap
+        ovl = np.asarray(lt["overlap_ep"], bool) & stack.ep_overlap & (cluster.gpu.shared_by == 1)
         out["ep_f"] = np.where(ovl, exposed(ep_comm, t_attn_f + t_moe_f), ep_comm)
     else:
         out["ep_f"] = np.zeros(n)
@@ -246,9 +250,10 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     edp = tp * cp * dp / (ep * etp)                   # expert data-parallel group
     eshard = np.minimum(shard, edp)
     out["shard"], out["eshard"], out["dpcp"] = shard, eshard, dpcp
-    for name, size, stride in (("dense", dpcp, dstr), ("shard", shard, dstr), ("repl", dpcp / shard, dstr * shard),
-                               ("exp", edp, estr), ("eshard", eshard, estr)):
-        for k, v in C.Group(cluster, size, stride).coefficients().items():
+    for name, size, stride, keys in (("dense", dpcp, dstr, ("ar",)), ("shard", shard, dstr, ("ag", "rs")),
+                                     ("repl", dpcp / shard, dstr * shard, ("ar",)),
+                                     ("exp", edp, estr, ("ar",)), ("eshard", eshard, estr, ("ag", "rs"))):
+        for k, v in C.Group(cluster, size, stride).coefficients(keys).items():
             out[f"{name}_{k}"] = v
 
     # ------------------------------------------------------------------ activation memory
@@ -417,11 +422,11 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         n_buckets = np.maximum(np.ceil((pd_ + pe_) / np.maximum(40e6, 1e6 * dpcp)), 1.0)
         extra = np.where(zero == 3, np.maximum(layers, 1.0), n_buckets) - 1
         ar = coll("dense", "ar", pd_ * gbytes) + extra * lq["dense_b_ar"]
-        rs = coll("shard", "ag", pd_ * gbytes) + extra * lq["shard_b_ag"]
+        rs = coll("shard", "rs", pd_ * gbytes) + extra * lq["shard_b_rs"]
         ag = coll("shard", "ag", pd_ * 2.0) + extra * lq["shard_b_ag"]
         if has_moe:      # routed-expert gradients reduce over the expert data-parallel group
             ar = ar + coll("exp", "ar", pe_ * gbytes) + extra * lq["exp_b_ar"]
-            rs = rs + coll("eshard", "ag", pe_ * gbytes) + extra * lq["eshard_b_ag"]
+            rs = rs + coll("eshard", "rs", pe_ * gbytes) + extra * lq["eshard_b_rs"]
             ag = ag + coll("eshard", "ag", pe_ * 2.0) + extra * lq["eshard_b_ag"]
         if any_hsdp:
             rs = rs + np.where(hsdp, coll("repl", "ar", pd_ * gbytes / shard), 0.0)
@@ -435,7 +440,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
         return per_step, per_mb_f, per_mb_b
 
     stages = []
-    ovl_dp = c.overlap_dp
+    shared = gpu.shared_by > 1
+    ovl_dp = c.overlap_dp & (not shared)
     for st, prm, nl in ((st_first, pf, Lf), (st_mid, pm, Lm), (st_last, pl, Ll)):
         per_step, mb_f, mb_b = dp_times(prm, nl)
         dp_mb = np.where(ovl_dp, np.maximum(mb_f - st["fwd"], 0.0) + np.maximum(mb_b - st["bwd"] - st["rc"], 0.0),
@@ -444,25 +450,42 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
                            t=st["fwd"] + st["bwd"] + st["rc"] + st["tp"] + st["cp"] + st["ep"] + dp_mb))
     first, mid, last = stages
     t_first, t_mid, t_last = first["t"], np.where(pp > 2, mid["t"], 0.0), np.where(pp > 1, last["t"], 0.0)
-    which = np.where(t_first >= t_mid, np.where(t_first >= t_last, 0, 2), np.where(t_mid >= t_last, 1, 2))
-    w0, w1 = which == 0, which == 1
-    pick = lambda key: np.where(w0, first[key], np.where(w1, mid[key], last[key]))  # noqa: E731
-    t_slow = pick("t")
     sum_t = t_first + t_mid * np.maximum(pp - 2, 0) + t_last
-    avg_other = np.where(pp > 1, (sum_t - t_slow) / np.maximum(pp - 1, 1), 0.0)
-    # bubble from the other stages' average per-micro-batch times, split into f / b / w shares
-    frac_f = pick("tf") / np.maximum(t_slow, 1e-30)
-    frac_w = pick("w") / np.maximum(t_slow, 1e-30)
-    bubble = np.where(pp > 1, S.bubble_time(sched, pp, vpp, avg_other * frac_f,
-                                            avg_other * (1 - frac_f), avg_other * frac_w), 0.0)
+    if shared:
+        # ranks time-share the processors (a CPU: several ranks per core): a work-conserving
+        # scheduler gives a waiting rank's share to the others, so a step takes the ranks' mean
+        # busy time (processor sharing, Kleinrock 1967 'Time-shared systems', J. ACM 14(2)) and a
+        # pipeline bubble costs nothing while other ranks have work (shared_by >= 2: most of them do)
+        n_mid = np.maximum(pp - 2, 0)
+        pick = lambda key: np.where(pp > 1, (first[key] + mid[key] * n_mid + last[key]) / pp,  # noqa: E731
+                                    first[key])
+        t_slow = pick("t")
+        bubble = np.zeros(n)
+    else:
+        which = np.where(t_first >= t_mid, np.where(t_first >= t_last, 0, 2), np.where(t_mid >= t_last, 1, 2))
+        w0, w1 = which == 0, which == 1
+        pick = lambda key: np.where(w0, first[key], np.where(w1, mid[key], last[key]))  # noqa: E731
+        t_slow = pick("t")
+        avg_other = np.where(pp > 1, (sum_t - t_slow) / np.maximum(pp - 1, 1), 0.0)
+        # bubble from the other stages' average per-micro-batch times, split into f / b / w shares
+        frac_f = pick("tf") / np.maximum(t_slow, 1e-30)
+        frac_w = pick("w") / np.maximum(t_slow, 1e-30)
+        bubble = np.where(pp > 1, S.bubble_time(sched, pp, vpp, avg_other * frac_f,
+                                                avg_other * (1 - frac_f), avg_other * frac_w), 0.0)
     # PP p2p: fill and drain sit on the critical path; steady-state sends overlap unless --no-overlap pp
     cross = S.p2p_crossings(sched, pp, vpp, nmb)
     t_p2p = lq["t_p2p"]
     pp_comm = 2 * t_p2p * cross * (pp - 1) + np.where(c.overlap_pp, 0.0, 2 * t_p2p * cross * nmb)
+    if shared:
+        # on shared processors a send is the sender's and receiver's CPU work, which nothing hides:
+        # every micro-batch crosses each of the pp - 1 boundaries forward and backward, a rank's
+        # mean share 2 (pp - 1) / pp exchanges (the fill and drain wait costs nothing, as the bubble)
+        pp_comm = 2 * t_p2p * cross * nmb * (pp - 1) / pp
 
     # DP once per step: overlapped with the last micro-batch's backward (grad reduce-scatter,
-    # Megatron overlap_grad_reduce) and the first forward (param all-gather, overlap_param_gather)
-    window = np.where(ovl_dp, pick("bwd") + pick("rc") + pick("fwd") * (zero == 1), 0.0)
+    # Megatron overlap_grad_reduce) and the first forward (param all-gather, overlap_param_gather);
+    # nothing overlaps on shared processors, where communication is CPU work of the same ranks
+    window = np.where(ovl_dp & (not shared), pick("bwd") + pick("rc") + pick("fwd") * (zero == 1), 0.0)
     dp_exposed = np.maximum(pick("per_step") - window, 0.0) + pick("dp_mb") * nmb
 
     # optimizer step over the parameters this rank owns (sharded by ZeRO>=1)
@@ -470,7 +493,8 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     sharded = zero >= 1
     owned = pd_ / np.where(sharded, shard, 1) + pe_ / np.where(sharded, eshard, 1)
     copies = S.weight_copies(sched)
-    t_opt = owned * ADAM_BYTES_PER_PARAM * copies / hbm
+    opt_bw = gpu.hbm_bandwidth * (cluster.efficiency.optimizer or cluster.efficiency.hbm)
+    t_opt = owned * ADAM_BYTES_PER_PARAM * copies / opt_bw
 
     if not detail:
         step = (nmb * t_slow + pp_comm + bubble + np.maximum(pick("per_step") - window, 0.0) + t_opt

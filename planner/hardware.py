@@ -16,6 +16,7 @@ from .errors import PlannerError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hwprofiles"
 ALGORITHMS = ("ring", "tree", "nvls", "mesh")
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
 MAX_DOMAIN = 1 << 14     # GPUs in one bounded network domain (NVL72: 72; a 16K-GPU pod at most)
 
@@ -30,8 +31,16 @@ class NetLevel:
     algorithm: str = "ring"
     oversubscription: float = 1.0
     # per-collective fits, ((op, latency s per step, bandwidth bytes/s), ...), as written by
-    # `python -m validate calibrate`; informational (planner/collectives.py uses the two above)
+    # `python -m validate calibrate`; planner/collectives.py times an op with its own fit when the
+    # level has one, else with the two above
     fits: tuple = field(default=(), compare=False)
+
+    def params(self, op: str | None = None) -> tuple:
+        """(latency s per step, bandwidth bytes/s) for collective `op` (COLLECTIVE_OPS)."""
+        for name, lat, bw in self.fits:
+            if name == op:
+                return lat, bw
+        return self.latency, self.bandwidth
 
     def __post_init__(self):
         w = f"network level '{self.name}'"
@@ -46,6 +55,12 @@ class NetLevel:
             raise PlannerError(f"{w}: oversubscription must be >= 1.0, got {self.oversubscription}")
         if self.algorithm not in ALGORITHMS:
             raise PlannerError(f"{w}: algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        for ent in self.fits:
+            if len(ent) != 3 or ent[0] not in COLLECTIVE_OPS:
+                raise PlannerError(f"{w}: a fit is (op, latency, bandwidth) with op one of "
+                                   f"{', '.join(COLLECTIVE_OPS)}, got {ent!r}")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in ent[1:]) or ent[2] <= 0:
+                raise PlannerError(f"{w}: fit '{ent[0]}' needs latency >= 0 and bandwidth > 0, got {ent[1:]!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,16 @@ class GPU:
     hbm_bytes: float
     hbm_bandwidth: float        # bytes/s
     reserved_bytes: float = 0.0  # context, NCCL buffers, fragmentation headroom
+    # ranks that time-share one device's processors (a CPU: ranks per core); 1 = a rank owns its
+    # device. Above 1 the rates above are one rank's share while every rank works, and the cost
+    # model composes a step as a work-conserving shared processor does (planner/costmodel.py)
+    shared_by: float = 1.0
+
+    def __post_init__(self):
+        v = self.shared_by
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+            raise PlannerError(f"GPU {self.name}: shared_by (ranks sharing one device) must be a number "
+                               f">= 1, got {v!r}")
 
     def peak(self, precision: str) -> float:
         try:
@@ -86,6 +111,9 @@ class Efficiency:
     attention_by_precision: dict = field(default_factory=dict)   # precision -> fraction of its own peak
     kernel_overhead: float | None = None    # host seconds per kernel (the planner's kernel count), eager PyTorch
     step_overhead: float | None = None      # host seconds per training step outside the layers
+    tp_layer_overhead: float | None = None  # host seconds per TP-sharded layer forward, eager DTensor TP
+    optimizer: float | None = None          # fraction of HBM bandwidth the optimizer step's bytes reach
+                                            # (None: hbm above)
 
 
 @dataclass(frozen=True)
@@ -253,7 +281,8 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
     gpu = GPU(name=str(g.get("name", d["name"])), peak_flops=peaks,
               hbm_bytes=_num(g, "hbm_bytes", f"{w}: gpu"),
               hbm_bandwidth=_num(g, "hbm_bandwidth", f"{w}: gpu"),
-              reserved_bytes=_num(g, "reserved_bytes", f"{w}: gpu", required=False, default=0.0))
+              reserved_bytes=_num(g, "reserved_bytes", f"{w}: gpu", required=False, default=0.0),
+              shared_by=_num(g, "shared_by", f"{w}: gpu", required=False, default=1.0))
     if gpu.hbm_bytes <= 0 or gpu.hbm_bandwidth <= 0:
         raise PlannerError(f"{w}: gpu.hbm_bytes and gpu.hbm_bandwidth must be > 0")
     nets = d["network"]
@@ -280,6 +309,9 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
             if not isinstance(n["fit"], dict):
                 raise PlannerError(f"{lw}: 'fit' must be a table of collectives")
             for op, ent in n["fit"].items():
+                if op not in COLLECTIVE_OPS:
+                    raise PlannerError(f"{lw}.fit.{_show(str(op), 40)}: not a collective; valid: "
+                                       f"{', '.join(COLLECTIVE_OPS)}")
                 if not isinstance(ent, dict):
                     raise PlannerError(f"{lw}.fit.{op}: needs latency and bandwidth")
                 fbw = _num(ent, "bandwidth", f"{lw}.fit.{op}")
@@ -305,7 +337,7 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
                 raise PlannerError(f"{ew}.gemm_max.{_show(prec, 40)}: unknown precision; valid: {', '.join(PRECISIONS)}")
             gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
         kw = {}
-        for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm"):
+        for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm", "optimizer"):
             if key in e:
                 kw[key] = _num(e, key, ew)
         ab = {}
@@ -318,7 +350,7 @@ def cluster_from_dict(d: dict, origin: str) -> Cluster:
                 + [(f"attention_by_precision.{p}", v) for p, v in ab.items()]:
             if key != "gemm_half_dim" and not 0 < v <= 1:
                 raise PlannerError(f"{ew}.{key}: must be in (0, 1], got {v}")
-        for key in ("kernel_overhead", "step_overhead"):      # seconds, >= 0
+        for key in ("kernel_overhead", "step_overhead", "tp_layer_overhead"):      # seconds, >= 0
             if key in e:
                 kw[key] = _num(e, key, ew)
         if ab:

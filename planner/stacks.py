@@ -31,6 +31,9 @@ class Stack:
     step_overhead_s: float = 0.0  # fixed per-step host overhead
     kernel_overhead_s: float = 4.3e-6   # launch + sync gap per kernel, fitted once over all runs
                                      # (benchmarks/fit_efficiency.py; CUDA launch latency is ~3-5 us)
+    tp_layer_overhead_s: float = 0.0    # host seconds per TP-sharded layer forward (backward 2x) beyond
+                                     # its kernels: DTensor dispatch of eager TP (validate calibrate
+                                     # measures it); 0 for Megatron's hand-written TP
     schedules: tuple = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")  # pipeline schedules it runs
     zero_stages: tuple = (0, 1, 2, 3)
     source: str = ""

@@ -357,6 +357,13 @@ def test_an_impossible_combination_is_an_empty_result_not_an_error():
                                 "releasing any one of them admits layouts")
 
 
+def test_the_cli_names_clashing_fixed_knobs_with_exit_2():
+    code, out, err = run_plan(["--model", "llama-3-70b", "--gpus", "1024", "--tp", "1", "--pp", "1", "--cp", "1"])
+    assert code == 2 and not out
+    assert err.strip() == ("plan: error: no layout of llama-3-70b on 1024 GPUs has --tp 1 and --pp 1 and --cp 1 "
+                           "together; releasing any one of them admits layouts")
+
+
 # ---- found by this suite and fixed in planner/cli.py ---------------------------------------------
 def test_help_prints_and_returns_0():
     code, out, _ = run_plan(["--help"])

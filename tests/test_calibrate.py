@@ -136,6 +136,9 @@ def test_calibrate_quick_end_to_end(quick):
     assert c.gpu.peak("fp32") > 0 and c.gpu.peak("bf16") > 0
     assert len(c.levels) == 1 and c.levels[0].domain == 0
     assert c.efficiency.kernel_overhead > 0 and "fp32" in c.efficiency.attention_by_precision
+    assert c.efficiency.tp_layer_overhead is not None and c.efficiency.tp_layer_overhead >= 0
+    # 2 ranks: shared cores only where the machine has fewer than 2
+    assert c.gpu.shared_by == pytest.approx(max(2 / (os.cpu_count() or 1), 1.0))
     assert {op for op, _, _ in c.levels[0].fits} <= {"all_reduce", "all_gather", "reduce_scatter",
                                                       "all_to_all", "send_recv"}
     pts = json.loads(out.with_name("my-cpu.points.json").read_text())
@@ -188,6 +191,31 @@ def test_validate_run_predicts_with_the_calibrated_profile(quick):
     m = tb["measured"]["mean_over_ranks"]
     assert m["comm_wait_s"] >= 0 and m["compute_s"] > 0
     assert m["compute_s"] + m["comm_wait_s"] == pytest.approx(m["step_s"])
+
+
+def test_tp_probe_fit_recovers_a_known_host_cost(quick):
+    """fit_tp_probe on points built from the planner's own per-layer time plus a known host cost
+    per TP layer (forward 1x, backward 2x) gives that cost back."""
+    from validate.calibrate_profile import fit_tp_probe
+    out, p, _ = quick
+    assert p.returncode == 0
+    d = tomllib.load(open(out, "rb"))
+    pts = [dict(kind="overhead", layers=1, dtype="float32", tp=2, fwd_bwd_s=0.05),
+           dict(kind="overhead", layers=3, dtype="float32", tp=2, fwd_bwd_s=0.05)]
+    base = fit_tp_probe(d, pts)
+    assert base["clamped"] and base["tp_layer_overhead_s"] == 0.0    # no layer time at all: 0, said so
+    x0 = 0.0123
+    pts[1]["fwd_bwd_s"] = 0.05 + 2 * (base["planner_per_layer_s"] + 3 * x0)
+    f = fit_tp_probe(d, pts)
+    assert f["tp_layer_overhead_s"] == pytest.approx(x0, rel=1e-9) and not f["clamped"]
+
+
+def test_ranks_sharing_cores_get_cpu_costed_collectives():
+    from validate.calibrate_profile import shared_by
+    cpu = {"device_type": "cpu", "ranks_per_host": 8, "threads_per_rank": 1, "cpu_cores": 2}
+    assert shared_by(cpu) == 4.0
+    assert shared_by(dict(cpu, cpu_cores=16)) == 1.0
+    assert shared_by(dict(cpu, device_type="cuda")) == 1.0
 
 
 def test_refit_from_points(quick, tmp_path):

@@ -116,3 +116,50 @@ def test_vectorized_equals_one_at_a_time():
         alone = evaluate(m, H100, L.to_candidates())
         for k in ("step_time_s", "memory_bytes", "hardware_flops_step"):
             assert together[k][i] == pytest.approx(alone[k][0], rel=1e-12)
+
+
+def _shared(cluster, by=4.0):
+    import dataclasses
+    return dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, shared_by=by))
+
+
+def test_shared_processors_compose_the_step_from_mean_busy_time():
+    """Ranks that time-share processors (a CPU calibrated by validate): no bubble, nothing hidden
+    by overlap, and the step is the stages' mean busy time, not the slowest stage's."""
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    own, shared = H100, _shared(H100)
+    L = Layout(tp=2, pp=4, dp=2, micro_batch=1, global_batch=16, seq_len=4096, zero=1, sp=True)
+    a, b = evaluate_layout(m, own, L), evaluate_layout(m, shared, L)
+    assert a.time_breakdown_s["bubble"] > 0 and b.time_breakdown_s["bubble"] == 0
+    # same compute on every rank: the mean of the stages is at most the slowest one's
+    assert b.time_breakdown_s["compute"] <= a.time_breakdown_s["compute"] + 1e-12
+    # overlap switches change nothing when nothing can be hidden
+    import dataclasses
+    no_ovl = dataclasses.replace(L, overlap_tp=False, overlap_dp=False, overlap_pp=False)
+    assert evaluate_layout(m, shared, no_ovl).step_time_s == pytest.approx(b.step_time_s)
+    assert evaluate_layout(m, own, no_ovl).step_time_s > a.step_time_s
+    # pp > 1: each rank's share of the sends is 2 (pp-1)/pp exchanges per micro-batch
+    assert b.time_breakdown_s["pp_comm"] > 0
+
+
+def test_shared_by_below_one_is_refused():
+    import dataclasses
+    from planner.errors import PlannerError
+    with pytest.raises(PlannerError, match="shared_by"):
+        dataclasses.replace(H100.gpu, shared_by=0.5)
+
+
+def test_optimizer_efficiency_times_the_optimizer_step_alone():
+    """A calibrated profile may carry Adam's own fraction of HBM bandwidth (validate calibrate's
+    layer probe times the step apart); without it the optimizer runs at the elementwise one."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    L = Layout(tp=2, dp=4, micro_batch=1, global_batch=8, seq_len=4096, zero=1)
+    base = evaluate_layout(m, H100, L)
+    e = H100.efficiency
+    half = dataclasses.replace(H100, efficiency=dataclasses.replace(e, optimizer=e.hbm / 2))
+    got = evaluate_layout(m, half, L)
+    assert got.time_breakdown_s["optimizer"] == pytest.approx(2 * base.time_breakdown_s["optimizer"])
+    assert got.time_breakdown_s["compute"] == pytest.approx(base.time_breakdown_s["compute"])

@@ -347,8 +347,9 @@ def test_fuzz_hf_config_loader():
 # ---- hardware profiles -------------------------------------------------------------------------
 PROFILES = [tomllib.loads((PROFILE_DIR / f"{n}.toml").read_text()) for n in list_hardware()]
 # keys a profile may have beyond the bundled ones' (calibrated profiles: validate/calibrate)
-PROFILE_KEYS = ["attention_by_precision", "kernel_overhead", "step_overhead", "fit", "gemm_max", "algorithm",
-                "oversubscription", "reserved_bytes", "sparsity", "value", "source", "efficiency", "network"]
+PROFILE_KEYS = ["attention_by_precision", "kernel_overhead", "step_overhead", "tp_layer_overhead", "optimizer",
+                "shared_by", "fit", "gemm_max", "algorithm", "oversubscription", "reserved_bytes", "sparsity",
+                "value", "source", "efficiency", "network", "all_reduce", "reduce_scatter", "send_recv"]
 GPT = load_model("gpt-1.7b")
 
 

@@ -138,13 +138,14 @@ def test_cost_model_volumes_are_what_the_algorithms_send(hw, n):
     S = 3.0e9
     g = C.Group(c, np.array([float(n)]), 1.0)
     coef = g.coefficients()
-    for kind, a, b in (("all_reduce", "a_ar", "b_ar"), ("all_gather", "a_ag", "b_ag"), ("reduce_scatter", "a_ag", "b_ag")):
+    for kind, key in (("all_reduce", "ar"), ("all_gather", "ag"), ("reduce_scatter", "rs")):
+        a, b = f"a_{key}", f"b_{key}"
         per_rank = traffic.play(kind, n, S).sent
-        moved = (coef[a][0] * S + coef[b][0] - coef[b][0]) * g.bw[0]
+        moved = (coef[a][0] * S + coef[b][0] - coef[b][0]) * g.bw[key][0]
         for x in per_rank:
             assert moved == pytest.approx(x, rel=1e-9), (kind, n)
         t = getattr(g, kind)(S)[0]
-        assert (t - coef[b][0]) * g.bw[0] == pytest.approx(per_rank[0], rel=1e-9)
+        assert (t - coef[b][0]) * g.bw[key][0] == pytest.approx(per_rank[0], rel=1e-9)
     # all-to-all inside one innermost domain: one level, time = sent / level bandwidth + latency
     d0 = c.domain_sizes[0]
     if d0 and n <= d0:

@@ -40,9 +40,11 @@ def add_parser(sub):
                    help="seconds for the whole measurement; a hung or dead rank ends it (default 1800)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     p.add_argument("--format", choices=("table", "json"), default="table", help="the fit summary on stdout")
-    p.add_argument("--collectives", choices=("loaded", "idle"), default="loaded",
-                   help="which collective timings the network levels are fitted to: 'loaded' (between "
-                        "GEMMs, as in a training step; default) or 'idle' (back to back)")
+    p.add_argument("--collectives", choices=("auto", "cpu", "loaded", "idle"), default="auto",
+                   help="which collective timings the network levels are fitted to: 'cpu' (the CPU "
+                        "seconds ranks spend, x ranks per core: ranks sharing CPU cores), 'loaded' "
+                        "(between GEMMs, as in a training step), 'idle' (back to back); 'auto' "
+                        "(default): cpu where ranks share cores, else loaded")
     p.add_argument("--from-points", help="refit and write a profile from an earlier run's .points.json "
                                          "(no measurement)")
     return p
@@ -291,7 +293,7 @@ def finish(a, plan, per_rank, prov, base) -> int:
     from planner.errors import PlannerError
     from planner.hardware import cluster_from_dict, profile_to_toml
     from .calibrate_profile import analyse, build_profile, summary_table
-    fits = analyse(plan, per_rank, prov, base, collectives=getattr(a, "collectives", "loaded"))
+    fits = analyse(plan, per_rank, prov, base, collectives=getattr(a, "collectives", "auto"))
     name = a.name or Path(a.out).stem
     pts = {"provenance": prov, "plan": plan, "results": per_rank, "fits": fits,
            "profile": str(Path(a.out).name), "base": base.name if base is not None else None}

@@ -8,7 +8,7 @@ and every rank walks it in the same order:
             kernels validate's model runs: the CPU flash kernel on CPU, SDPA on GPU)
 - memory    (op, bytes): streaming elementwise kernels over a buffer (copy, add, scale)
 - overhead  (layers): forward + backward + Adam step of validate's own transformer at a tiny size,
-            where nothing but per-kernel host overhead costs time
+            where nothing but per-kernel host overhead costs time (and forward + backward alone)
 - collective(op, level, group, bytes): all_reduce, all_gather, reduce_scatter, all_to_all,
             send_recv (a pairwise exchange, both directions at once, as the pipeline's and the
             context-parallel ring's sends are) on groups of `group` ranks
@@ -18,7 +18,9 @@ do: on a GPU each rank owns its device; on a CPU the ranks share the cores, so w
 measures is its share of the machine while all ranks work, which is what it gets in a run.
 Collective items run every group of the given size at once (all world/group of them), again
 as in a run. Each timing is a fixed wall-clock window (compute) or an agreed repetition count
-(collectives; every member must issue the same calls).
+(collectives; every member must issue the same calls). A back-to-back collective also records the
+CPU seconds its rank spent (every thread): on ranks that share cores that, not the wait, is what
+the collective takes from a training step.
 """
 from __future__ import annotations
 
@@ -103,6 +105,11 @@ def build_plan(*, world: int, local: int, device: str, quick: bool, max_bytes: i
             items.append(dict(kind="memory", op=op, bytes=nbytes, dtype="float32"))
     for layers in (1, 3):
         items.append(dict(kind="overhead", layers=layers, dtype="float32"))
+    # the tiny step again with DTensor tensor parallelism (+ SP) over pairs of ranks: its host cost
+    # per sharded layer, beyond the kernels and the TP collectives
+    if local >= 2 and local % 2 == 0:
+        for layers in (1, 3):
+            items.append(dict(kind="overhead", layers=layers, dtype="float32", tp=2))
     # the same step at a training-like size: what the planner's terms leave over is elementwise
     lh, ls = ((2048, 2048) if cuda else (512, 256)) if not quick else ((1024, 1024) if cuda else (256, 128))
     for layers in (1, 3):
@@ -134,7 +141,8 @@ def describe(item: dict) -> str:
         return f"memory {item['op']} {_size(item['bytes'])}"
     if k == "overhead":
         return (f"{item['layers']}-layer step" + (f" at hidden {item['hidden']}, seq {item['seq']}"
-                                                  if item.get("hidden") else " at a tiny size"))
+                                                  if item.get("hidden") else " at a tiny size")
+                + (f" with tp {item['tp']}" if item.get("tp", 1) > 1 else ""))
     return (f"{item['op']} {_size(item['bytes'])} in groups of {item['group']}"
             + (" between GEMMs" if item.get("loaded") else ""))
 
@@ -188,19 +196,62 @@ class Rank:
         self._chunk = None
         self.progress = progress
         self.cap = available_bytes(device)
+        self.last_cpu = None
 
     # ---------------------------------------------------------------- timing
     def sync(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
 
+    def agreed_estimate(self, fn, warmup=1, probe: float = 0.0) -> float:
+        """Warm fn up, then time one call (or as many as fit in `probe` seconds); the slowest
+        rank's time per call, agreed by every rank."""
+        t, dist = self.torch, self.dist
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        dist.barrier()
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            self.sync()
+            n += 1
+            el = time.perf_counter() - t0
+            if el >= probe:
+                break
+        est = t.tensor([el / n], device=self.device)
+        dist.all_reduce(est, op=dist.ReduceOp.MAX)
+        return est.item()
+
+    def agreed_reps(self, est: float, cap: int = 200) -> int:
+        return int(min(max(self.window / max(est, 1e-6), 2), cap))
+
+    def agreed_time(self, fn, warmup=1, cap: int = 200, probe: float = 0.0):
+        """Seconds per call of fn when every rank makes the same number of calls (fn may issue
+        collectives: a window ended by each rank's own clock would leave a peer waiting in one).
+        The clock stops when the slowest rank is done: on ranks that share cores, one that finished
+        early would give its share to the others and make them look faster than a training step,
+        where all of them work to the end, lets them be."""
+        reps = self.agreed_reps(self.agreed_estimate(fn, warmup, probe), cap)
+        self.dist.barrier()
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.sync()
+        self.last_cpu = (time.process_time() - c0) / reps
+        self.dist.barrier()
+        return (time.perf_counter() - t0) / reps, reps
+
     def window_time(self, fn, warmup=1):
-        """Seconds per call of fn, all ranks running it at once for a fixed window."""
+        """Seconds per call of fn, all ranks running it at once for a fixed window (fn must not
+        issue collectives: each rank ends the window by its own clock). Also records the CPU
+        seconds per call of this rank (every thread) in self.last_cpu: on ranks that share cores,
+        the wall clock of one rank depends on when the others stop; its CPU seconds do not."""
         for _ in range(warmup):
             fn()
         self.sync()
         self.dist.barrier()
-        reps, t0 = 0, time.perf_counter()
+        reps, c0, t0 = 0, time.process_time(), time.perf_counter()
         batch = 1
         while True:
             for _ in range(batch):
@@ -212,6 +263,7 @@ class Rank:
                 break
             if self.device.type == "cuda":
                 batch = min(batch * 2, 64)
+        self.last_cpu = (time.process_time() - c0) / reps
         return el / reps, reps
 
     # ---------------------------------------------------------------- items
@@ -229,7 +281,7 @@ class Rank:
         b = t.randn(it["k"], it["n"], dtype=dt, device=self.device)
         out = t.empty(it["m"], it["n"], dtype=dt, device=self.device)
         sec, reps = self.window_time(lambda: t.mm(a, b, out=out))
-        return dict(seconds=sec, reps=reps, flops=2.0 * it["m"] * it["n"] * it["k"])
+        return dict(seconds=sec, reps=reps, cpu_s=self.last_cpu, flops=2.0 * it["m"] * it["n"] * it["k"])
 
     def _attention(self, it):
         t = self.torch
@@ -273,7 +325,7 @@ class Rank:
         else:
             fn, moved = (lambda: t.mul(x, 1.0001, out=z)), 2 * n * 4
         sec, reps = self.window_time(fn)
-        return dict(seconds=sec, reps=reps, bytes_moved=moved)
+        return dict(seconds=sec, reps=reps, cpu_s=self.last_cpu, bytes_moved=moved)
 
     def _overhead(self, it):
         """A training step of validate's own model with `layers` layers at a tiny size: the
@@ -285,17 +337,41 @@ class Rank:
         s = it.get("seq", 16)
         ctx = Ctx(spec, "none", Rope(t.arange(s), spec.head_dim, dt, self.device))
         model = Chunk(spec, range(spec.layers), True, True, ctx, Init(0, dt, self.device))
-        opt = t.optim.Adam(model.parameters(), lr=1e-3)
         x = t.randint(0, spec.vocab, (1, s), device=self.device)
         y = t.randint(0, spec.vocab, (1, s), device=self.device)
+        tp = it.get("tp", 1)
+        if tp > 1:
+            # as validate's worker runs TP: parallel styles with SP, vocab-parallel loss
+            from torch.distributed.tensor import DTensor, Shard
+            from torch.distributed.tensor.parallel import loss_parallel
+            from .parallel import apply_tp, mesh_1d
+            g, _ = self._group(0, tp, 1)
+            mesh = mesh_1d(g, self.device.type, "tp")
+            apply_tp(model, mesh, True)
+
+            def loss_of():
+                with loss_parallel():
+                    logits = DTensor.from_local(model(x), mesh, [Shard(-1)], run_check=False)
+                    loss = t.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")
+                    loss.backward()
+        else:
+            def loss_of():
+                cross_entropy_sum(model(x), y).backward()
+        opt = t.optim.Adam(model.parameters(), lr=1e-3)
+
+        def fwd_bwd():
+            opt.zero_grad(set_to_none=True)
+            loss_of()
 
         def fn():
-            opt.zero_grad(set_to_none=True)
-            loss = cross_entropy_sum(model(x), y)
-            loss.backward()
+            fwd_bwd()
             opt.step()
-        sec, reps = self.window_time(fn, warmup=2)
-        return dict(seconds=sec, reps=reps)
+        timer = self.window_time if tp == 1 else self.agreed_time     # TP issues collectives
+        sec, reps = timer(fn, warmup=2)
+        cpu = self.last_cpu
+        # forward + backward alone: what the layer probe fits (the optimizer step apart)
+        sec_fb, _ = timer(fwd_bwd, warmup=1)
+        return dict(seconds=sec, reps=reps, cpu_s=cpu, fwd_bwd_s=sec_fb, fwd_bwd_cpu_s=self.last_cpu)
 
     # ---------------------------------------------------------------- collectives
     def _group(self, level, size, stride):
@@ -354,24 +430,19 @@ class Rank:
                 for r in reqs:
                     r.wait()
         # warm-up (connections, buffers), then one timed call to agree on a repetition count
-        fn()
-        self.sync()
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        est = t.tensor([time.perf_counter() - t0], device=self.device)
-        dist.all_reduce(est, op=dist.ReduceOp.MAX)
+        est = self.agreed_estimate(fn)
         if it.get("loaded"):
-            return self._loaded(fn, est.item(), ranks)
-        reps = int(min(max(self.window / max(est.item(), 1e-6), 2), 200))
+            return self._loaded(fn, est, ranks)
+        reps = self.agreed_reps(est)
         dist.barrier()
+        c0 = time.process_time()       # CPU of every thread of this rank (gloo's I/O threads too)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
         self.sync()
         sec = (time.perf_counter() - t0) / reps
-        return dict(seconds=sec, reps=reps, group_ranks=ranks)
+        cpu = (time.process_time() - c0) / reps
+        return dict(seconds=sec, reps=reps, group_ranks=ranks, cpu_s=cpu)
 
     def _loaded(self, fn, est, ranks):
         """The collective as a training step meets it: between GEMMs, every rank alternating

@@ -44,6 +44,7 @@ def eager_stack(cluster, grad_reduce_bytes: int = 4):
         grad_reduce_bytes=grad_reduce_bytes, grad_bytes=4,
         kernel_overhead_s=e.kernel_overhead if e.kernel_overhead is not None else 4.3e-6,
         step_overhead_s=e.step_overhead or 0.0,
+        tp_layer_overhead_s=e.tp_layer_overhead or 0.0,
         source="validate/calibrate_predict.py; host overheads from the profile's [efficiency]")
 
 
@@ -69,7 +70,9 @@ def precision_view(cluster, dtype: str):
         att = min(e.attention_max * gpu.peak_flops["bf16"] / gpu.peak_flops[want], 1.0)
     g2 = dataclasses.replace(gpu, peak_flops=peaks, hbm_bandwidth=gpu.hbm_bandwidth / scale)
     e2 = dataclasses.replace(e, gemm_max=gm, attention_max=att)
-    levels = tuple(dataclasses.replace(lv, bandwidth=lv.bandwidth / scale) for lv in cluster.levels)
+    levels = tuple(dataclasses.replace(lv, bandwidth=lv.bandwidth / scale,
+                                       fits=tuple((op, lat, bw / scale) for op, lat, bw in lv.fits))
+                   for lv in cluster.levels)
     view = dataclasses.replace(cluster, gpu=g2, efficiency=e2, levels=levels)
     return view, scale, f"predicted at the run's {want} arithmetic and {int(2 * scale)}-byte elements"
 

@@ -15,6 +15,7 @@ from planner.hardware import PROFILE_DIR
 
 from . import calibrate_fit as fit
 
+UNRESOLVED_S = 1e-6     # calibrate_measure floors a loaded collective's extra time at 1e-7 s
 PREC_KEY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -34,20 +35,44 @@ def _group_time(it, res):
     return median(max(v) for v in by_group.values())
 
 
-def analyse(plan, per_rank, prov, base=None, collectives="loaded") -> dict:
+def shared_by(prov) -> float:
+    """Ranks per core when the ranks of a host share its CPU cores (1.0 on GPUs: a rank owns its
+    device)."""
+    if prov.get("device_type") == "cuda":
+        return 1.0
+    cores = prov.get("cpu_cores") or 1
+    return max(prov.get("ranks_per_host", 1) * prov.get("threads_per_rank", 1) / cores, 1.0)
+
+
+def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
     """Every fit, with its residuals, and the points it was made from (medians over ranks)."""
     items = _by_item(plan, per_rank)
     out = {"points": {"gemm": [], "attention": [], "memory": [], "overhead": [], "layer_probe": [],
-                      "collective": []}}
+                      "tp_probe": [], "collective": []}}
     P = out["points"]
+    shared = shared_by(prov)
+
+    def cost(res, wall_key, cpu_key):
+        """(seconds, per-rank seconds) of a compute item: on ranks sharing cores, each rank's CPU
+        seconds x ranks per core (what the item takes from a machine every rank keeps busy; a
+        rank's wall clock depends on when the others stop); else the ranks' median wall time."""
+        cpu = [r[cpu_key] for r in res if r.get(cpu_key) is not None]
+        if shared > 1 and cpu and len(cpu) == len(res):
+            per = [c * shared for c in cpu]
+            return sum(per) / len(per), per
+        per = [r[wall_key] for r in res if r.get(wall_key) is not None]
+        return (median(per) if per else None), per
+
+    out["time_basis"] = (f"CPU seconds x {shared:g} ranks per core" if shared > 1 else "wall time")
     for it, res in items:
         k = it["kind"]
-        secs = [r["seconds"] for r in res if r.get("seconds") is not None]
         if k == "collective":
             t = _group_time(it, res)
-            P["collective"].append(dict(it, seconds=t, skipped=res[0].get("skipped")))
+            cpu = [r["cpu_s"] for r in res if r.get("cpu_s") is not None]
+            P["collective"].append(dict(it, seconds=t, skipped=res[0].get("skipped"),
+                                        cpu_s=(sum(cpu) / len(cpu)) if (cpu and t) else None))
             continue
-        s = median(secs)
+        s, secs = cost(res, "seconds", "cpu_s")
         if k == "gemm":
             P["gemm"].append(dict(it, seconds=s, flops_per_s=res[0]["flops"] / s,
                                   per_rank_flops_per_s=[res[0]["flops"] / x for x in secs]))
@@ -57,7 +82,10 @@ def analyse(plan, per_rank, prov, base=None, collectives="loaded") -> dict:
             P["memory"].append(dict(it, seconds=s, bytes_moved=res[0]["bytes_moved"],
                                     bytes_per_s=res[0]["bytes_moved"] / s))
         elif k == "overhead":
-            P["overhead" if not it.get("hidden") else "layer_probe"].append(dict(it, seconds=s))
+            fb, _ = cost(res, "fwd_bwd_s", "fwd_bwd_cpu_s")
+            where = ("tp_probe" if it.get("tp", 1) > 1 else
+                     "layer_probe" if it.get("hidden") else "overhead")
+            P[where].append(dict(it, seconds=s, fwd_bwd_s=fb))
     cuda = prov["device_type"] == "cuda"
     primary = "bfloat16" if cuda else "float32"
     # ---- GEMM: peak per precision, then the efficiency curve
@@ -98,6 +126,16 @@ def analyse(plan, per_rank, prov, base=None, collectives="loaded") -> dict:
     for cond in conds:
         out["levels_by_condition"]["loaded" if cond else "idle"] = _levels(
             [p for p in P["collective"] if bool(p.get("loaded")) == cond])
+    shared = shared_by(prov)
+    if shared > 1:
+        # ranks sharing cores: a collective costs a training step the CPU its ranks spend on it
+        # (every group at once: the mean rank's CPU seconds x ranks per core), not its wait
+        cpu_pts = [dict(p, seconds=p["cpu_s"] * shared) for p in P["collective"]
+                   if not p.get("loaded") and p.get("cpu_s")]
+        if cpu_pts:
+            out["levels_by_condition"]["cpu"] = _levels(cpu_pts)
+    if collectives in (None, "auto"):
+        collectives = "cpu" if "cpu" in out["levels_by_condition"] else "loaded"
     use = collectives if collectives in out["levels_by_condition"] else next(iter(out["levels_by_condition"]))
     out["collectives_used"] = use
     out["levels"] = out["levels_by_condition"][use]
@@ -108,7 +146,9 @@ def _levels(points) -> list:
     out = []
     levels = sorted({p["level"] for p in points})
     for lv in levels:
-        pts = [p for p in points if p["level"] == lv and p["seconds"]]
+        # a point at the floor (a loaded collective no slower than its GEMMs alone, within their
+        # noise) is unresolved, not free: left out of the fits and listed with the skipped ones
+        pts = [p for p in points if p["level"] == lv and p["seconds"] and p["seconds"] > UNRESOLVED_S]
         per = {}
         for p in pts:
             per.setdefault((p["op"], p["group"]), []).append((p["bytes"], p["seconds"]))
@@ -126,7 +166,8 @@ def _levels(points) -> list:
                 by_op[op] = fit.fit_level(sub)
         out.append({"level": lv, "groups": sorted({p["group"] for p in pts}),
                     "alpha_beta": ab, "joint": joint, "by_op": by_op,
-                    "skipped": [p for p in points if p["level"] == lv and not p["seconds"]]})
+                    "skipped": [p for p in points if p["level"] == lv
+                                and not (p["seconds"] and p["seconds"] > UNRESOLVED_S)]})
     return out
 
 
@@ -227,6 +268,11 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
     else:
         gpu["reserved_bytes"] = _num(0.0, f"{not_measured}: memory the framework reserves is not "
                                           "known here; 0")
+    sb = shared_by(prov)
+    if sb > 1:
+        gpu["shared_by"] = _num(sb, f"ranks per core: {prov['ranks_per_host']} ranks x "
+                                    f"{prov['threads_per_rank']} thread on {prov['cpu_cores']} cores "
+                                    f"(os.cpu_count()); the rates above are one rank's share, {who}")
     d["gpu"] = gpu
     # ---- network levels
     nets = []
@@ -250,8 +296,12 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
         resid = "; ".join(f"{op} median |rel. residual| {_pct(v['median_abs_rel'])}"
                           for op, v in res.items())
         cond = fits.get("collectives_used", "idle")
-        how = ("each timed between chunks of GEMM work on every rank, as in a training step (the "
-               "extra time over the GEMMs alone)" if cond == "loaded" else "timed back to back")
+        how = {"loaded": "each timed between chunks of GEMM work on every rank, as in a training step "
+                         "(the extra time over the GEMMs alone)",
+               "cpu": f"each costed as the CPU seconds a rank spends on it back to back (every thread, "
+                      f"mean over ranks) x {shared_by(prov):.3g} ranks per core: on shared cores the "
+                      f"collective's copies displace the ranks' compute, its waits do not"}.get(
+            cond, "timed back to back")
         src = (f"fitted jointly (weighted least squares on relative error) to {j['n']} collectives {how} "
                f"(all-reduce, all-gather, reduce-scatter, all-to-all, send/recv; groups of "
                f"{', '.join(map(str, lv['groups']))} {where}, every group at once) under the planner's "
@@ -353,13 +403,54 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
         stream = eff["hbm"]["value"]
         eff["hbm"] = _num(lp["hbm"], (
             f"fraction of the best streaming rate above that the elementwise work of validate's eager "
-            f"transformer layer reaches in the planner's terms: a training step (forward, backward, Adam) "
+            f"transformer layer reaches in the planner's terms: a training step ({lp['measured']}) "
             f"at hidden {lp['hidden']}, sequence {lp['seq']} with 1 and 3 layers on every rank at once; "
             f"the per-layer time ({lp['measured_per_layer_s']:.4g} s) left after the planner's GEMM, "
             f"attention and per-kernel terms, over the planner's elementwise and optimizer bytes"
             + ("; the planner's terms alone exceed the measurement, so 1.0" if lp["capped"] else "")
             + f". Copy / add / scale alone reach {stream:.3g} of it; {who}{share}"))
+        if lp.get("optimizer"):
+            o = lp["optimizer"]
+            eff["optimizer"] = _num(o["optimizer"], (
+                f"fraction of the best streaming rate above that eager Adam (torch.optim.Adam) reaches over "
+                f"the planner's optimizer bytes: the same probe's optimizer step, {o['measured_per_layer_s']:.4g} s "
+                f"per layer (whole step less forward + backward)" + ("; capped at 1" if o["capped"] else "")
+                + f"; {who}{share}"))
+    tprobe = fits["points"].get("tp_probe") or []
+    if len({p["layers"] for p in tprobe}) >= 2 and all(p.get("fwd_bwd_s") for p in tprobe):
+        tpf = fit_tp_probe(d, tprobe)
+        fits["tp_probe"] = tpf
+        eff["tp_layer_overhead"] = _num(tpf["tp_layer_overhead_s"], (
+            f"host seconds per tensor-parallel layer forward (backward 2x) of eager DTensor TP (parallel "
+            f"styles + SP, as validate runs TP) beyond its kernels and collectives: the tiny transformer's "
+            f"forward + backward at tp {tpf['tp']} with 1 and 3 layers, per layer "
+            f"{tpf['measured_per_layer_s']:.4g} s against the planner's {tpf['planner_per_layer_s']:.4g} s "
+            f"without it (kernels, TP collectives on the fitted network), the difference / 3"
+            + ("; measured below the planner's terms, so 0" if tpf["clamped"] else "") + f"; {who}{share}"))
     return d
+
+
+def fit_tp_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
+    """The host cost per TP-sharded layer that makes the planner's per-layer forward + backward of
+    the tiny probe at tp > 1 equal the measured one (linear: forward 1x, backward 2x)."""
+    from planner.hardware import cluster_from_dict
+    from planner.layout import Layout
+    from .calibrate_measure import probe_spec
+    from .calibrate_predict import predict
+    cl = cluster_from_dict(d, "calibrated")
+    by = {p["layers"]: p for p in probe}
+    lo_l, hi_l = min(by), max(by)
+    tp = by[lo_l]["tp"]
+    meas = (by[hi_l]["fwd_bwd_s"] - by[lo_l]["fwd_bwd_s"]) / (hi_l - lo_l)
+    lay = Layout(tp=tp, sp=True, micro_batch=1, global_batch=1, seq_len=by[lo_l].get("seq", 16), zero=0)
+
+    def step(L):
+        p = predict(probe_spec(by[L]), lay, cl, None, dtype)[0]
+        return p.step_time_s - p.time_breakdown_s.get("optimizer", 0.0)
+    pred0 = (step(hi_l) - step(lo_l)) / (hi_l - lo_l)
+    x = max((meas - pred0) / 3.0, 0.0)
+    return {"tp": tp, "tp_layer_overhead_s": x, "measured_per_layer_s": meas, "planner_per_layer_s": pred0,
+            "clamped": meas < pred0}
 
 
 def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
@@ -374,13 +465,22 @@ def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
     cl = cluster_from_dict(d, "calibrated")
     by = {p["layers"]: p for p in probe}
     lo_l, hi_l = min(by), max(by)
-    meas = (by[hi_l]["seconds"] - by[lo_l]["seconds"]) / (hi_l - lo_l)
+    # forward + backward per layer when measured apart from the optimizer step (the planner times
+    # Adam with its own byte count; folding the step in would charge it to the layers' elementwise
+    # work), else the whole step
+    fb = all(by[L].get("fwd_bwd_s") for L in (lo_l, hi_l))
+    key = "fwd_bwd_s" if fb else "seconds"
+    meas = (by[hi_l][key] - by[lo_l][key]) / (hi_l - lo_l)
     seq = by[lo_l]["seq"]
     lay = Layout(micro_batch=1, global_batch=1, seq_len=seq, zero=0)
 
+    def step(c, L):
+        p = predict(probe_spec(by[L]), lay, c, None, dtype)[0]
+        return p.step_time_s - (p.time_breakdown_s.get("optimizer", 0.0) if fb else 0.0)
+
     def per_layer(e):
         c = dataclasses.replace(cl, efficiency=dataclasses.replace(cl.efficiency, hbm=e))
-        t = {L: predict(probe_spec(by[L]), lay, c, None, dtype)[0].step_time_s for L in (lo_l, hi_l)}
+        t = {L: step(c, L) for L in (lo_l, hi_l)}
         return (t[hi_l] - t[lo_l]) / (hi_l - lo_l)
 
     capped = per_layer(1.0) >= meas
@@ -399,7 +499,22 @@ def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
                     b = m
             e = (a * b) ** 0.5
     pred = per_layer(e)
+    # the optimizer step per layer, measured (whole step less forward + backward) against the
+    # planner's Adam bytes at that elementwise efficiency: its own efficiency (time ~ 1 / eff)
+    opt = None
+    if fb:
+        m_opt = ((by[hi_l]["seconds"] - by[hi_l]["fwd_bwd_s"]) - (by[lo_l]["seconds"] - by[lo_l]["fwd_bwd_s"])) \
+            / (hi_l - lo_l)
+        c = dataclasses.replace(cl, efficiency=dataclasses.replace(cl.efficiency, hbm=e, optimizer=None))
+        o = {L: predict(probe_spec(by[L]), lay, c, None, dtype)[0].time_breakdown_s.get("optimizer", 0.0)
+             for L in (lo_l, hi_l)}
+        p_opt = (o[hi_l] - o[lo_l]) / (hi_l - lo_l)
+        if m_opt > 0 and p_opt > 0:
+            opt = {"optimizer": min(e * p_opt / m_opt, 1.0), "measured_per_layer_s": m_opt,
+                   "capped": e * p_opt / m_opt > 1.0}
     return {"hbm": e, "capped": capped, "measured_per_layer_s": meas, "predicted_per_layer_s": pred,
+            "optimizer": opt,
+            "measured": "forward + backward" if fb else "forward + backward + optimizer step",
             "hidden": by[lo_l]["hidden"], "seq": seq,
             "residual": (pred - meas) / meas}
 
@@ -419,7 +534,8 @@ def _mem_total() -> int:
 # ---------------------------------------------------------------------------------------------
 def summary_table(fits: dict, prov: dict) -> str:
     L = [f"calibration of {prov['world']} x {prov['device']} ({prov['backend']}) on {prov['host']}, "
-         f"{prov['date']}, torch {prov['torch']}, {prov.get('seconds', '?')} s"]
+         f"{prov['date']}, torch {prov['torch']}, {prov.get('seconds', '?')} s"
+         + (f"; times are {fits['time_basis']}" if fits.get("time_basis") else "")]
     L.append("")
     L.append("fit                              value              residual |rel| median / max")
     for key, f in fits["gemm"].items():
@@ -442,6 +558,17 @@ def summary_table(fits: dict, prov: dict) -> str:
         L.append(f"elementwise efficiency (layer)   {lp['hbm']:10.3f}          (layer at hidden {lp['hidden']}, "
                  f"seq {lp['seq']}: {lp['measured_per_layer_s'] * 1e3:.1f} ms measured"
                  + (", planner terms alone exceed it" if lp["capped"] else "") + ")")
+        if lp.get("optimizer"):
+            L.append(f"optimizer efficiency (Adam)      {lp['optimizer']['optimizer']:10.3f}          "
+                     f"({lp['optimizer']['measured_per_layer_s'] * 1e3:.1f} ms per layer measured)")
+    if fits.get("tp_probe"):
+        tq = fits["tp_probe"]
+        L.append(f"host overhead per TP layer       {tq['tp_layer_overhead_s'] * 1e3:10.3f} ms       "
+                 f"(tp {tq['tp']}: {tq['measured_per_layer_s'] * 1e3:.1f} ms per layer measured, "
+                 f"{tq['planner_per_layer_s'] * 1e3:.1f} ms planner without it"
+                 + ("; measured below the planner: 0" if tq["clamped"] else "") + ")")
+    if prov.get("device_type") != "cuda":
+        L.append(f"ranks per core (shared_by)       {shared_by(prov):10.3f}")
     for cond, levels in fits.get("levels_by_condition", {"": fits["levels"]}).items():
         for lv in levels:
             L += _level_lines(cond, lv, cond == fits.get("collectives_used"))

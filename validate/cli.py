@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from planner.cli import _float_arg, _int_arg, _Parser, _UsageError
+from planner.cli import _float_arg, _int_arg, _Parser, _UsageError, guarded_main
 
 DEFAULT_SEQ_LEN = 128     # validation runs on CPU in seconds: a short sequence unless told
 
@@ -193,16 +193,4 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    from planner.errors import PlannerError
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run(argv)
-    except (PlannerError, _UsageError) as e:
-        msg = str(e).replace("\n", " ").strip()
-        print(f"validate: error: {msg}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        print("validate: interrupted", file=sys.stderr)
-        return 130
+    return guarded_main("validate", run, argv)
