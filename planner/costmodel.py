@@ -182,7 +182,10 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     g_tp = C.Group(cluster, tp, 1.0)
     # with SP the all-reduce is an all-gather + reduce-scatter; Transformer Engine gathers fp8
     # activations under fp8 (TE LayerNormLinear with sequence_parallel), the reduce-scatter stays bf16
-    t_ar = np.where(sp & fp8, 0.5 * g_tp.all_gather(act) + g_tp.reduce_scatter(act), g_tp.all_reduce(act))
+    # (a ring all-reduce costs what its all-gather + reduce-scatter halves do, unless the profile
+    # fits each collective apart, as calibrated ones do)
+    t_ar = np.where(sp, np.where(fp8, 0.5, 1.0) * g_tp.all_gather(act) + g_tp.reduce_scatter(act),
+                    g_tp.all_reduce(act))
     tp_colls_dense = 2.0                                # attention + MLP (Megatron, Shoeybi 2019 fig. 4)
     tp_colls_moe = 1.0 + np.where(etp > 1, 1.0, 0.0)
     # TE userbuffer overlap needs the TP group inside one NVLink domain

@@ -172,21 +172,27 @@ def _llama_like(c: _Cfg, *, mlp: str | None = None, head_dim: bool = True) -> di
 
 
 # ---- families -------------------------------------------------------------------------------
-def _gpt2(c: _Cfg) -> dict:
-    hidden = c.int("n_embd", "hidden_size")
+def _gelu_mha(c: _Cfg, hidden: int, ffn_hidden, seq_len) -> dict:
+    """GPT-2-style models (GPT-2, BLOOM): multi-head attention, GELU MLP, biases, tied embeddings
+    by default."""
     heads = c.int("n_head", "num_attention_heads")
     return {
         "layers": c.int("n_layer", "num_hidden_layers"),
         "hidden": hidden,
         "heads": heads,
         "kv_heads": heads,
-        "ffn_hidden": c.int("n_inner", required=False) or 4 * hidden,
+        "ffn_hidden": ffn_hidden or 4 * hidden,
         "vocab": c.int("vocab_size"),
         "mlp": "gelu",
         "tied_embeddings": bool(c.get("tie_word_embeddings", default=True)),
         "bias": True,
-        "seq_len": c.int("n_positions", "n_ctx", "max_position_embeddings", required=False),
+        "seq_len": seq_len,
     }
+
+
+def _gpt2(c: _Cfg) -> dict:
+    return _gelu_mha(c, c.int("n_embd", "hidden_size"), c.int("n_inner", required=False),
+                     c.int("n_positions", "n_ctx", "max_position_embeddings", required=False))
 
 
 def _llama(c: _Cfg) -> dict:
@@ -294,20 +300,8 @@ def _nemotron(c: _Cfg) -> dict:
 
 
 def _bloom(c: _Cfg) -> dict:
-    hidden = c.int("hidden_size", "n_embed")
-    heads = c.int("n_head", "num_attention_heads")
-    return {
-        "layers": c.int("n_layer", "num_hidden_layers"),
-        "hidden": hidden,
-        "heads": heads,
-        "kv_heads": heads,
-        "ffn_hidden": 4 * hidden,
-        "vocab": c.int("vocab_size"),
-        "mlp": "gelu",
-        "tied_embeddings": bool(c.get("tie_word_embeddings", default=True)),
-        "bias": True,
-        "seq_len": c.int("seq_length", required=False),  # ALiBi: no position table
-    }
+    return _gelu_mha(c, c.int("hidden_size", "n_embed"), None,
+                     c.int("seq_length", required=False))   # ALiBi: no position table
 
 
 def _mpt(c: _Cfg) -> dict:

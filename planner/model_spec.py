@@ -136,6 +136,9 @@ class ModelSpec:
         if self.moe is not None and self.moe.dense_layers > self.layers:
             raise PlannerError(
                 f"{o}: moe.dense_layers ({self.moe.dense_layers}) exceeds layers ({self.layers})")
+        # shapes the float64 cost model holds exactly, however the spec was built (library use too)
+        from .model_io import check_bounds
+        check_bounds(self, o)
 
     # ---- derived shape facts -------------------------------------------------------------
     @property

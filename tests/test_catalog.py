@@ -280,3 +280,13 @@ def test_model_from_dict_checks():
         assert needle in str(e.value)
     with pytest.raises(PlannerError, match="expected a table"):
         model_from_dict([1], "t")
+
+
+def test_a_model_built_in_code_is_bounds_checked_too():
+    """The constructor refuses what the float64 cost model cannot hold, not only the loaders."""
+    from planner.errors import PlannerError
+    from planner.model_spec import ModelSpec
+    with pytest.raises(PlannerError, match=r"model 'huge': 'hidden' must be at most 2\^53"):
+        ModelSpec(name="huge", layers=2, hidden=2 ** 60, heads=2, kv_heads=2, ffn_hidden=8, vocab=8)
+    with pytest.raises(PlannerError, match="parameters; the planner handles at most"):
+        ModelSpec(name="wide", layers=2 ** 40, hidden=2 ** 14, heads=2, kv_heads=2, ffn_hidden=8, vocab=8)

@@ -163,3 +163,22 @@ def test_optimizer_efficiency_times_the_optimizer_step_alone():
     got = evaluate_layout(m, half, L)
     assert got.time_breakdown_s["optimizer"] == pytest.approx(2 * base.time_breakdown_s["optimizer"])
     assert got.time_breakdown_s["compute"] == pytest.approx(base.time_breakdown_s["compute"])
+
+
+def test_sequence_parallel_pays_its_all_gather_and_reduce_scatter_fits():
+    """Under SP each TP all-reduce is an all-gather + a reduce-scatter: with collectives fitted
+    apart (a calibrated profile), those fits, not the all-reduce's, time it."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    lv = H100.levels[0]
+    slow = dataclasses.replace(lv, fits=(("all_gather", lv.latency, lv.bandwidth / 4),
+                                         ("reduce_scatter", lv.latency, lv.bandwidth / 4)))
+    c = dataclasses.replace(H100, levels=(slow,) + H100.levels[1:])
+    L = Layout(tp=8, dp=1, micro_batch=1, global_batch=4, seq_len=4096, zero=1, sp=True, overlap_tp=False)
+    no_sp = dataclasses.replace(L, sp=False)
+    # bundled profile: the two are the same ring traffic
+    assert evaluate_layout(m, H100, L).time_breakdown_s["tp_comm"] == pytest.approx(
+        evaluate_layout(m, H100, no_sp).time_breakdown_s["tp_comm"], rel=1e-9)
+    # slow all-gather and reduce-scatter fits: SP pays them, the plain all-reduce does not
+    assert evaluate_layout(m, c, L).time_breakdown_s["tp_comm"] > 3 * evaluate_layout(m, c, no_sp).time_breakdown_s["tp_comm"]

@@ -28,6 +28,7 @@ import os
 import time
 
 KIB, MIB = 1024, 1024 * 1024
+PROBE_REPS = 5          # least repetitions of a model-step probe (overhead, layer and TP probes)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
@@ -223,16 +224,16 @@ class Rank:
         dist.all_reduce(est, op=dist.ReduceOp.MAX)
         return est.item()
 
-    def agreed_reps(self, est: float, cap: int = 200) -> int:
-        return int(min(max(self.window / max(est, 1e-6), 2), cap))
+    def agreed_reps(self, est: float, cap: int = 200, least: int = 2) -> int:
+        return int(min(max(self.window / max(est, 1e-6), least), cap))
 
-    def agreed_time(self, fn, warmup=1, cap: int = 200, probe: float = 0.0):
+    def agreed_time(self, fn, warmup=1, cap: int = 200, probe: float = 0.0, least: int = 2):
         """Seconds per call of fn when every rank makes the same number of calls (fn may issue
         collectives: a window ended by each rank's own clock would leave a peer waiting in one).
         The clock stops when the slowest rank is done: on ranks that share cores, one that finished
         early would give its share to the others and make them look faster than a training step,
         where all of them work to the end, lets them be."""
-        reps = self.agreed_reps(self.agreed_estimate(fn, warmup, probe), cap)
+        reps = self.agreed_reps(self.agreed_estimate(fn, warmup, probe), cap, least)
         self.dist.barrier()
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(reps):
@@ -242,7 +243,7 @@ class Rank:
         self.dist.barrier()
         return (time.perf_counter() - t0) / reps, reps
 
-    def window_time(self, fn, warmup=1):
+    def window_time(self, fn, warmup=1, min_reps: int = 1):
         """Seconds per call of fn, all ranks running it at once for a fixed window (fn must not
         issue collectives: each rank ends the window by its own clock). Also records the CPU
         seconds per call of this rank (every thread) in self.last_cpu: on ranks that share cores,
@@ -259,7 +260,7 @@ class Rank:
             self.sync()
             reps += batch
             el = time.perf_counter() - t0
-            if el >= self.window:
+            if el >= self.window and reps >= min_reps:
                 break
             if self.device.type == "cuda":
                 batch = min(batch * 2, 64)
@@ -366,7 +367,14 @@ class Rank:
         def fn():
             fwd_bwd()
             opt.step()
-        timer = self.window_time if tp == 1 else self.agreed_time     # TP issues collectives
+        # a probe step is long (a second at the layer size on a shared CPU): at least PROBE_REPS
+        # of it, whatever the window, or the difference of two differences below is noise
+        if tp == 1:
+            def timer(f, warmup):
+                return self.window_time(f, warmup, min_reps=PROBE_REPS)
+        else:                                    # TP issues collectives: an agreed count
+            def timer(f, warmup):
+                return self.agreed_time(f, warmup, least=PROBE_REPS)
         sec, reps = timer(fn, warmup=2)
         cpu = self.last_cpu
         # forward + backward alone: what the layer probe fits (the optimizer step apart)

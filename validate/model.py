@@ -209,13 +209,7 @@ class RingAttention(torch.autograd.Function):
         out = lse = None
         kv = torch.cat([k, v], 1).contiguous()
         nk = k.shape[1]
-        for j in range(cp_size):
-            reqs, nxt = None, None
-            if j < cp_size - 1:
-                nxt = torch.empty_like(kv)
-                reqs = _ring_exchange(kv, nxt, cp_group, cp_rank, cp_size, ranks)
-            src = (cp_rank - j) % cp_size
-            kc, vc = kv[:, :nk], kv[:, nk:]
+        for j, src, kc, vc in _ring_kv(kv, nk, cp_group, cp_rank, cp_size, ranks):
             if j == 0:
                 out, lse = _flash_fwd(q, kc, vc, True)
             elif src < cp_rank:
@@ -226,10 +220,6 @@ class RingAttention(torch.autograd.Function):
                 o2, l2 = _merge(out[:, :, c:], lse[:, :, c:], o, l)
                 out = torch.cat([out[:, :, :c], o2], 2)
                 lse = torch.cat([lse[:, :, :c], l2], 2)
-            if reqs is not None:
-                for r in reqs:
-                    r.wait()
-                kv = nxt
         o_t = out.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, o_t, lse)
         ctx.cp = (cp_group, cp_rank, cp_size, ranks)
@@ -247,13 +237,7 @@ class RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(q)
         own = None
         acc_in = None
-        for j in range(cp_size):
-            reqs, nxt = None, None
-            if j < cp_size - 1:
-                nxt = torch.empty_like(kv)
-                reqs = _ring_exchange(kv, nxt, cp_group, cp_rank, cp_size, ranks)
-            src = (cp_rank - j) % cp_size
-            kc, vc = kv[:, :nk], kv[:, nk:]
+        for j, src, kc, vc in _ring_kv(kv, nk, cp_group, cp_rank, cp_size, ranks):
             if j == 0:
                 dq_, dk_, dv_ = _flash_bwd(g, q, kc, vc, out, lse, True)
                 dq += dq_
@@ -276,12 +260,24 @@ class RingAttention(torch.autograd.Function):
                 acc_in = torch.empty_like(kv)
                 for r in _ring_exchange(acc, acc_in, cp_group, cp_rank, cp_size, ranks):
                     r.wait()
-            if reqs is not None:
-                for r in reqs:
-                    r.wait()
-                kv = nxt
         dkv = own if acc_in is None else own + acc_in
         return dq, dkv[:, :nk], dkv[:, nk:], None, None, None, None
+
+
+def _ring_kv(kv, nk, group, rank, size, ranks):
+    """The K/V blocks around the ring: yields (step, source rank, K, V) for step 0 .. size-1, the
+    next block's exchange in flight while the caller works on this one (Liu et al. 2023 'Ring
+    Attention' sec. 3: communication overlapped with the block's attention)."""
+    for j in range(size):
+        reqs, nxt = None, None
+        if j < size - 1:
+            nxt = torch.empty_like(kv)
+            reqs = _ring_exchange(kv, nxt, group, rank, size, ranks)
+        yield j, (rank - j) % size, kv[:, :nk], kv[:, nk:]
+        if reqs is not None:
+            for r in reqs:
+                r.wait()
+            kv = nxt
 
 
 def _ring_exchange(send, recv, group, rank, size, ranks):
