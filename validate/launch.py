@@ -114,8 +114,12 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                r, c = bad[0]
                 time.sleep(0.2)
+                # the root cause first: a rank killed by a signal takes its peers down with
+                # "connection reset" errors, which may be seen in the same poll, before it
+                codes = [p.poll() for p in procs]
+                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)] or bad
+                r, c = min(bad, key=lambda rc: (rc[1] >= 0, rc[0]))
                 _kill_all(procs)
                 how = f"was killed by signal {-c}" if c < 0 else f"exited with status {c}"
                 last = _tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else "no output"
