@@ -74,6 +74,21 @@ def calibrate(path: str, quick: bool, max_bytes: int | None) -> float:
     return time.perf_counter() - t0
 
 
+def speed_check(seconds: float = 3.0) -> float:
+    """GFLOP per CPU second of a fixed fp32 GEMM in this process, one thread: a thermometer for the
+    machine's speed (a shared VM's cores run faster or slower as its neighbours load the host).
+    Taken after calibrating and after the runs; the ratio says how far the runs' machine was from
+    the calibrated one. Reported, never applied to a prediction."""
+    import torch
+    torch.set_num_threads(1)
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    n, c0 = 0, time.process_time()
+    while time.process_time() - c0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 384 ** 3 * n / (time.process_time() - c0) / 1e9
+
+
 def _machine_cpu():
     """(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)."""
     import resource
@@ -119,12 +134,14 @@ def main(argv=None):
     if a.only:
         keep = [x.strip() for x in a.only.split(",")]
         cases = {k: v for k, v in LAYOUTS.items() if k in keep}
+    speed_cal = speed_check()
     t0 = time.perf_counter()
     load0 = _machine_cpu()
     runs = api.launch_layouts(list(cases.values()), steps=1, timed_steps=a.timed_steps,
                               dtype="float32", timeout=3600)
     run_s = time.perf_counter() - t0
     foreign = _foreign_share(load0, _machine_cpu(), run_s)
+    speed_run = speed_check()
     rows = []
     for (name, (spec, lay)), (cfg, per_rank) in zip(cases.items(), runs):
         rep = api.report_for(cfg, spec, lay, per_rank, reference=False, hardware=prof)
@@ -158,10 +175,16 @@ def main(argv=None):
           + f"; runs {run_s:.0f} s"
           + (f"; other processes used {100 * foreign:.0f}% of the machine's CPU meanwhile"
              if foreign is not None else ""))
+    print(f"machine speed (fp32 GEMM, GFLOP per CPU second, one thread): {speed_cal:.1f} before the runs, "
+          f"{speed_run:.1f} after ({100 * (speed_run / speed_cal - 1):+.0f}%); a shared VM drifts, and a "
+          f"drift of more than a few percent moves every measured time by as much")
     if a.out:
         from planner.atomic import atomic_write_text
         atomic_write_text(a.out, json.dumps({"profile": prof, "rows": rows, "foreign_cpu_share": foreign,
-                                             "median_abs_error": median(errs)}, indent=1) + "\n")
+                                             "median_abs_error": median(errs),
+                                             "speed_gflop_per_cpu_s": {"before_runs": speed_cal,
+                                                                       "after_runs": speed_run}},
+                                            indent=1) + "\n")
     return 0
 
 
