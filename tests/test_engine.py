@@ -152,3 +152,20 @@ def test_every_schedule_is_searchable():
         res = search(m, H100, 256, fixed={"schedule": sched, "pp": 8}, top=1, stack="torchtitan"
                      if sched in ("zb-h1", "zbv") else None)
         assert res.best is not None and res.best.layout.schedule == sched, sched
+
+
+def test_search_on_ranks_sharing_processors():
+    """A profile calibrated on shared CPU cores (gpu.shared_by > 1) ranks layouts with the same
+    composition as evaluate_layout: no bubble anywhere, and the fast path agrees with the detail."""
+    import dataclasses
+    from planner.engine import evaluate_layout, search
+    from planner.hardware import load_hardware
+    from planner.model_io import load_model
+    h = load_hardware("h100-sxm")
+    c = dataclasses.replace(h, gpu=dataclasses.replace(h.gpu, shared_by=4.0))
+    m = load_model("llama-3-8b")
+    res = search(m, c, 16, top=5)
+    assert res.plans
+    for p in res.plans:
+        assert p.time_breakdown_s["bubble"] == 0
+        assert evaluate_layout(m, c, p.layout).step_time_s == pytest.approx(p.step_time_s, rel=1e-9)

@@ -83,9 +83,10 @@ def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
                                     bytes_per_s=res[0]["bytes_moved"] / s))
         elif k == "overhead":
             fb, _ = cost(res, "fwd_bwd_s", "fwd_bwd_cpu_s")
+            ob, _ = cost(res, "opt_s", "opt_cpu_s")
             where = ("tp_probe" if it.get("tp", 1) > 1 else
                      "layer_probe" if it.get("hidden") else "overhead")
-            P[where].append(dict(it, seconds=s, fwd_bwd_s=fb))
+            P[where].append(dict(it, seconds=s, fwd_bwd_s=fb, opt_s=ob))
     cuda = prov["device_type"] == "cuda"
     primary = "bfloat16" if cuda else "float32"
     # ---- GEMM: peak per precision, then the efficiency curve
@@ -409,12 +410,16 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
             f"attention and per-kernel terms, over the planner's elementwise and optimizer bytes"
             + ("; the planner's terms alone exceed the measurement, so 1.0" if lp["capped"] else "")
             + f". Copy / add / scale alone reach {stream:.3g} of it; {who}{share}"))
-        if lp.get("optimizer"):
+        if not lp.get("optimizer"):
+            eff["optimizer"] = _num(min(stream, 1.0), (
+                "the streaming kernels' fraction (copy / add / scale): the probe's optimizer step did "
+                f"not resolve as more layers cost more; {who}{share}"))
+        else:
             o = lp["optimizer"]
             eff["optimizer"] = _num(o["optimizer"], (
                 f"fraction of the best streaming rate above that eager Adam (torch.optim.Adam) reaches over "
-                f"the planner's optimizer bytes: the same probe's optimizer step, {o['measured_per_layer_s']:.4g} s "
-                f"per layer (whole step less forward + backward)" + ("; capped at 1" if o["capped"] else "")
+                f"the planner's optimizer bytes: the same probe's optimizer step timed alone, "
+                f"{o['measured_per_layer_s']:.4g} s per layer" + ("; capped at 1" if o["capped"] else "")
                 + f"; {who}{share}"))
     tprobe = fits["points"].get("tp_probe") or []
     if len({p["layers"] for p in tprobe}) >= 2 and all(p.get("fwd_bwd_s") for p in tprobe):
@@ -503,8 +508,11 @@ def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
     # planner's Adam bytes at that elementwise efficiency: its own efficiency (time ~ 1 / eff)
     opt = None
     if fb:
-        m_opt = ((by[hi_l]["seconds"] - by[hi_l]["fwd_bwd_s"]) - (by[lo_l]["seconds"] - by[lo_l]["fwd_bwd_s"])) \
-            / (hi_l - lo_l)
+        if all(by[L].get("opt_s") for L in (lo_l, hi_l)):      # the step timed alone
+            m_opt = (by[hi_l]["opt_s"] - by[lo_l]["opt_s"]) / (hi_l - lo_l)
+        else:                                                  # older points: whole step less fwd+bwd
+            m_opt = ((by[hi_l]["seconds"] - by[hi_l]["fwd_bwd_s"])
+                     - (by[lo_l]["seconds"] - by[lo_l]["fwd_bwd_s"])) / (hi_l - lo_l)
         c = dataclasses.replace(cl, efficiency=dataclasses.replace(cl.efficiency, hbm=e, optimizer=None))
         o = {L: predict(probe_spec(by[L]), lay, c, None, dtype)[0].time_breakdown_s.get("optimizer", 0.0)
              for L in (lo_l, hi_l)}
