@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .errors import PlannerError
-from .layout import BOOL_KNOBS, CODE_KNOBS, INT_KNOBS, Candidates, CP_COMM, PRECISIONS, RECOMPUTE, SCHEDULES
+from .layout import Candidates, CP_COMM, PRECISIONS, RECOMPUTE, SCHEDULES
 from .model_spec import ModelSpec
 
 MAX_MICRO_BATCH = 32

@@ -142,13 +142,12 @@ class Group:
         then gathered to candidate length with it."""
         size = np.asarray(size, dtype=np.float64)
         stride = np.broadcast_to(np.asarray(stride, dtype=np.float64), size.shape)
-        per_op = any(lv.fits for lv in cluster.levels)
+        per_op = any(lv.fits for lv in cluster.levels)     # else every op shares the level's pair
         self.bw, self.lat = {}, {}
         for key, op, steps in self.OPS:
             o = op if per_op else None
-            if per_op or not self.bw:
-                bw = ring_bandwidth(cluster, size, stride, o) + np.zeros_like(size)
-            self.bw[key] = bw
+            self.bw[key] = (ring_bandwidth(cluster, size, stride, o) + np.zeros_like(size)
+                            if per_op or key == "ar" else self.bw["ar"])
             self.lat[key] = _latency(cluster, size, stride, steps, o) + np.zeros_like(size)
         if take is not None:
             size, stride = size[take], stride[take]

@@ -12,7 +12,7 @@ from . import flops as F
 from . import memory as M
 from . import schedules as S
 from .hardware import Cluster
-from .layout import Candidates, RECOMPUTE
+from .layout import Candidates
 from .model_spec import ModelSpec
 from .stacks import STACKS, Stack
 
@@ -190,8 +190,9 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     tp_colls_moe = 1.0 + np.where(etp > 1, 1.0, 0.0)
     # TE userbuffer overlap needs the TP group inside one NVLink domain
     # (nothing overlaps on shared processors: communication is CPU work of the same ranks)
+    owns = gpu.shared_by == 1
     tp_overlap_on = (np.asarray(lt["overlap_tp"], bool) & stack.tp_overlap & sp
-                     & (tp <= (cluster.domain_sizes[0] or tp)) & (cluster.gpu.shared_by == 1))
+                     & (tp <= (cluster.domain_sizes[0] or tp)) & owns)
 
     def exposed(comm, hideable):
         hidden_part = np.minimum(comm * (1 - TP_OVERLAP_RESIDUAL), hideable)
@@ -209,7 +210,7 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
     kv_local = 2.0 * T * 2 * kv_dim / kv_split
     cp_step = C.ring_step(cluster, kv_local, cp, tp)
     g_cp = C.Group(cluster, cp, tp)
-    hide = 0.0 if cluster.gpu.shared_by > 1 else 1.0      # shared processors hide nothing (above)
+    hide = 1.0 if owns else 0.0                          # shared processors hide nothing (above)
     cp_ring_f = np.maximum((cp - 1) * cp_step - hide * t_core_f * (cp - 1) / cp, 0.0)
     cp_ring_b = np.maximum(2 * (cp - 1) * cp_step - hide * t_core_b * (cp - 1) / cp, 0.0)
     cp_ag_f = g_cp.all_gather(kv_local * cp)
@@ -227,7 +228,7 @@ def _layer_terms(model: ModelSpec, cluster: Cluster, stack: Stack, lt: dict, moe
         # Megatron-Core --overlap-moe-expert-parallel-comm runs one micro-batch's dispatch/combine
         # under another's attention and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1);
         # what exceeds that compute, and a residual share as for TP, stays exposed
-        ovl = np.asarray(lt["overlap_ep"], bool) & stack.ep_overlap & (cluster.gpu.shared_by == 1)
+        ovl = np.asarray(lt["overlap_ep"], bool) & stack.ep_overlap & owns
         out["ep_f"] = np.where(ovl, exposed(ep_comm, t_attn_f + t_moe_f), ep_comm)
     else:
         out["ep_f"] = np.zeros(n)
@@ -296,7 +297,6 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     sched = c.schedule
     L = model.layers
     gpu = cluster.gpu
-    hbm = gpu.hbm_bandwidth * cluster.efficiency.hbm
     world = tp * pp * dp * cp
     nmb = gb / (dp * b)                     # micro-batches per step per pipeline
     n = len(c)

@@ -176,7 +176,6 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
             check_fixed(model, g, seq_len, global_batch, fixed)
     _check_space(model, gpus, counts, seq_len, global_batch, fixed, precisions, overlap or {})
     keep = max(top, 1)
-    best_s = best_i = None
     best_c = []
     evaluated = feasible = 0
     closest = None  # (memory overflow, cands, index, ev)

@@ -6,7 +6,7 @@ catalogued families.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import PlannerError
 

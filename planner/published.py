@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import PlannerError
 from .hardware import load_hardware
-from .model_spec import MLASpec, ModelSpec, MoESpec
+from .model_spec import ModelSpec, MoESpec
 from .stacks import STACKS
 
 DEFAULT_CSV = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "published_runs.csv"

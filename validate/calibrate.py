@@ -92,20 +92,12 @@ class Bar:
 
 # ---------------------------------------------------------------------------------------------
 # the rank side
-def _device(local_rank: int):
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def measure_rank(job: dict, progress=None):
     """Run the plan on this (already initialised) rank; rank 0 returns every rank's results."""
     import torch.distributed as dist
     from .calibrate_measure import measure
-    from .worker import _inject
-    device = _device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    from .worker import _inject, device_for
+    device = device_for(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     fault = job.get("fault") or {}
     rank = dist.get_rank()
 
@@ -121,17 +113,11 @@ def measure_rank(job: dict, progress=None):
 
 def worker_main(job_path: str, out_path: str):
     """Entry point of a spawned rank (validate/launch.py sets RANK, WORLD_SIZE, MASTER_*)."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
+    from .worker import finish_rank, init_rank
     with open(job_path) as f:
         job = json.load(f)
     rank = int(os.environ["RANK"])
-    device = _device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=float(job.get("timeout", 600))),
-                            device_id=device if device.type == "cuda" else None)
+    init_rank(float(job.get("timeout", 600)))
     path = os.environ.get("VALIDATE_PROGRESS")
 
     def progress(i):
@@ -149,12 +135,7 @@ def worker_main(job_path: str, out_path: str):
                          f"{traceback.format_exc()}")
         sys.stderr.flush()
         os._exit(3)
-    if rank == 0:
-        tmp = out_path + ".tmp"
-        torch.save([out], tmp)
-        os.replace(tmp, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank([out], out_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,13 +249,9 @@ def run(a) -> int:
 
 
 def _run_torchrun(job, labels, a):
-    from datetime import timedelta
-
     import torch.distributed as dist
-    device = _device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=a.timeout),
-                            device_id=device if device.type == "cuda" else None)
+    from .worker import init_rank
+    init_rank(a.timeout)          # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*
     rank = dist.get_rank()
     bar = Bar(len(job["plan"]), labels, enabled=a.progress and rank == 0)
     out = measure_rank(job, bar.update)

@@ -135,7 +135,6 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
                 raise RunFailed(f"timed out after {timeout:g} s; ranks still running: "
                                 f"{', '.join(map(str, alive))}{''.join(at[:1])}")
             time.sleep(0.05)
-        import torch
         return torch.load(out, weights_only=False)
     finally:
         _kill_all(procs)

@@ -367,7 +367,7 @@ class MoE(nn.Module):
         import torch.distributed as dist
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
-        n, E, k = xt.shape[0], self.experts_n, self.top_k
+        E, k = self.experts_n, self.top_k
         probs = torch.softmax(self.router(xt), dim=-1)
         topv, topi = torch.topk(probs, k, dim=-1)
         flat_e = topi.reshape(-1)
@@ -388,7 +388,6 @@ class MoE(nn.Module):
             out_splits = [sum(r) for r in mine]
             recv = _AllToAll.apply(permuted, out_splits, in_splits, g)
             # regroup received tokens (source-major) by local expert
-            seg, sizes = [], []
             pos = 0
             blocks = []
             for r in range(ep):

@@ -189,9 +189,8 @@ def run_scenario(cfg: dict, device) -> dict | None:
 
     def loss_fn(out, tgt):
         if tp > 1:
-            from torch.distributed.tensor.parallel import loss_parallel
-            # vocab-parallel cross entropy (loss_parallel is entered for the whole step, as its
-            # backward must run inside it too)
+            # vocab-parallel cross entropy (run_microbatches enters loss_parallel for the whole
+            # step, as its backward must run inside it too)
             logits = DTensor.from_local(out, tp_mesh_loss, [Shard(-1)], run_check=False)
             l = torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten(), reduction="sum")
             return l.to_local() / norm
@@ -346,13 +345,7 @@ def worker_main(config_path: str, out_path: str):
                              f"layout needs tp*pp*dp*cp = {need}\n")
             sys.stderr.flush()
             os._exit(2)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = device_for(local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    from datetime import timedelta
-    # collectives give up after the run's timeout, so a dead peer ends the run with an error
-    dist.init_process_group(backend, timeout=timedelta(seconds=float(job.get("timeout", 300))),
-                            device_id=device if device.type == "cuda" else None)
+    device = init_rank(float(job.get("timeout", 300)))
     results = []
     for i, cfg in enumerate(job["scenarios"]):
         cfg = dict(cfg, index=i)
@@ -364,7 +357,23 @@ def worker_main(config_path: str, out_path: str):
             sys.stderr.flush()
             os._exit(3)
         results.append(r)
-    if rank == 0:
+    finish_rank(results, out_path)
+
+
+def init_rank(timeout_s: float):
+    """This spawned rank's device and process group (NCCL on a GPU, gloo on a CPU); collectives
+    give up after timeout_s, so a dead peer ends the run with an error instead of a hang."""
+    from datetime import timedelta
+    rank = int(os.environ["RANK"])
+    device = device_for(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def finish_rank(results, out_path: str):
+    """Rank 0 writes the gathered results atomically; then every rank leaves the group."""
+    if dist.get_rank() == 0:
         tmp = out_path + ".tmp"
         torch.save(results, tmp)
         os.replace(tmp, out_path)
