@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
 from planner.errors import PlannerError  # noqa: E402
-from planner.published import DEFAULT_CSV, predict_run, read_runs  # noqa: E402
+from published import DEFAULT_CSV, predict_run, read_runs  # noqa: E402
 
 
 def run(csv_path=None, quiet=False):

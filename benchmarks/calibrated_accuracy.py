@@ -7,7 +7,7 @@ covering tp, pp, dp, cp, ep and ZeRO on 8 local ranks.
 2. every layout below runs in one launch of 8 ranks (`validate.api.launch_layouts`: one warm-up
    step, one counted step, --timed-steps uninstrumented timed steps);
 3. `validate.api.report_for(..., hardware=<profile>)` predicts each layout's step time with the
-   calibrated profile (as validate runs it: validate/calibrate_predict.py) and puts the measured
+   calibrated profile (as validate runs it: validate/calibrate/predict.py) and puts the measured
    time and its compute / communication-wait split beside it.
 
 Prints one row per layout and the median absolute error. The models are sized so that one step

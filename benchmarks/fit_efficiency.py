@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
 from planner import stacks as S  # noqa: E402
 from planner.errors import PlannerError  # noqa: E402
-from planner.hardware import load_hardware  # noqa: E402
-from planner.published import inputs_of, predict_run, read_runs  # noqa: E402
+from planner.profiles import load_hardware  # noqa: E402
+from published import inputs_of, predict_run, read_runs  # noqa: E402
 
 FAMILY = {"a100-sxm-40gb": "ampere", "a100-sxm-80gb": "ampere", "h100-sxm": "hopper", "h200-sxm": "hopper",
           "h800-sxm": "hopper", "b200": "blackwell", "gb200-nvl72": "blackwell"}

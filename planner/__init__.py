@@ -8,9 +8,9 @@ from __future__ import annotations
 __all__ = ["load_model", "load_hardware", "search", "evaluate_layout", "ModelSpec", "Cluster", "Layout",
            "Plan", "SearchResult", "PlannerError"]
 
-_WHERE = {"load_model": "model_io", "load_hardware": "hardware", "search": "engine",
+_WHERE = {"load_model": "model_io", "load_hardware": "profiles", "search": "engine",
           "evaluate_layout": "engine", "ModelSpec": "model_spec", "Cluster": "hardware", "Layout": "layout",
-          "Plan": "engine", "SearchResult": "engine", "PlannerError": "errors"}
+          "Plan": "results", "SearchResult": "results", "PlannerError": "errors"}
 
 
 def __getattr__(name):

@@ -1,3 +1,4 @@
+"""`python -m planner`: the plan command."""
 import sys
 
 from .cli import main

@@ -9,101 +9,58 @@ together: one line naming them, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise _UsageError(message)
+from .cliutil import Parser, UsageError, float_arg, gpus_arg, guarded_main, int_arg
 
 
-class _UsageError(Exception):
-    pass
-
-
-def _int_arg(name, lo=1):
-    def conv(text):
-        try:
-            v = int(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
-        return v
-    return conv
-
-
-def _float_arg(name, lo=0.0, strict=False):
-    def conv(text):
-        try:
-            v = float(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if v != v or v in (float("inf"), float("-inf")) or v < lo or (strict and v == lo):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {lo}, got {text}")
-        return v
-    return conv
-
-
-def _gpus_arg(text):
-    t = str(text).strip()
-    if "-" in t[1:]:
-        lo, hi = t.split("-", 1)
-        lo, hi = _int_arg("--gpus")(lo), _int_arg("--gpus")(hi)
-        if hi < lo:
-            raise argparse.ArgumentTypeError(f"--gpus range must be LO-HI with LO <= HI, got {t}")
-        return (lo, hi)
-    return _int_arg("--gpus")(t)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from .layout import CP_COMM, PRECISIONS, RECOMPUTE, SCHEDULES
-    p = _Parser(prog="plan", description="Rank distributed-training layouts of a transformer on a GPU cluster.")
+    p = Parser(prog="plan", description="Rank distributed-training layouts of a transformer on a GPU cluster.")
     p.add_argument("--model", required=True, help="catalog name (see `plan models`), native .toml/.json model file, "
                                                    "or a Hugging Face config.json")
-    p.add_argument("--gpus", required=True, type=_gpus_arg, help="GPU count, or a range LO-HI to search over")
+    p.add_argument("--gpus", required=True, type=gpus_arg, help="GPU count, or a range LO-HI to search over")
     p.add_argument("--hardware", default="h100-sxm", help="profile name (see `plan hardware`) or a .toml path")
     p.add_argument("--stack", default="megatron-core", help="software stack to model (default megatron-core)")
     r = p.add_argument_group("run settings")
-    r.add_argument("--seq-len", type=_int_arg("--seq-len"), help="sequence length (default: the model's, else 4096)")
-    r.add_argument("--global-batch", type=_int_arg("--global-batch"),
+    r.add_argument("--seq-len", type=int_arg("--seq-len"), help="sequence length (default: the model's, else 4096)")
+    r.add_argument("--global-batch", type=int_arg("--global-batch"),
                    help="global batch in sequences (default: 4Mi tokens / seq-len)")
     r.add_argument("--precision", choices=PRECISIONS, help="linear-layer precision (default: searched over bf16, fp8)")
     d = p.add_argument_group("parallel degrees (given: held; omitted: searched)")
     for k in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp"):
-        d.add_argument(f"--{k}", type=_int_arg(f"--{k}"))
+        d.add_argument(f"--{k}", type=int_arg(f"--{k}"))
     d.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
     d.add_argument("--cp-comm", choices=CP_COMM, help="context-parallel communication: ring p2p, all-gather, all-to-all")
-    d.add_argument("--first-stage-layers", type=_int_arg("--first-stage-layers"),
+    d.add_argument("--first-stage-layers", type=int_arg("--first-stage-layers"),
                    help="layers on the first pipeline stage (Megatron --decoder-first-pipeline-num-layers)")
-    d.add_argument("--last-stage-layers", type=_int_arg("--last-stage-layers"),
+    d.add_argument("--last-stage-layers", type=int_arg("--last-stage-layers"),
                    help="layers on the last pipeline stage (Megatron --decoder-last-pipeline-num-layers)")
     m = p.add_argument_group("batching and memory")
-    m.add_argument("--micro-batch", type=_int_arg("--micro-batch"))
+    m.add_argument("--micro-batch", type=int_arg("--micro-batch"))
     m.add_argument("--sp", dest="sp", action="store_true", default=None, help="sequence parallelism on")
     m.add_argument("--no-sp", dest="sp", action="store_false", help="sequence parallelism off")
     m.add_argument("--recompute", choices=RECOMPUTE)
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO/FSDP stage (1 = distributed optimizer)")
-    m.add_argument("--shard-group", type=_int_arg("--shard-group"),
+    m.add_argument("--shard-group", type=int_arg("--shard-group"),
                    help="with --zero 3: shard within groups of N ranks, replicate across groups (HSDP)")
     m.add_argument("--no-overlap", default="", help="comma list of tp,dp,pp,ep: turn that overlap off")
     x = p.add_argument_group("mixture of experts")
-    x.add_argument("--moe-imbalance", type=_float_arg("--moe-imbalance", 1.0), default=1.0,
+    x.add_argument("--moe-imbalance", type=float_arg("--moe-imbalance", 1.0), default=1.0,
                    help="busiest expert's load over the mean (1.0 = balanced)")
-    x.add_argument("--capacity-factor", type=_float_arg("--capacity-factor", 0.0), default=0.0,
+    x.add_argument("--capacity-factor", type=float_arg("--capacity-factor", 0.0), default=0.0,
                    help="expert capacity factor; tokens beyond it are dropped (0 = dropless)")
     o = p.add_argument_group("objective and output")
     o.add_argument("--objective", choices=("throughput", "cost", "time"), default="throughput")
     o.add_argument("--tokens", help="training tokens, e.g. 2T or 300B: report time-to-train and cost")
-    o.add_argument("--price", type=_float_arg("--price"), help="USD per GPU-hour (default: the profile's)")
-    o.add_argument("--mtbf-hours", type=_float_arg("--mtbf-hours", 0.0, strict=True),
+    o.add_argument("--price", type=float_arg("--price"), help="USD per GPU-hour (default: the profile's)")
+    o.add_argument("--mtbf-hours", type=float_arg("--mtbf-hours", 0.0, strict=True),
                    help="mean time between failures per GPU, hours: adds the goodput loss")
-    o.add_argument("--checkpoint-minutes", type=_float_arg("--checkpoint-minutes", 0.0, strict=True),
+    o.add_argument("--checkpoint-minutes", type=float_arg("--checkpoint-minutes", 0.0, strict=True),
                    help="checkpoint interval (default: the Young/Daly optimum)")
-    o.add_argument("--checkpoint-write-s", type=_float_arg("--checkpoint-write-s", 0.0), default=None,
+    o.add_argument("--checkpoint-write-s", type=float_arg("--checkpoint-write-s", 0.0), default=None,
                    help="seconds to write one checkpoint (default: from model state size)")
-    o.add_argument("--top", type=_int_arg("--top"), default=10)
+    o.add_argument("--top", type=int_arg("--top"), default=10)
     o.add_argument("--explain", action="store_true",
                    help="explain the best layout: time and memory breakdown, why the runners-up lost")
     o.add_argument("--emit", choices=("megatron", "torchtitan", "deepspeed"),
@@ -136,10 +93,10 @@ def run(argv) -> int:
     from .errors import PlannerError
     if argv and argv[0] in ("models", "hardware"):
         if len(argv) > 1:
-            raise _UsageError(f"'plan {argv[0]}' takes no arguments, got {' '.join(argv[1:])}")
+            raise UsageError(f"'plan {argv[0]}' takes no arguments, got {' '.join(argv[1:])}")
         return _list(argv[0])
     a = build_parser().parse_args(argv)
-    from .hardware import load_hardware
+    from .profiles import load_hardware
     from .model_io import load_model
     from .engine import search
     from .stacks import get_stack
@@ -150,16 +107,7 @@ def run(argv) -> int:
     tokens = parse_count(a.tokens, "--tokens") if a.tokens is not None else None
     fixed = _fixed(a)
     if a.vpp and a.vpp > 1 and not a.schedule:
-        fixed["schedule"] = "interleaved"
-    if a.schedule == "interleaved" and not a.vpp:
-        pass  # vpp searched (>1)
-    elif a.schedule and a.schedule != "interleaved" and a.vpp and a.vpp > 1:
-        raise PlannerError(f"--vpp {a.vpp} needs --schedule interleaved, not {a.schedule}")
-    if a.shard_group and a.zero is not None and a.zero == 0:
-        raise PlannerError("--shard-group needs --zero 1, 2 or 3 (it is the ZeRO/FSDP shard group size)")
-    if a.precision and a.precision not in cluster.gpu.peak_flops:
-        raise PlannerError(f"--precision {a.precision}: {cluster.name} has no {a.precision} peak; "
-                           f"valid: {', '.join(p for p in ('bf16', 'fp8', 'fp16') if p in cluster.gpu.peak_flops)}")
+        fixed["schedule"] = "interleaved"     # virtual stages mean the interleaved schedule
     res = search(model, cluster, a.gpus, seq_len=a.seq_len, global_batch=a.global_batch, fixed=fixed,
                  top=a.top, objective=a.objective, stack=stack, tokens=tokens, price=a.price,
                  overlap=_overlap(a.no_overlap), moe_imbalance=a.moe_imbalance,
@@ -219,40 +167,12 @@ def _list(what: str) -> int:
         from .model_io import catalog_table
         df = catalog_table()
     else:
-        from .hardware import hardware_table
+        from .profiles import hardware_table
         df = hardware_table()
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 90):
         print(df.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
     return 0
-
-
-def one_line(text) -> str:
-    """An error message on one line: every line break Python knows (\\r, U+2028, ...) a space."""
-    return " ".join(str(text).splitlines()).strip()
-
-
-def guarded_main(prog: str, run_fn, argv=None, usage_errors=()) -> int:
-    """Run a command's `run_fn(argv)`: bad input is one line on stderr and exit status 2, never a
-    traceback (shared by `plan` and `python -m validate`)."""
-    from .errors import PlannerError
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run_fn(argv)
-    except (PlannerError, _UsageError, *usage_errors) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return 0
-    except OSError as e:        # e.g. --out or --plot into a missing or read-only directory
-        where = f" {one_line(e.filename)}" if getattr(e, "filename", None) else ""
-        print(f"{prog}: error: cannot write{where}: {one_line(e.strerror or e)}", file=sys.stderr)
-        return 2
-    except SystemExit as e:     # argparse's --help (exit 0)
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv=None) -> int:

@@ -17,11 +17,10 @@ GPU count and batch this is the step-time difference as a share of the best layo
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from .costmodel import MEMORY_TERMS, TIME_TERMS
-from .errors import PlannerError
 from .layout import LAYOUT_FIELDS, Layout
+from .neighbours import evaluate_neighbours, neighbours, valid, with_pp  # noqa: F401 (explain's API)
 
 TIME_LABEL = {
     "compute": "compute (forward + backward)",
@@ -263,141 +262,6 @@ def _memory_rows(p) -> list:
             for k, v in ((k, p.memory_breakdown_gib[k]) for k in MEMORY_TERMS)]
 
 
-# ----------------------------------------------------------------------------------- neighbours
-
-def _even_split(L_layers: int, pp: int):
-    """(first, last) stage layers for pp stages: 0/0 (even) when pp divides the layers, else the
-    balanced split with ceil(L/pp) per middle stage (Megatron --decoder-first/last-pipeline-num-layers)."""
-    if pp == 1 or L_layers % pp == 0:
-        return 0, 0
-    mid = -(-L_layers // pp)
-    rest = L_layers - (pp - 2) * mid
-    first = -(-rest // 2)
-    last = rest - first
-    if first < 1 or last < 1:
-        return None
-    return first, last
-
-
-def _stage_layers(model, L: Layout) -> int:
-    if L.pp == 1:
-        return model.layers
-    if L.first_stage_layers or L.last_stage_layers:
-        fl = L.first_stage_layers or 0
-        ll = L.last_stage_layers or 0
-        if L.pp == 2:
-            return min(x for x in (fl, ll) if x) if (fl and ll) else model.layers // 2
-        return (model.layers - fl - ll) // (L.pp - 2)
-    return model.layers // L.pp
-
-
-def _valid(model, L: Layout) -> bool:
-    if L.tp * L.cp * L.dp % (L.ep * L.etp):
-        return False
-    if model.heads % L.tp or (not model.mla and model.kv_heads % L.tp):
-        return False
-    if L.global_batch % (L.dp * L.micro_batch):
-        return False
-    if L.cp > 1 and L.seq_len % (2 * L.cp):
-        return False
-    if L.pp > model.layers:
-        return False
-    if model.moe and (model.moe.experts % L.ep or model.moe.expert_ffn_hidden % L.etp):
-        return False
-    if L.pp > 1 and _stage_layers(model, L) % L.vpp:
-        return False
-    if L.schedule == "interleaved" and micro_batches(L) % L.pp:
-        return False
-    return True
-
-
-def _with_pp(model, B: Layout, pp: int, dp: int):
-    split = _even_split(model.layers, pp)
-    if split is None:
-        return None, ""
-    kw = dict(pp=pp, dp=dp, first_stage_layers=split[0], last_stage_layers=split[1])
-    if pp == 1:
-        kw.update(schedule="1f1b", vpp=1)
-    elif B.pp == 1:
-        kw.update(schedule="1f1b", vpp=1)
-    cand = replace(B, **kw)
-    note = ""
-    if pp > 1 and (_stage_layers(model, cand) % cand.vpp
-                   or (cand.schedule == "interleaved" and micro_batches(cand) % pp)):
-        note = f"; 1f1b, since vpp={B.vpp} no longer fits"
-        cand = replace(cand, schedule="1f1b", vpp=1)
-    elif B.pp > 1 and pp == 1 and B.schedule != "1f1b":
-        note = "; no pipeline schedule"
-    return cand, note
-
-
-def neighbours(model, cluster, best: Layout, stack=None) -> list:
-    """(description, Layout) for the best layout with one knob changed; degree changes keep the
-    GPU count by trading with dp (tp x2 -> dp /2)."""
-    B = best
-    out = []
-
-    def add(desc, fn):
-        try:
-            L = fn()
-        except PlannerError:
-            return
-        if isinstance(L, tuple):
-            L, note = L
-            if note:
-                desc = desc[:-1] + note + ")" if desc.endswith(")") else desc + note
-        if L is not None and L != B and _valid(model, L):
-            out.append((desc, L))
-
-    for f in (2, 0.5):
-        # tp (dp compensates); expert TP follows TP when it did in the best layout
-        tp, dp = int(B.tp * f), B.dp / f
-        if tp >= 1 and dp >= 1 and dp == int(dp):
-            etp = tp if B.etp == B.tp else B.etp
-            add(f"tp {B.tp}->{tp} (dp {B.dp}->{int(dp)})",
-                lambda tp=tp, dp=int(dp), etp=etp: replace(B, tp=tp, dp=dp, etp=etp,
-                                                           sp=(tp > 1) and (B.sp or B.tp == 1)))
-        pp, dp = int(B.pp * f), B.dp / f
-        if pp >= 1 and dp >= 1 and dp == int(dp):
-            add(f"pp {B.pp}->{pp} (dp {B.dp}->{int(dp)})", lambda pp=pp, dp=int(dp): _with_pp(model, B, pp, dp))
-        cp, dp = int(B.cp * f), B.dp / f
-        if cp >= 1 and dp >= 1 and dp == int(dp):
-            add(f"cp {B.cp}->{cp} (dp {B.dp}->{int(dp)})", lambda cp=cp, dp=int(dp): replace(B, cp=cp, dp=dp))
-        if model.moe:
-            ep = int(B.ep * f)
-            if ep >= 1:
-                add(f"ep {B.ep}->{ep}", lambda ep=ep: replace(B, ep=ep))
-        mb = int(B.micro_batch * f)
-        if mb >= 1:
-            add(f"micro_batch {B.micro_batch}->{mb}", lambda mb=mb: replace(B, micro_batch=mb))
-    for r in ("none", "selective", "full"):
-        if r != B.recompute:
-            add(f"recompute {B.recompute}->{r}", lambda r=r: replace(B, recompute=r))
-    zs = tuple(getattr(stack, "zero_stages", (0, 1, 2, 3))) if stack is not None else (0, 1, 2, 3)
-    for z in zs:
-        if z != B.zero:
-            add(f"zero {B.zero}->{z}", lambda z=z: replace(B, zero=z, shard_group=B.shard_group if z else 0))
-    if B.tp > 1:
-        add(f"sp {'on->off' if B.sp else 'off->on'}", lambda: replace(B, sp=not B.sp))
-    for prec in ("bf16", "fp8"):
-        if prec != B.precision and prec in cluster.gpu.peak_flops:
-            add(f"precision {B.precision}->{prec}", lambda prec=prec: replace(B, precision=prec))
-    return out
-
-
-def _evaluate_neighbours(model, cluster, best_plan, stack):
-    from .costmodel import evaluate
-    from .engine import plan_from_eval
-    from .layout import Candidates
-    nb = neighbours(model, cluster, best_plan.layout, stack)
-    if not nb:
-        return None, []
-    cands = Candidates.from_layouts([best_plan.layout] + [L for _, L in nb])
-    ev = evaluate(model, cluster, cands, stack)
-    base = plan_from_eval(ev, cands, 0, cluster)
-    return base, [(desc, plan_from_eval(ev, cands, i + 1, cluster)) for i, (desc, _) in enumerate(nb)]
-
-
 def _overflow(p, base) -> dict:
     """Which memory term pushed p over HBM, relative to the fitting base layout."""
     over = p.memory_gib - p.hbm_gib
@@ -466,7 +330,7 @@ def explain_dict(res, model, cluster, stack=None) -> dict:
         if len(runners) >= MAX_RUNNERS_UP:
             break
     out["runners_up"] = runners
-    base, nbs = _evaluate_neighbours(model, cluster, best, stack)
+    base, nbs = evaluate_neighbours(model, cluster, best, stack)
     rows = []
     for desc, p in nbs:
         row = {"change": desc, "layout": _layout_dict(p.layout), "fits": bool(p.feasible),
@@ -562,5 +426,6 @@ def explain_text(res, model, cluster, stack=None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["explain_dict", "explain_text", "neighbours", "placement", "group_level", "micro_batches",
+__all__ = ["explain_dict", "explain_text", "neighbours", "placement", "group_level", "micro_batches", "valid",
+           "with_pp",
            "TIME_LABEL", "MEMORY_LABEL"]

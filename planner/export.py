@@ -30,11 +30,9 @@ import json
 import shlex
 
 from .errors import PlannerError
+from .launchline import gpus_per_node, launch_line, node_layout  # noqa: F401 (export's API)
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
-NVL_TRAY_GPUS = 4          # GPUs per compute tray of a rack-scale NVLink domain (DGX GB200 user guide)
-MAX_NODE_GPUS = 8          # largest innermost domain that is one host (DGX/HGX H100, B200, MI300X)
-RDZV_PORT = 29500
 
 # Megatron-LM pretrain_gpt.py flags this module can emit: name -> kind ("int", "float", "str",
 # "flag" for store_true/store_false, "list" for nargs='+'). Every name verified in
@@ -86,45 +84,6 @@ TORCHTITAN_MODEL = {"llama-3-8b": ("llama3", "8B"), "llama-3-70b": ("llama3", "7
                     "llama-3.1-405b": ("llama3", "405B"), "deepseek-v3": ("deepseek_v3", "671B")}
 
 
-# ----------------------------------------------------------------------------------- nodes
-
-def gpus_per_node(cluster) -> tuple:
-    """(GPUs per node, the sentence saying where that number came from)."""
-    if cluster is None:
-        return MAX_NODE_GPUS, f"no hardware profile given: assuming {MAX_NODE_GPUS} GPUs per node"
-    lv = cluster.levels[0]
-    d0 = cluster.domain_sizes[0] or MAX_NODE_GPUS
-    if d0 > MAX_NODE_GPUS:
-        return NVL_TRAY_GPUS, (f"{cluster.name}: the {lv.name} domain spans {d0} GPUs over several hosts; "
-                               f"assuming one node = one compute tray of {NVL_TRAY_GPUS} GPUs "
-                               f"({d0 // NVL_TRAY_GPUS} trays per domain, as in GB200 NVL72)")
-    return d0, f"{cluster.name}: {d0} GPUs per node (the {lv.name} domain)"
-
-
-def node_layout(gpus: int, cluster) -> tuple:
-    """(nodes, GPUs per node used, note)."""
-    gpn, note = gpus_per_node(cluster)
-    if gpus <= gpn:
-        return 1, gpus, note
-    if gpus % gpn:
-        raise PlannerError(f"{gpus} GPUs do not fill whole nodes of {gpn} GPUs ({note})")
-    return gpus // gpn, gpn, note
-
-
-def launch_line(gpus: int, cluster, entry: str) -> str:
-    """A torchrun command for `gpus` GPUs running `entry` (a script and its arguments, or -m
-    module ...), and for several nodes its Slurm equivalent, as a bash snippet."""
-    nodes, gpn, note = node_layout(gpus, cluster)
-    if nodes == 1:
-        return (f"# {gpus} GPUs on one node ({note})\n"
-                f"torchrun --standalone --nnodes=1 --nproc-per-node={gpn} {entry}")
-    tr = (f"torchrun --nnodes={nodes} --nproc-per-node={gpn} --rdzv-id=dtplanner --rdzv-backend=c10d "
-          f"--rdzv-endpoint=$MASTER_ADDR:{RDZV_PORT} {entry}")
-    return (f"# {gpus} GPUs = {nodes} nodes x {gpn} GPUs ({note}); run on every node:\n{tr}\n"
-            f"# or from a Slurm allocation (MASTER_ADDR = first host of the job):\n"
-            f"# srun --nodes={nodes} --ntasks-per-node=1 --gpus-per-node={gpn} {tr}")
-
-
 # ----------------------------------------------------------------------------------- megatron
 
 def _moe_layer_freq(model) -> str | None:
@@ -142,16 +101,26 @@ def uneven_split(L, model) -> bool:
     return not (even and L.first_stage_layers in (0, even) and L.last_stage_layers in (0, even))
 
 
-def megatron_args(plan, model) -> list:
-    """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS."""
-    L = plan.layout
-    a = []
+class _Args(list):
+    """[(flag, value)]; value None for a switch. Only flags from MEGATRON_FLAGS."""
 
-    def add(flag, value=None):
+    def add(self, flag, value=None):
         if flag not in MEGATRON_FLAGS:     # a typo here would silently emit a flag Megatron rejects
             raise AssertionError(f"{flag} is not a verified Megatron-LM flag")
-        a.append((flag, value))
+        self.append((flag, value))
 
+
+def megatron_args(plan, model) -> list:
+    """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS."""
+    a = _Args()
+    _megatron_parallel(a, plan.layout, model)
+    _megatron_model(a, plan.layout, model)
+    _megatron_run(a, plan.layout, model)
+    return list(a)
+
+
+def _megatron_parallel(a: _Args, L, model) -> None:
+    add = a.add
     # parallelism
     add("--tensor-model-parallel-size", L.tp)
     add("--pipeline-model-parallel-size", L.pp)
@@ -201,6 +170,10 @@ def megatron_args(plan, model) -> list:
         add("--recompute-granularity", "full")
         add("--recompute-method", "uniform")
         add("--recompute-num-layers", 1)
+
+
+def _megatron_model(a: _Args, L, model) -> None:
+    add = a.add
     # batch
     add("--micro-batch-size", L.micro_batch)
     add("--global-batch-size", L.global_batch)
@@ -253,6 +226,10 @@ def megatron_args(plan, model) -> list:
     if not model.dropout:
         add("--attention-dropout", 0.0)
         add("--hidden-dropout", 0.0)
+
+
+def _megatron_run(a: _Args, L, model) -> None:
+    add = a.add
     # precision
     if L.precision == "fp16":
         add("--fp16")
@@ -275,7 +252,6 @@ def megatron_args(plan, model) -> list:
     add("--eval-interval", 1000)
     add("--log-interval", 1)
     add("--log-throughput")
-    return a
 
 
 def _predicted(plan) -> str:

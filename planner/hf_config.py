@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from .errors import PlannerError
-from .model_spec import MLASpec, ModelSpec, MoESpec
+from .model_spec import MLASpec, ModelSpec, MoESpec, check_bounds
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
                          "deepseek_v3", "gpt_oss", "nemotron", "bloom", "mpt")
@@ -85,7 +85,6 @@ def from_hf_config(cfg: dict, name: str) -> ModelSpec:
     src = f"Hugging Face config.json (model_type {key}"
     src += f", {origin})" if isinstance(origin, str) and origin else ")"
     fields.setdefault("dropout", _has_dropout(cfg))
-    from .model_io import check_bounds
     try:
         return check_bounds(ModelSpec(name=name, source=src, **fields), c.where)
     except PlannerError as e:

@@ -6,6 +6,7 @@ tp innermost, then cp, then dp (ep is carved out of dp x cp for expert layers), 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import IntEnum
 
 import numpy as np
 
@@ -16,6 +17,63 @@ SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")
 CP_COMM = ("p2p", "allgather", "a2a")
 PRECISIONS = ("bf16", "fp8", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
+
+
+
+class _Coded(IntEnum):
+    """A string-valued knob as the small integer code its candidate column holds."""
+
+    @property
+    def label(self) -> str:
+        return self._labels()[self]
+
+    @classmethod
+    def of(cls, label: str) -> "_Coded":
+        return cls(cls._labels().index(label))
+
+
+class Schedule(_Coded):
+    """Pipeline schedules (codes index SCHEDULES; planner/schedules.py gives each its bubble)."""
+    ONE_F_ONE_B = 0
+    INTERLEAVED = 1
+    ZB_H1 = 2
+    ZBV = 3
+    DUALPIPE = 4
+
+    @staticmethod
+    def _labels():
+        return SCHEDULES
+
+
+class Recompute(_Coded):
+    NONE = 0
+    SELECTIVE = 1
+    FULL = 2
+
+    @staticmethod
+    def _labels():
+        return RECOMPUTE
+
+
+class CpComm(_Coded):
+    P2P = 0
+    ALLGATHER = 1
+    A2A = 2
+
+    @staticmethod
+    def _labels():
+        return CP_COMM
+
+
+class Precision(_Coded):
+    BF16 = 0
+    FP8 = 1
+    FP16 = 2
+
+    @staticmethod
+    def _labels():
+        return PRECISIONS
+
 
 # integer knobs held as int64 columns; string knobs are held as codes into the tuples above
 INT_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len",
@@ -85,9 +143,10 @@ class Layout:
 class Candidates:
     """Many layouts as equal-length numpy columns (the cost model's input)."""
 
-    __slots__ = ("cols", "deg_table", "deg_index")
+    __slots__ = ("cols", "deg_table", "deg_index", "rank_table", "rank_index")
 
-    def __init__(self, cols: dict, deg_table: dict | None = None, deg_index=None):
+    def __init__(self, cols: dict, deg_table: dict | None = None, deg_index=None, rank_table: dict | None = None,
+                 rank_index=None):
         n = {len(v) for v in cols.values()}
         if len(n) > 1:
             raise ValueError(f"columns of unequal length: {n}")
@@ -101,6 +160,10 @@ class Candidates:
         # candidate's row in it; the cost model computes per-layer terms once per table row
         self.deg_table = deg_table
         self.deg_index = deg_index
+        # optional: the table of distinct (degrees, pipeline knobs, SP, ZeRO) rows the cost model's
+        # per-rank phase reads (costmodel/ranks.py), and each candidate's row in it
+        self.rank_table = rank_table
+        self.rank_index = rank_index
 
     def __len__(self):
         return len(next(iter(self.cols.values())))
@@ -113,7 +176,8 @@ class Candidates:
 
     def take(self, idx) -> "Candidates":
         di = None if self.deg_index is None else self.deg_index[idx]
-        return Candidates({k: v[idx] for k, v in self.cols.items()}, self.deg_table, di)
+        ri = None if self.rank_index is None else self.rank_index[idx]
+        return Candidates({k: v[idx] for k, v in self.cols.items()}, self.deg_table, di, self.rank_table, ri)
 
     @staticmethod
     def from_layouts(layouts) -> "Candidates":

@@ -11,66 +11,67 @@ from .model_spec import ModelSpec
 ACT_BYTES = 2  # bf16/fp16 activations
 
 
-def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=None, cp=1):
+def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=None, cp=1, act=ACT_BYTES,
+                               stat=4.0):
     """Activations one attention block saves for backward (Korthikanti eq. 1 terms):
     LayerNorm input 2sbh, QKV input 2sbh, Q/K/V, attention core (5as^2b without flash attention;
     output + fp32 log-sum-exp with it), output-projection input, dropout mask sbh.
-    `tokens` = b*s/cp on this rank; SP shards the LayerNorm/dropout region by tp."""
+    `tokens` = b*s/cp on this rank; SP shards the LayerNorm/dropout region by tp. `act`, `stat`:
+    bytes per activation / per softmax statistic (bf16 and fp32 in mixed precision)."""
     h = m.hidden
     spdiv = np.where(sp, tp, 1)
     kv_dim = (m.q_dim + m.v_dim) // 2 if m.mla else m.kv_heads * m.head_dim
-    replicated = tokens * h * (2 + 2 + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
-    qkv = ACT_BYTES * tokens * (m.q_dim + 2 * kv_dim) / tp
-    out_in = ACT_BYTES * tokens * m.v_dim / tp
+    replicated = tokens * h * (act + act + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
+    qkv = act * tokens * (m.q_dim + 2 * kv_dim) / tp
+    out_in = act * tokens * m.v_dim / tp
     if flash:
-        core = 4.0 * tokens * m.heads / tp  # fp32 log-sum-exp per head (FlashAttention-2 alg. 1)
+        core = stat * tokens * m.heads / tp  # fp32 log-sum-exp per head (FlashAttention-2 alg. 1)
     else:
         s = kv_len if kv_len is not None else tokens
-        core = 5.0 * m.heads * tokens * s / tp  # softmax 2, mask 1, dropout out 2 (Korthikanti eq. 1)
-        if not m.dropout:
-            core = 2.0 * m.heads * tokens * s / tp
+        # softmax output act, dropout mask 1, dropout output act (Korthikanti eq. 1: 5as^2b in fp16)
+        core = (2 * act + 1 if m.dropout else act) * m.heads * tokens * s / tp
     return replicated + qkv + out_in, core
 
 
-def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None):
+def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None, act=ACT_BYTES):
     """Dense MLP (Korthikanti eq. 1: 19sbh for ffn = 4h): LN input 2sbh, fc1 input 2sbh,
     activation input and output (gated: gate and up 2x2sbf, output 2sbf), dropout mask sbh."""
     f = m.ffn_hidden if ffn is None else ffn
     spdiv = np.where(sp, tp, 1)
-    replicated = tokens * m.hidden * (2 + 2 + (1 if m.dropout else 0)) / spdiv
-    inner = ACT_BYTES * tokens * f * (3 if m.gated else 2) / tp
+    replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
+    inner = act * tokens * f * (3 if m.gated else 2) / tp
     return replicated + inner
 
 
-def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0):
+def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0):
     """MoE block: LN and router input on the SP shard, the permuted token copies (top_k per
     token) that feed the grouped expert GEMMs, the expert activations, and shared experts."""
     e = m.moe
     spdiv = np.where(sp, tp, 1)
     local = tokens / tp  # MoE with TP requires SP in Megatron-Core: tokens are sharded by tp
-    replicated = tokens * m.hidden * (2 + 2 + (1 if m.dropout else 0)) / spdiv
+    replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
     routed = local * e.top_k * imbalance
     # permuted expert inputs, expert activations, and the expert outputs the unpermute keeps for
     # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps
-    experts = ACT_BYTES * routed * (2 * m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
+    experts = act * routed * (2 * m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
     experts = experts + 8.0 * routed
-    shared = (ACT_BYTES * tokens * e.shared_experts * e.shared_expert_ffn_hidden
+    shared = (act * tokens * e.shared_experts * e.shared_expert_ffn_hidden
               * (3 if m.gated else 2) / tp) if e.shared_experts else 0.0
-    probs = 4.0 * local * e.experts  # fp32 router logits/probabilities
+    probs = stat * local * e.experts  # fp32 router logits/probabilities
     return replicated + experts + shared + probs
 
 
 def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, flash=True,
-                           kv_len=None, etp=1, imbalance=1.0):
+                           kv_len=None, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0):
     """Bytes one layer keeps per micro-batch under a recompute policy (codes: 0 none,
     1 selective, 2 full). Full recompute keeps only the layer input 2sbh (/t with SP),
     Korthikanti sec. 4.2.2; selective drops the attention core (sec. 5)."""
-    attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len)
-    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance) if moe_layer else \
-        mlp_activation_bytes(m, tokens, tp, sp)
+    attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len, act=act, stat=stat)
+    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance, act, stat) if moe_layer else \
+        mlp_activation_bytes(m, tokens, tp, sp, act=act)
     full_layer = attn + core + mlp
     selective = attn + mlp            # core attention (scores, or flash's log-sum-exp) recomputed
-    ckpt = ACT_BYTES * tokens * m.hidden / np.where(sp, tp, 1)
+    ckpt = act * tokens * m.hidden / np.where(sp, tp, 1)
     return np.select([recompute == 0, recompute == 1], [full_layer, selective], ckpt), full_layer
 
 
@@ -98,3 +99,19 @@ def model_state_bytes(params, dp_shard, zero, grad_bytes=4, weight_bytes=2, opti
     g = params * grad_bytes / np.where(zero >= 2, dp_shard, 1)
     o = params * optimizer_bytes / np.where(zero >= 1, dp_shard, 1)
     return w, g, o
+
+
+def norm_statistics_bytes(m: ModelSpec, tokens, tp, sp, stat=4.0):
+    """The two norms' saved statistics per layer: rstd (RMSNorm) or mean and rstd (LayerNorm) in
+    fp32 per token of the rank's (SP-sharded) sequence -- Transformer Engine and PyTorch's fused
+    norms keep them for backward; Korthikanti et al. count the norm input only."""
+    return 2 * tokens / np.where(sp, tp, 1) * (2 if m.bias else 1) * stat
+
+
+def gathered_inputs_bytes(m: ModelSpec, tokens, tp, sp, moe_layer, act=ACT_BYTES):
+    """What a stack that keeps the all-gathered input of each column-parallel linear under SP
+    saves beyond the shard Megatron keeps (PyTorch ColwiseParallel after SequenceParallel, as
+    torchtitan runs it; Megatron re-gathers in backward, tensor_parallel/layers.py
+    LinearWithGradAccumulationAndAsyncCommunication): QKV and fc1 inputs, the attention's only in
+    an MoE layer."""
+    return np.where(sp, (1 if moe_layer else 2) * (tokens - tokens / tp) * m.hidden * act, 0.0)

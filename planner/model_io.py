@@ -15,12 +15,11 @@ import tomllib
 from pathlib import Path
 
 from .errors import PlannerError
-from .model_spec import MLP_KINDS, MLASpec, ModelSpec, MoESpec
+from .model_spec import MAX_FIELD, MLP_KINDS, MLASpec, ModelSpec, MoESpec, check_bounds  # noqa: F401
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 MODEL_FILE_SUFFIXES = (".json", ".toml")
 MAX_FILE_BYTES = 16 << 20    # a model file or config.json is a few KiB; refuse to read more than this
-MAX_FIELD = 1 << 53          # largest integer shape field: exact in the float64 cost model
 
 # key -> (type, required). bool is not accepted where int is wanted, and vice versa.
 _TOP_KEYS: dict[str, tuple[type, bool]] = {
@@ -260,22 +259,6 @@ def _check_keys(d: dict, schema: dict[str, tuple[type, bool]], origin: str, tabl
 def _short(v, most: int = 60) -> str:
     r = repr(v)
     return r if len(r) <= most else r[:most] + "..."
-
-
-def check_bounds(m: ModelSpec, origin: str) -> ModelSpec:
-    """Refuse integer shape fields, and a parameter count, above MAX_FIELD: numbers the float64
-    cost model cannot hold exactly and that overflow its int64 arithmetic."""
-    for owner, prefix in ((m, ""), (m.moe, "moe."), (m.mla, "mla.")):
-        if owner is None:
-            continue
-        for k, v in vars(owner).items():
-            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_FIELD:
-                raise PlannerError(f"{origin}: '{prefix}{k}' must be at most 2^53 = {MAX_FIELD:,}, got {_short(v)}")
-    n = m.total_params()
-    if n > MAX_FIELD:
-        raise PlannerError(f"{origin}: the model has {n:.3g} parameters; the planner handles at most "
-                           f"2^53 = {MAX_FIELD:.3g}")
-    return m
 
 
 def model_from_dict(d: dict, origin: str) -> ModelSpec:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import PlannerError
 
+MAX_FIELD = 1 << 53          # largest integer shape field: exact in the float64 cost model
 MLP_KINDS = ("gelu", "relu2", "swiglu", "geglu")
 GATED_MLPS = ("swiglu", "geglu")
 
@@ -137,7 +138,6 @@ class ModelSpec:
             raise PlannerError(
                 f"{o}: moe.dense_layers ({self.moe.dense_layers}) exceeds layers ({self.layers})")
         # shapes the float64 cost model holds exactly, however the spec was built (library use too)
-        from .model_io import check_bounds
         check_bounds(self, o)
 
     # ---- derived shape facts -------------------------------------------------------------
@@ -244,3 +244,24 @@ class ModelSpec:
             active_experts = self.moe_layers * self.moe.top_k * self.mlp_params(self.moe.expert_ffn_hidden)
             total += active_experts - c["moe_experts"]
         return total
+
+
+def check_bounds(m: ModelSpec, origin: str) -> ModelSpec:
+    """Refuse integer shape fields, and a parameter count, above MAX_FIELD: numbers the float64
+    cost model cannot hold exactly and that overflow its int64 arithmetic."""
+    for owner, prefix in ((m, ""), (m.moe, "moe."), (m.mla, "mla.")):
+        if owner is None:
+            continue
+        for k, v in vars(owner).items():
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_FIELD:
+                raise PlannerError(f"{origin}: '{prefix}{k}' must be at most 2^53 = {MAX_FIELD:,}, got {_short(v)}")
+    n = m.total_params()
+    if n > MAX_FIELD:
+        raise PlannerError(f"{origin}: the model has {n:.3g} parameters; the planner handles at most "
+                           f"2^53 = {MAX_FIELD:.3g}")
+    return m
+
+
+def _short(v, most: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= most else r[:most] + "..."

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .costmodel import MEMORY_TERMS, TIME_TERMS
-from .explain import MEMORY_LABEL, TIME_LABEL, _valid, _with_pp
+from .errors import PlannerError
+from .explain import MEMORY_LABEL, TIME_LABEL
+from .neighbours import valid, with_pp
 
 # one colour per term, stable across plots (tab10 / tab20 entries)
 TIME_COLOR = {"compute": "#4c72b0", "recompute": "#8172b3", "tp_comm": "#dd8452", "cp_comm": "#da8bc3",
@@ -184,7 +186,7 @@ def tp_pp_heatmap(model, cluster, res=None, layout=None, stack=None, tp_values=N
     layout of `res`); dp absorbs the rest of the GPU count. Cells that do not fit in memory say
     OOM; combinations the model cannot split are left blank. The base layout is outlined."""
     from .costmodel import evaluate
-    from .engine import plan_from_eval
+    from .results import plan_from_eval
     from .layout import Candidates
     base = layout if layout is not None else res.best.layout
     gpus = base.gpus
@@ -200,10 +202,10 @@ def tp_pp_heatmap(model, cluster, res=None, layout=None, stack=None, tp_values=N
             L = replace(base, tp=tp, dp=dp, etp=tp if base.etp == base.tp else base.etp,
                         sp=(tp > 1) and (base.sp or base.tp == 1))
             try:
-                L, _ = _with_pp(model, L, pp, dp) if pp != base.pp or tp != base.tp else (L, "")
-            except Exception:   # a split Layout rejects
+                L, _ = with_pp(model, L, pp, dp, stack, cluster) if pp != base.pp or tp != base.tp else (L, "")
+            except PlannerError:   # a split Layout rejects
                 continue
-            if L is None or not _valid(model, L):
+            if L is None or not valid(model, L, stack, cluster):
                 continue
             cells.append((i, j))
             layouts.append(L)

@@ -6,6 +6,7 @@ import math
 
 from .costmodel import TIME_TERMS
 from .layout import LAYOUT_FIELDS
+from .results import flat_rows
 
 TERM_LABEL = {"compute": "compute", "recompute": "recompute", "tp_comm": "TP", "cp_comm": "CP",
               "ep_comm": "EP", "pp_comm": "PP", "dp_comm": "DP", "bubble": "bubble",
@@ -18,29 +19,42 @@ def _top_terms(p, n=3):
     return " ".join(f"{TERM_LABEL[k]} {v / tot:.0%}" for v, k in items[:n] if v / tot >= 0.005) or "-"
 
 
-def _header(res, model, cluster, stack, a):
-    from .engine import DEFAULT_SEQ_LEN, default_global_batch
-    seq = (a.seq_len if a else None) or model.seq_len or DEFAULT_SEQ_LEN
-    gb = (a.global_batch if a else None) or (res.plans[0].layout.global_batch if res.plans else
-                                             default_global_batch(seq, res.gpus))
-    return dict(seq_len=seq, global_batch=gb)
+# knobs always shown, then knobs shown only when they differ among the rows printed (rows that
+# differ only in a hidden knob would otherwise look identical)
+_ALWAYS = (("tp", "tp"), ("pp", "pp"), ("dp", "dp"), ("cp", "cp"), ("ep", "ep"), ("vpp", "vpp"),
+           ("sched", "schedule"), ("sp", "sp"), ("mb", "micro_batch"), ("recomp", "recompute"), ("zero", "zero"),
+           ("prec", "precision"))
+_WHEN_DIFFERENT = (("etp", "etp"), ("cp_comm", "cp_comm"), ("shard", "shard_group"),
+                   ("first_L", "first_stage_layers"), ("last_L", "last_stage_layers"),
+                   ("ovl_tp", "overlap_tp"), ("ovl_dp", "overlap_dp"), ("ovl_pp", "overlap_pp"),
+                   ("ovl_ep", "overlap_ep"))
+
+
+def _knob(v) -> str:
+    return ("on" if v else "-") if isinstance(v, bool) else str(v)
+
+
+def knob_columns(plans) -> list:
+    """[(header, layout field)]: the fixed set, plus every other knob whose value differs among `plans`."""
+    cols = list(_ALWAYS)
+    for head, f in _WHEN_DIFFERENT:
+        if len({getattr(p.layout, f) for p in plans}) > 1:
+            cols.append((head, f))
+    return cols
 
 
 def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
-    h = _header(res, model, cluster, stack, a)
-    lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}) | seq {h['seq_len']}, "
-             f"global batch {h['global_batch']} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
+    lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}) | seq {res.seq_len}, "
+             f"global batch {res.global_batch} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
              f"{res.search_seconds:.2f} s"]
-    cols = ["#", "gpus", "tp", "pp", "dp", "cp", "ep", "vpp", "sched", "sp", "mb", "recomp", "zero", "prec",
-            "step_s", "tok/s/gpu", "MFU", "mem_GiB", "where time goes"]
+    knobs = knob_columns(res.plans)
+    cols = ["#", "gpus", *(h for h, _ in knobs), "step_s", "tok/s/gpu", "MFU", "mem_GiB", "where time goes"]
     has_cost = any(p.cost_usd is not None for p in res.plans)
     if has_cost:
         cols[-1:-1] = ["days", "cost_$M"]
     rows = []
     for i, p in enumerate(res.plans, 1):
-        L = p.layout
-        r = [str(i), str(p.gpus), str(L.tp), str(L.pp), str(L.dp), str(L.cp), str(L.ep), str(L.vpp), L.schedule,
-             "on" if L.sp else "-", str(L.micro_batch), L.recompute, str(L.zero), L.precision,
+        r = [str(i), str(p.gpus), *(_knob(getattr(p.layout, f)) for _, f in knobs),
              f"{p.step_time_s:.3f}", f"{p.tokens_per_s_per_gpu:,.0f}", f"{p.mfu:.1%}", f"{p.memory_gib:.1f}"]
         if has_cost:
             r += [f"{p.time_to_train_s / 86400:.1f}", f"{p.cost_usd / 1e6:.2f}"]
@@ -50,17 +64,20 @@ def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
     fmt = lambda r: "  ".join(x.ljust(w[j]) if j == len(cols) - 1 else x.rjust(w[j]) for j, x in enumerate(r))  # noqa
     lines.append(fmt(cols))
     lines.extend(fmt(r) for r in rows)
-    b = res.best
-    tot = b.step_time_s
-    lines.append("")
-    lines.append("best layout, time per step: " + ", ".join(
-        f"{TERM_LABEL[k]} {v:.3f}s ({v / tot:.0%})" for k, v in b.time_breakdown_s.items() if v > 0))
-    lines.append(f"best layout, memory per GPU ({b.memory_gib:.1f} of {b.hbm_gib:.1f} GiB): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in b.memory_breakdown_gib.items() if v > 0.05))
-    if goodput is not None:
-        lines.append(f"goodput: {goodput.goodput:.1%} (system MTBF {goodput.system_mtbf_h:.2f} h, checkpoint every "
-                     f"{goodput.checkpoint_interval_min:.1f} min, {goodput.checkpoint_write_s:.0f} s to write)")
+    lines.extend(_best_lines(res.best, goodput))
     return "\n".join(lines)
+
+
+def _best_lines(b, goodput) -> list:
+    tot = b.step_time_s
+    out = ["", "best layout, time per step: " + ", ".join(
+        f"{TERM_LABEL[k]} {v:.3f}s ({v / tot:.0%})" for k, v in b.time_breakdown_s.items() if v > 0),
+        f"best layout, memory per GPU ({b.memory_gib:.1f} of {b.hbm_gib:.1f} GiB): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in b.memory_breakdown_gib.items() if v > 0.05)]
+    if goodput is not None:
+        out.append(f"goodput: {goodput.goodput:.1%} (system MTBF {goodput.system_mtbf_h:.2f} h, checkpoint every "
+                   f"{goodput.checkpoint_interval_min:.1f} min, {goodput.checkpoint_write_s:.0f} s to write)")
+    return out
 
 
 def _clean(x):
@@ -74,9 +91,8 @@ def _clean(x):
 
 
 def to_json(res, model, cluster, stack, a=None, goodput=None) -> str:
-    h = _header(res, model, cluster, stack, a)
     out = {"model": model.name, "hardware": cluster.name, "gpus": res.gpus, "stack": stack.name,
-           "seq_len": h["seq_len"], "global_batch": h["global_batch"],
+           "seq_len": res.seq_len, "global_batch": res.global_batch,
            "evaluated": res.evaluated, "feasible": res.feasible, "search_seconds": res.search_seconds,
            "layouts": [p.to_dict() for p in res.plans]}
     if res.pareto:
@@ -93,18 +109,6 @@ def to_json(res, model, cluster, stack, a=None, goodput=None) -> str:
         out["closest_infeasible"] = res.closest_infeasible.to_dict()
         out["why_infeasible"] = res.closest_infeasible.overflow()
     return json.dumps(_clean(out), indent=2)
-
-
-def flat_rows(plans) -> list:
-    rows = []
-    for p in plans:
-        d = p.to_dict()
-        for k, v in d.pop("time_breakdown_s").items():
-            d[f"time_{k}_s"] = v
-        for k, v in d.pop("memory_breakdown_gib").items():
-            d[f"mem_{k}_gib"] = v
-        rows.append(d)
-    return rows
 
 
 def to_csv(res) -> str:

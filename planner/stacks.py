@@ -9,8 +9,18 @@ reduce-scatter and parameter all-gather, TP communication overlap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from .errors import PlannerError
+
+
+class StackName(str, Enum):
+    """The software stacks the planner models (--stack)."""
+    MEGATRON_CORE = "megatron-core"
+    MEGATRON_2021 = "megatron-2021"
+    TORCHTITAN = "torchtitan"
+    LLM_FOUNDRY = "llm-foundry"
+    DEEPSPEED = "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -28,14 +38,26 @@ class Stack:
     tp_overlap: bool = True       # can overlap TP collectives with GEMMs (TE userbuffers)
     ep_overlap: bool = True       # can overlap the EP all-to-all with another micro-batch's compute
     flash_attention: bool = True  # fused attention (FlashAttention / cuDNN); False: scores materialised
+    sp_keeps_gathered_inputs: bool = False   # SP keeps the all-gathered input of column-parallel
+                                  # linears for backward (PyTorch ColwiseParallel); Megatron re-gathers
     step_overhead_s: float = 0.0  # fixed per-step host overhead
     kernel_overhead_s: float = 4.3e-6   # launch + sync gap per kernel, fitted once over all runs
                                      # (benchmarks/fit_efficiency.py; CUDA launch latency is ~3-5 us)
     tp_layer_overhead_s: float = 0.0    # host seconds per TP-sharded layer forward (backward 2x) beyond
                                      # its kernels: DTensor dispatch of eager TP (validate calibrate
                                      # measures it); 0 for Megatron's hand-written TP
-    schedules: tuple = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")  # pipeline schedules it runs
+    # what the stack runs (planner/rules.py refuses the rest): pipeline schedules, ZeRO/FSDP stages,
+    # context-parallel exchanges, the highest ZeRO stage it combines with PP, and whether plain data
+    # parallelism (ZeRO-0) runs only without TP/PP/CP
+    schedules: tuple = ("1f1b", "interleaved")
     zero_stages: tuple = (0, 1, 2, 3)
+    cp_comms: tuple = ("p2p", "allgather", "a2a")
+    max_zero_with_pp: int = 3
+    replicate_only_1d: bool = False
+    # how layers may be split over pipeline ranks: "layout" = any split, every virtual stage chosen
+    # (Megatron-Core --pipeline-model-parallel-layout; torchtitan module_fqns_per_model_part);
+    # "even" = the same number of layers on every virtual stage only (Megatron-LM of 2021)
+    stage_split: str = "layout"
     source: str = ""
 
 
@@ -43,32 +65,40 @@ STACKS = {
     "megatron-core": Stack(
         "megatron-core",
         "Megatron-Core + Transformer Engine (NeMo / Megatron-Bridge recipes)",
-        schedules=("1f1b", "interleaved"),
+        schedules=("1f1b", "interleaved"),   # pipeline_parallel/schedules.py get_forward_backward_func
+        cp_comms=("p2p", "allgather", "a2a"),  # --cp-comm-type p2p | all_gather | a2a
         source="reference stack; efficiencies live in the hardware profile"),
     "megatron-2021": Stack(
         "megatron-2021",
         "Megatron-LM of Narayanan et al. 2021 / Korthikanti et al. 2022 (Apex fused kernels, no TE, "
         "no TP overlap, grads all-reduced in fp32)",
         tp_overlap=False, ep_overlap=False, flash_attention=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
+        cp_comms=(), stage_split="even",     # 2021: --num-layers divisible by pp (x vpp), no uneven stages
         source="Narayanan et al. 2021 sec. 5; Korthikanti et al. 2022 sec. 6"),
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
         gemm=0.694, attention=0.308,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
         elementwise=2.0, tp_overlap=False, ep_overlap=False, zero_stages=(0, 3),
-        schedules=("1f1b", "interleaved", "zb-h1", "zbv"),
+        schedules=("1f1b", "interleaved", "zbv"),   # torch.distributed.pipelining schedules with one
+                                                    # stage per rank, or V / interleaved stages
+        cp_comms=("p2p", "allgather"),   # context_parallel_rotate_method alltoall | allgather (ring attention)
+        replicate_only_1d=True,          # parallelize_llama: 'DDP has not supported > 1D parallelism'
+        sp_keeps_gathered_inputs=True,   # DTensor ColwiseParallel saves the gathered input
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
         gemm=0.975,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
-        elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",),
+        elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",), cp_comms=(),
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(
         "deepspeed",
         "DeepSpeed ZeRO (data parallel only, Narayanan et al. 2021 Table 2 baseline)",
         grad_reduce_bytes=2, grad_bytes=2, tp_overlap=False, ep_overlap=False, flash_attention=False,
-        schedules=("1f1b",),
+        schedules=("1f1b",),             # runtime/pipe/schedule.py TrainSchedule (1F1B)
+        cp_comms=("a2a",),               # DeepSpeed-Ulysses sequence parallelism
+        max_zero_with_pp=1,              # runtime/pipe/engine.py: ZeRO-2/3 incompatible with PP
         pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }

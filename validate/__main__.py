@@ -1,3 +1,4 @@
+"""`python -m validate`: the validate command (run, calibrate)."""
 import sys
 
 from .cli import main

@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from planner.counts import ElementBytes, check as counts_check, predict
+from planner.costmodel.elements import ElementBytes
 from planner.errors import PlannerError
 from planner.layout import Layout
 from planner.model_spec import ModelSpec
+from planner.stacks import Stack
+from planner.step import predict
 
 from .config import DTYPE_BYTES, scenario
 
@@ -21,9 +23,49 @@ from .config import DTYPE_BYTES, scenario
 TOLERANCE = {"float64": (1e-9, 1e-8), "float32": (1e-4, 1e-2), "bfloat16": (3e-2, 1e-1)}
 
 
+# validate's implementation as a stack the planner models (planner/step.py counts a run with it):
+# eager PyTorch with flash attention (CPU SDPA), DTensor TP whose ColwiseParallel keeps SP's
+# gathered inputs, no communication overlap, a hand-written distributed optimizer (ZeRO 0-2, one
+# flat buffer per model chunk) and FSDP2 (ZeRO-3), 1F1B / interleaved pipelines, ring (p2p) CP.
+RUN_STACK = Stack("validate", "validate/: eager PyTorch, DTensor TP, hand-written ZeRO 0-2, FSDP2, "
+                  "torch.distributed.pipelining", tp_overlap=False, ep_overlap=False, flash_attention=True,
+                  sp_keeps_gathered_inputs=True, schedules=("1f1b", "interleaved"), zero_stages=(0, 1, 2, 3),
+                  cp_comms=("p2p",), source="validate/model.py, validate/parallel.py")
+
+
+def counts(spec: ModelSpec, layout: Layout, dtype: str):
+    """The planner's per-rank step (planner/step.py) for this run's element sizes."""
+    return predict(spec, layout, RUN_STACK, element_bytes(dtype, layout.zero))
+
+
+def counted_flops(rank, layout: Layout) -> dict:
+    """FLOPs of a rank as torch.utils.flop_counter.FlopCounterMode counts this run: it counts
+    scaled-dot-product attention with its full score matrix (sdpa_flop_count ignores is_causal),
+    so a causal block is counted in full. Ring CP (2cp chunks, rank r holding chunks r and
+    2cp-1-r) computes one causal diagonal block of 2c x 2c and cp-1 full blocks of 2c x c: counted
+    = causal FLOPs x (cp + 1) / cp (cp = 1: twice the causal count)."""
+    extra = (layout.cp + 1) / layout.cp - 1
+    return {k: v + extra * rank.attention_flops.get(k, 0.0) for k, v in rank.flops.items()}
+
+
 def supported(spec: ModelSpec, layout: Layout):
     """What validate implements; one-line PlannerError otherwise (checked before any rank starts)."""
-    counts_check(spec, layout)
+    from planner import rules
+    rules.check_layout(layout, rules.context_for(spec, layout, RUN_STACK))
+    if spec.mla is not None:
+        raise PlannerError(f"validate: {spec.name} uses multi-head latent attention, which validate does not "
+                           "implement (GQA/MHA models only)")
+    if layout.first_stage_layers or layout.last_stage_layers:
+        raise PlannerError("validate: uneven pipeline stages (first/last stage layers) are not implemented")
+    if spec.layers % (layout.pp * layout.vpp):
+        raise PlannerError(f"validate: the {spec.layers} layers of {spec.name} must split evenly over pp x vpp = "
+                           f"{layout.pp * layout.vpp} stages")
+    if layout.etp != 1:
+        raise PlannerError("validate: --etp other than 1 is not implemented")
+    sp = layout.sp and layout.tp > 1
+    if sp and (layout.seq_len // layout.cp) % layout.tp:
+        raise PlannerError(f"--sp needs the sequence per CP rank ({layout.seq_len // layout.cp}) "
+                           f"divisible by --tp {layout.tp}")
     tp, pp, ep = layout.tp, layout.pp, layout.ep
     if spec.moe is not None and tp > 1:
         raise PlannerError("validate: MoE layers with --tp > 1 are not implemented; "
@@ -70,9 +112,9 @@ def _plan(spec, layout, hardware, stack, dtype="float32"):
     if hardware is None:
         return None
     try:
-        from planner.hardware import load_hardware
+        from planner.profiles import load_hardware
         from planner.stacks import get_stack
-        from .calibrate_predict import predict
+        from .calibrate.predict import predict
         cluster = load_hardware(hardware)
         p, notes = predict(spec, layout, cluster, get_stack(stack) if stack else None, dtype)
         return p, cluster.name, notes
@@ -118,7 +160,7 @@ def report_for(cfg, spec, lay, per_rank, *, reference=True, hardware=None, stack
 def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, ref=None):
     from . import report
     from .reference import compare, run_reference
-    stages = predict(spec, lay, element_bytes(dtype, lay.zero))
+    stages = counts(spec, lay, dtype)
     ref_checks = []
     notes = list(notes)
     if reference:
@@ -127,7 +169,8 @@ def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, 
         notes.append("no single-process reference run (--no-reference): losses and gradients not checked")
     pl = _plan(spec, lay, hardware, stack, dtype)
     plan, hw, pnotes = pl if pl else (None, None, [])
-    rep = report.build(cfg, per_rank, stages, ref_checks, plan, notes)
+    rep = report.build(cfg, per_rank, stages, ref_checks, plan, notes,
+                       flops=[counted_flops(st, lay) for st in stages])
     rep["step_time_s"]["hardware"] = hw
     if pnotes:
         rep["step_time_s"]["prediction_notes"] = pnotes

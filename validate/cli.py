@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from planner.cli import _float_arg, _int_arg, _Parser, _UsageError, guarded_main
+from planner.cliutil import Parser as _Parser, UsageError as _UsageError, float_arg as _float_arg, int_arg as _int_arg, guarded_main
 
 DEFAULT_SEQ_LEN = 128     # validation runs on CPU in seconds: a short sequence unless told
 
@@ -65,7 +65,7 @@ def build_parser():
                    help="skip the single-process reference (losses and gradients unchecked)")
     v.add_argument("--format", choices=("table", "json"), default="table")
     v.add_argument("--out", help="also write the JSON report to this file (atomically)")
-    from .calibrate import add_parser
+    from .calibrate.command import add_parser
     add_parser(sub)
     return top
 
@@ -121,8 +121,12 @@ def sized_model(a):
 
 
 def layout_from_args(a, spec):
-    from planner.candidates import check_fixed
+    from planner import rules
     from planner.errors import PlannerError
+    from .api import RUN_STACK
+
+    def check_fixed(spec, gpus, seq, gb, fixed):
+        rules.check_fixed(rules.Context(spec, gpus, seq, gb, RUN_STACK), fixed)
     from planner.layout import Layout
     tp, pp, cp = a.tp or 1, a.pp or 1, a.cp or 1
     seq = a.seq_len or DEFAULT_SEQ_LEN
@@ -152,13 +156,13 @@ def layout_from_args(a, spec):
 def run(argv) -> int:
     a = build_parser().parse_args(argv)
     if a.command == "calibrate":
-        from . import calibrate
-        return calibrate.run(a)
+        from .calibrate import command
+        return command.run(a)
     if a.command != "run":
         raise _UsageError("expected a command: run or calibrate")
     from . import api, report
     from .launch import RunFailed, check_torch, under_torchrun
-    from planner.hardware import load_hardware
+    from planner.profiles import load_hardware
     spec, notes = sized_model(a)
     lay = layout_from_args(a, spec)
     api.supported(spec, lay)

@@ -129,77 +129,69 @@ def _inject(fault: dict, rank: int, step: int):
         time.sleep(10 ** 6)
 
 
-def run_scenario(cfg: dict, device) -> dict | None:
-    """Run one layout on every rank; rank 0 returns the gathered results, others None."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    spec = spec_from_dict(cfg["model"])
-    lay = cfg["layout"]
-    tp, pp, dp, cp, ep, vpp = (lay[k] for k in ("tp", "pp", "dp", "cp", "ep", "vpp"))
-    sp, mb, gb, s = lay["sp"], lay["micro_batch"], lay["global_batch"], lay["seq_len"]
-    recompute, zero = lay["recompute"], lay["zero"]
-    steps, timed = cfg["steps"], cfg.get("timed_steps", 0)
-    seed = cfg["seed"]
-    dtype = torch_dtype(cfg["dtype"])
-    if world != tp * pp * dp * cp:
-        raise RuntimeError(f"world size {world} does not match tp*pp*dp*cp = {tp * pp * dp * cp}")
-    topo = Topo(world, rank, tp, cp, dp, pp, ep, vpp)
-    labeler = GroupLabeler()
-    groups = Groups(topo, spec.tied_embeddings and pp > 1, labeler)
-    dev_type = device.type
+class _Rank:
+    """One rank's part of a scenario: its model chunks (TP applied), optimizer, pipeline schedule,
+    counters and data."""
 
-    rope = Rope(cp_positions(s, cp, topo.cp_r), spec.head_dim, dtype, device)
-    ctx = Ctx(spec, recompute, rope,
-              cp=(groups.get("cp"), topo.cp_r, cp, groups.ranks.get("cp", [rank])),
-              ep=(groups.get("ep"), topo.ep_r, ep))
-    init = Init(seed, dtype, device)
-    nv = pp * vpp
-    per = spec.layers // nv
-    my_vs = [topo.pp_r + v * pp for v in range(vpp)]
-    chunks = [Chunk(spec, range(vs * per, (vs + 1) * per), vs == 0, vs == nv - 1, ctx, init)
-              for vs in my_vs]
-    names = [ch.global_names() for ch in chunks]
-    if tp > 1:
-        tp_mesh = mesh_1d(groups.get("tp"), dev_type, "tp")
-        for ch in chunks:
-            apply_tp(ch, tp_mesh, sp)
-    moe_names = {g for nm in names for g in nm.values() if ".experts." in g}
-    if zero == 3:
-        opt = FSDPOptimizer(chunks, names, groups, LR, dev_type, moe_names)
-    else:
-        opt = HandOptimizer(chunks, names, groups, zero, LR, dtype, moe_names)
+    def __init__(self, cfg: dict, device):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.cfg, self.device, self.spec = cfg, device, spec_from_dict(cfg["model"])
+        lay = self.lay = cfg["layout"]
+        tp, pp, dp, cp, ep, vpp = (lay[k] for k in ("tp", "pp", "dp", "cp", "ep", "vpp"))
+        if world != tp * pp * dp * cp:
+            raise RuntimeError(f"world size {world} does not match tp*pp*dp*cp = {tp * pp * dp * cp}")
+        self.topo = topo = Topo(world, rank, tp, cp, dp, pp, ep, vpp)
+        labeler = GroupLabeler()
+        self.groups = groups = Groups(topo, self.spec.tied_embeddings and pp > 1, labeler)
+        dtype = torch_dtype(cfg["dtype"])
+        self.rope = Rope(cp_positions(lay["seq_len"], cp, topo.cp_r), self.spec.head_dim, dtype, device)
+        ctx = Ctx(self.spec, lay["recompute"], self.rope, cp=(groups.get("cp"), topo.cp_r, cp, groups.ranks.get("cp", [rank])),
+                  ep=(groups.get("ep"), topo.ep_r, ep))
+        self.nv, per = pp * vpp, self.spec.layers // (pp * vpp)
+        self.my_vs = [topo.pp_r + v * pp for v in range(vpp)]
+        init = Init(cfg["seed"], dtype, device)
+        self.chunks = [Chunk(self.spec, range(vs * per, (vs + 1) * per), vs == 0, vs == self.nv - 1, ctx, init)
+                       for vs in self.my_vs]
+        names = [ch.global_names() for ch in self.chunks]
+        self.tp_mesh = mesh_1d(groups.get("tp"), device.type, "tp") if tp > 1 else None
+        for ch in self.chunks if tp > 1 else ():
+            apply_tp(ch, self.tp_mesh, lay["sp"])
+        moe_names = {g for nm in names for g in nm.values() if ".experts." in g}
+        self.opt = (FSDPOptimizer(self.chunks, names, groups, LR, device.type, moe_names) if lay["zero"] == 3 else
+                    HandOptimizer(self.chunks, names, groups, lay["zero"], LR, dtype, moe_names))
+        self.flop, self.rec = PhaseFlopCounter(), CollectiveRecorder(labeler)
+        self.meter = ActivationMeter([t.untyped_storage().data_ptr() for t in self.rope.tensors()])
+        for ch in self.chunks:
+            for blk in ch.layers.values():
+                self.meter.attach(blk)
+        self._data()
+        self.sched = self._schedule() if pp > 1 else None
+        self.is_first, self.is_last = self.chunks[0].first, self.chunks[-1].last
 
-    flop = PhaseFlopCounter()
-    rec = CollectiveRecorder(labeler)
-    meter = ActivationMeter([t.untyped_storage().data_ptr() for t in rope.tensors()])
-    for ch in chunks:
-        for blk in ch.layers.values():
-            meter.attach(blk)
+    def _data(self):
+        """This rank's inputs and targets: its data-parallel rows, its CP positions."""
+        lay, topo, cfg = self.lay, self.topo, self.cfg
+        gb, s, dp = lay["global_batch"], lay["seq_len"], lay["dp"]
+        data = make_data(self.spec.vocab, gb, s, 1 + cfg["steps"] + cfg.get("timed_steps", 0), cfg["seed"])
+        rows = slice(topo.dp_r * gb // dp, (topo.dp_r + 1) * gb // dp)
+        pos = cp_positions(s, lay["cp"], topo.cp_r)
+        self.inputs = data[:, rows, :-1][:, :, pos].to(self.device)
+        self.targets = data[:, rows, 1:][:, :, pos].to(self.device)
+        self.nmb = gb // (dp * lay["micro_batch"])
+        self.norm = float(gb * s)
 
-    # ------------------------------------------------------------------ data for this rank
-    total = 1 + steps + timed
-    data = make_data(spec.vocab, gb, s, total, seed)
-    rows = slice(topo.dp_r * gb // dp, (topo.dp_r + 1) * gb // dp)
-    pos = cp_positions(s, cp, topo.cp_r)
-    inputs = data[:, rows, :-1][:, :, pos].to(device)
-    targets = data[:, rows, 1:][:, :, pos].to(device)
-    nmb = gb // (dp * mb)
-    norm = float(gb * s)
-
-    tp_mesh_loss = mesh_1d(groups.get("tp"), dev_type, "tp") if tp > 1 else None
-
-    def loss_fn(out, tgt):
-        if tp > 1:
-            # vocab-parallel cross entropy (run_microbatches enters loss_parallel for the whole
+    def loss_fn(self, out, tgt):
+        if self.tp_mesh is not None:
+            # vocab-parallel cross entropy (microbatches() enters loss_parallel for the whole
             # step, as its backward must run inside it too)
-            logits = DTensor.from_local(out, tp_mesh_loss, [Shard(-1)], run_check=False)
+            logits = DTensor.from_local(out, self.tp_mesh, [Shard(-1)], run_check=False)
             l = torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten(), reduction="sum")
-            return l.to_local() / norm
-        return cross_entropy_sum(out, tgt) / norm
+            return l.to_local() / self.norm
+        return cross_entropy_sum(out, tgt) / self.norm
 
-    sched = None
-    if pp > 1:
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
-                                                  ScheduleInterleaved1F1B)
+    def _schedule(self):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+        opt = self.opt
 
         class _Stage(PipelineStage):
             """Lets ZeRO-2 reduce-scatter after each micro-batch's backward of this chunk."""
@@ -211,123 +203,128 @@ def run_scenario(cfg: dict, device) -> dict | None:
                 return r
 
         stages = []
-        for ci, (vs, ch) in enumerate(zip(my_vs, chunks)):
-            st = _Stage(ch, vs, nv, device, group=groups.get("pp"))
+        for ci, (vs, ch) in enumerate(zip(self.my_vs, self.chunks)):
+            st = _Stage(ch, vs, self.nv, self.device, group=self.groups.get("pp"))
             st.ci = ci
             stages.append(st)
-        if vpp > 1:
-            sched = ScheduleInterleaved1F1B(stages, nmb, loss_fn=loss_fn, scale_grads=False)
-        else:
-            sched = Schedule1F1B(stages[0], nmb, loss_fn=loss_fn, scale_grads=False)
+        if self.lay["vpp"] > 1:
+            return ScheduleInterleaved1F1B(stages, self.nmb, loss_fn=self.loss_fn, scale_grads=False)
+        return Schedule1F1B(stages[0], self.nmb, loss_fn=self.loss_fn, scale_grads=False)
 
-    is_last = chunks[-1].last
-    is_first = chunks[0].first
-
-    def run_microbatches(step):
-        if tp > 1:
+    def microbatches(self, step) -> float:
+        """Forward and backward of every micro-batch of `step`; the summed loss."""
+        if self.tp_mesh is not None:
             from torch.distributed.tensor.parallel import loss_parallel
             with loss_parallel():
-                return _run_microbatches(step)
-        return _run_microbatches(step)
+                return self._microbatches(step)
+        return self._microbatches(step)
 
-    def _run_microbatches(step):
-        x, y = inputs[step], targets[step]
-        tot = 0.0
-        if sched is not None:
+    def _microbatches(self, step) -> float:
+        x, y = self.inputs[step], self.targets[step]
+        if self.sched is not None:
             losses = []
-            if is_first and is_last:
-                sched.step(x, target=y, losses=losses)
-            elif is_first:
-                sched.step(x)
-            elif is_last:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
-            tot = float(sum(float(l) for l in losses))
-        else:
-            ch = chunks[0]
-            for j in range(nmb):
-                out = ch(x[j * mb:(j + 1) * mb])
-                loss = loss_fn(out, y[j * mb:(j + 1) * mb])
-                loss.backward()
-                tot += float(loss.detach())
-                opt.microbatch_done(0)
+            kw = ({"target": y, "losses": losses} if self.is_last else {})
+            self.sched.step(*((x,) if self.is_first else ()), **kw)
+            return float(sum(float(l) for l in losses))
+        ch, mb, tot = self.chunks[0], self.lay["micro_batch"], 0.0
+        for j in range(self.nmb):
+            loss = self.loss_fn(ch(x[j * mb:(j + 1) * mb]), y[j * mb:(j + 1) * mb])
+            loss.backward()
+            tot += float(loss.detach())
+            self.opt.microbatch_done(0)
         return tot
 
-    res = dict(rank=rank, coords=topo.coords(), losses=[], step_times=[], timed_times=[],
-               flops=[], coll_calls=[], coll_bytes=[], coll_phase=[], acts=[], grads=[],
-               state=None, unknown=[])
+    def train_step(self, step, counted: bool, keep_grads: bool):
+        """(loss, gradient pieces) of one step: micro-batches, reduction, optimizer."""
+        opt = self.opt
+        phases.set_driver_phase("forward")
+        loss = self.microbatches(step)
+        phases.set_driver_phase("optimizer")
+        opt.reduce()
+        grads = opt.grad_pieces() if keep_grads else []
+        opt.step()
+        return loss, grads
+
+
+def run_scenario(cfg: dict, device) -> dict | None:
+    """Run one layout on every rank; rank 0 returns the gathered results, others None."""
+    R = _Rank(cfg, device)
+    steps, total = cfg["steps"], 1 + cfg["steps"] + cfg.get("timed_steps", 0)
+    res = dict(rank=R.topo.rank, coords=R.topo.coords(), losses=[], step_times=[], timed_times=[],
+               flops=[], coll_calls=[], coll_bytes=[], coll_phase=[], acts=[], grads=[], state=None, unknown=[])
     fault = cfg.get("fault") or {}
     if fault.get("kind") == "skip_grad_sync":
-        opt.reduce_hook = None   # test hook: gradients stay local (a layout computing something else)
+        R.opt.reduce_hook = None   # test hook: gradients stay local (a layout computing something else)
     for step in range(total):
         _progress(cfg.get("index", 0), step)
-        _inject(fault, rank, step)
-        counted = 1 <= step <= steps
-        opt.zero_grad()
-        flop.reset(), rec.reset(), meter.reset()
-        meter.enabled = counted
-        phases.set_meter(meter if counted else None)
-        _sync(device)
-        waits = CommWait() if step > steps else None
-        cpu0, pcpu0 = time.thread_time(), time.process_time()
-        t0 = time.perf_counter()
-        try:
-            if waits is not None:
-                waits.__enter__()
-            if counted:
-                with rec, flop, saved_tensors_hooks(meter.pack, meter.unpack):
-                    phases.set_driver_phase("forward")
-                    loss = run_microbatches(step)
-                    phases.set_driver_phase("optimizer")
-                    opt.reduce()
-                    grads = opt.grad_pieces()
-                    opt.step()
-            else:
-                phases.set_driver_phase("forward")
-                loss = run_microbatches(step)
-                phases.set_driver_phase("optimizer")
-                opt.reduce()
-                grads = opt.grad_pieces() if step == 0 or cfg.get("check_all_grads") else []
-                opt.step()
-        except Exception as e:
-            raise RuntimeError(f"step {step}: {type(e).__name__}: {e}") from e
-        finally:
-            if waits is not None:
-                waits.__exit__(None, None, None)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        cpu, pcpu = time.thread_time() - cpu0, time.process_time() - pcpu0
-        phases.set_driver_phase("setup")
-        phases.set_meter(None)
-        res["losses"].append(loss if (is_last and topo.tp_r == 0) else None)
-        res["grads"].append([(n, *_piece_meta(p), a, b, v.cpu()) for n, p, a, b, v in grads])
-        if counted:
-            res["step_times"].append(dt)
-            res["flops"].append(dict(flop.by_phase))
-            res.setdefault("flops_by_op", []).append({f"{a}|{b}": v for (a, b), v in flop.by_op.items()})
-            res["coll_calls"].append({f"{g}|{k}": v for (g, k), v in rec.calls.items()})
-            res["coll_bytes"].append({f"{g}|{k}": v for (g, k), v in rec.bytes.items()})
-            res["coll_phase"].append({f"{g}|{k}|{p}": v for (g, k, p), v in rec.by_phase.items()})
-            res["acts"].append({str(k): v for k, v in meter.per_layer().items()})
-            if step == steps:
-                res["state"] = {f"{a}|{b}": v for (a, b), v in opt.state_bytes().items()}
-                if device.type == "cuda":
-                    res["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-        elif step > steps:
-            res["timed_times"].append(dt)
-            res.setdefault("timed_comm_wait", []).append(waits.total)
-            res.setdefault("timed_comm_waits_n", []).append(waits.calls)
-            if waits.trace is not None:
-                res.setdefault("wait_trace", []).append((t0, waits.trace))
-            res.setdefault("timed_cpu", []).append(cpu)   # this thread's CPU seconds
-            res.setdefault("timed_process_cpu", []).append(pcpu)   # all threads (gloo's included)
-    res["moe_layers"] = [blk.idx for ch in chunks for blk in ch.layers.values() if blk.moe_layer]
-    res["layers"] = [blk.idx for ch in chunks for blk in ch.layers.values()]
-    res["first"], res["last"] = is_first, is_last
-    out = [None] * world if rank == 0 else None
+        _inject(fault, R.topo.rank, step)
+        _one_step(R, res, step, steps)
+    res["moe_layers"] = [blk.idx for ch in R.chunks for blk in ch.layers.values() if blk.moe_layer]
+    res["layers"] = [blk.idx for ch in R.chunks for blk in ch.layers.values()]
+    res["first"], res["last"] = R.is_first, R.is_last
+    out = [None] * R.topo.world if R.topo.rank == 0 else None
     dist.gather_object(res, out, dst=0)
     return out
+
+
+def _one_step(R: _Rank, res: dict, step: int, steps: int) -> None:
+    """Step `step`: 0 warms up, 1..steps are counted (instrumented), later ones timed plain."""
+    counted, device = 1 <= step <= steps, R.device
+    R.opt.zero_grad()
+    R.flop.reset(), R.rec.reset(), R.meter.reset()
+    R.meter.enabled = counted
+    phases.set_meter(R.meter if counted else None)
+    _sync(device)
+    waits = CommWait() if step > steps else None
+    cpu0, pcpu0 = time.thread_time(), time.process_time()
+    t0 = time.perf_counter()
+    try:
+        if waits is not None:
+            waits.__enter__()
+        if counted:
+            with R.rec, R.flop, saved_tensors_hooks(R.meter.pack, R.meter.unpack):
+                loss, grads = R.train_step(step, True, True)
+        else:
+            loss, grads = R.train_step(step, False, step == 0 or R.cfg.get("check_all_grads"))
+    except Exception as e:
+        raise RuntimeError(f"step {step}: {type(e).__name__}: {e}") from e
+    finally:
+        if waits is not None:
+            waits.__exit__(None, None, None)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    phases.set_driver_phase("setup")
+    phases.set_meter(None)
+    res["losses"].append(loss if (R.is_last and R.topo.tp_r == 0) else None)
+    res["grads"].append([(n, *_piece_meta(p), a, b, v.cpu()) for n, p, a, b, v in grads])
+    if counted:
+        _record_counted(R, res, dt, step == steps)
+    elif step > steps:
+        _record_timed(res, dt, waits, t0, time.thread_time() - cpu0, time.process_time() - pcpu0)
+
+
+def _record_counted(R: _Rank, res: dict, dt: float, last: bool) -> None:
+    res["step_times"].append(dt)
+    res["flops"].append(dict(R.flop.by_phase))
+    res.setdefault("flops_by_op", []).append({f"{a}|{b}": v for (a, b), v in R.flop.by_op.items()})
+    res["coll_calls"].append({f"{g}|{k}": v for (g, k), v in R.rec.calls.items()})
+    res["coll_bytes"].append({f"{g}|{k}": v for (g, k), v in R.rec.bytes.items()})
+    res["coll_phase"].append({f"{g}|{k}|{p}": v for (g, k, p), v in R.rec.by_phase.items()})
+    res["acts"].append({str(k): v for k, v in R.meter.per_layer().items()})
+    if last:
+        res["state"] = {f"{a}|{b}": v for (a, b), v in R.opt.state_bytes().items()}
+        if R.device.type == "cuda":
+            res["max_memory_allocated"] = torch.cuda.max_memory_allocated(R.device)
+
+
+def _record_timed(res: dict, dt: float, waits, t0: float, cpu: float, pcpu: float) -> None:
+    res["timed_times"].append(dt)
+    res.setdefault("timed_comm_wait", []).append(waits.total)
+    res.setdefault("timed_comm_waits_n", []).append(waits.calls)
+    if waits.trace is not None:
+        res.setdefault("wait_trace", []).append((t0, waits.trace))
+    res.setdefault("timed_cpu", []).append(cpu)   # this thread's CPU seconds
+    res.setdefault("timed_process_cpu", []).append(pcpu)   # all threads (gloo's included)
 
 
 def worker_main(config_path: str, out_path: str):

@@ -1,0 +1,57 @@
+"""Phase 3, activation memory: bytes one layer keeps for backward per micro-batch under each
+recompute policy (planner/memory.py formulas), the embedding output and the fp32 logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import memory as M
+from ..model_spec import ModelSpec
+from ..stacks import Stack
+from .elements import ElementBytes
+from .knobs import LayerKnobs
+from .records import Record, full
+
+
+@dataclass(frozen=True)
+class LayerActivations(Record):
+    dense: np.ndarray          # rows by layout.Recompute code: bytes a dense layer keeps
+    moe: np.ndarray            # the same for an MoE layer
+    live: np.ndarray           # one layer's full activations, live while it is recomputed
+    emb: np.ndarray            # embedding output kept by the first stage
+    logits: np.ndarray         # fp32 logits of one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
+
+
+def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes):
+    """(kept, full) bytes of one layer: the Korthikanti terms (memory.py), the norms' statistics,
+    and the gathered linear inputs of a stack that keeps them -- all but the layer input are
+    dropped under full recompute."""
+    T, tp, sp = k.tokens, k.tp, k.sp
+    kept, full_layer = M.layer_activation_bytes(model, T, tp, sp, rec, moe_layer, stack.flash_attention, k.s,
+                                                k.etp, imb, eb.act, eb.stat)
+    extra = M.norm_statistics_bytes(model, T, tp, sp, eb.stat)
+    if stack.sp_keeps_gathered_inputs:
+        extra = extra + M.gathered_inputs_bytes(model, T, tp, sp, moe_layer, eb.act)
+    return np.where(rec == 2, kept, kept + extra), full_layer + extra
+
+
+def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_imbalance: float,
+                      capacity_factor: float, eb: ElementBytes) -> LayerActivations:
+    """Phase 3 over the rows of the layer table."""
+    n, T, tp, sp = k.n, k.tokens, k.tp, k.sp
+    imb = moe_imbalance if not capacity_factor else min(moe_imbalance, capacity_factor)
+    dense, moe = [], []
+    for r in (0, 1, 2):
+        rr = np.full(n, r)
+        d, full_dense = _layer(model, stack, k, rr, False, imb, eb)
+        dense.append(d)
+        if model.moe:
+            m, full_moe = _layer(model, stack, k, rr, True, imb, eb)
+        else:
+            m, full_moe = np.zeros(n), np.zeros(n)
+        moe.append(m)
+    live = np.maximum(full_dense if model.dense_layers else 0.0, full_moe if model.moe else 0.0)
+    return LayerActivations(np.stack(full(n, *dense)), np.stack(full(n, *moe)),
+                            *full(n, live, eb.act * T * model.hidden / np.where(sp, tp, 1),
+                                  4.0 * T * model.vocab / tp))

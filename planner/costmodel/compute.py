@@ -1,0 +1,191 @@
+"""Phase 1, compute: per-layer forward/backward times and FLOPs of one micro-batch on one rank
+(GEMMs on a roofline, flash or unfused attention, fused elementwise kernels, kernel launches),
+and the embedding and logits stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import flops as F
+from ..hardware import Cluster
+from ..layout import Precision
+from ..model_spec import ModelSpec
+from ..stacks import Stack
+from .knobs import LayerKnobs
+from .records import Record, full
+
+# kernels per layer forward (backward launches about twice as many): dense layer = 2 norms, QKV,
+# RoPE, attention, out-proj, 2 residual adds, fc1, activation, fc2, plus 4 TP collectives (counted
+# from Megatron-Core TransformerLayer with TE modules); an MoE block adds router GEMM, top-k,
+# softmax, token histogram, permute, 2 grouped GEMMs, activation, unpermute, 2 all-to-alls and
+# their metadata copies (Megatron-Core MoELayer with the all-to-all dispatcher)
+KERNELS_DENSE_FWD = 16
+KERNELS_MOE_FWD = 28
+ATTN_BWD_FACTOR = 2.5       # FlashAttention-2 backward = 2.5x forward FLOPs (Dao 2023 sec. 3.1.2: 5 GEMMs vs 2)
+
+
+@dataclass(frozen=True)
+class LayerCompute(Record):
+    """Seconds and FLOPs of one layer (or the embedding/logits) for one micro-batch on one rank."""
+    lin_peak: np.ndarray       # dense peak FLOP/s of the precision the linear layers run in
+    core_flops: np.ndarray     # core attention forward FLOPs as executed (causal / (tp cp); full if unfused)
+    gemm_flops_dense: np.ndarray   # forward GEMM FLOPs of a dense layer
+    gemm_flops_moe: np.ndarray     # forward GEMM FLOPs of an MoE layer (busiest rank's routed tokens)
+    t_core_f: np.ndarray       # core attention forward
+    t_core_b: np.ndarray       # core attention backward
+    t_attn_gemm: np.ndarray    # QKV + output projection forward
+    t_dense_mlp: np.ndarray    # dense MLP GEMMs forward
+    t_attn_f: np.ndarray       # attention block forward (GEMMs, core, shared elementwise)
+    t_moe_f: np.ndarray        # MoE block forward
+    f_dense: np.ndarray        # whole layer forward
+    f_moe: np.ndarray
+    b_dense: np.ndarray        # whole layer backward
+    b_moe: np.ndarray
+    w_dense: np.ndarray        # weight-gradient share of the backward (zero-bubble schedules)
+    w_moe: np.ndarray
+    t_emb: np.ndarray          # embedding lookup, forward (backward costs the same)
+    lg_f: np.ndarray           # logits GEMM forward
+    logits_f: np.ndarray       # logits + cross entropy forward
+    logits_b: np.ndarray       # logits + cross entropy backward
+    logits_flops: np.ndarray   # logits GEMM forward FLOPs
+
+
+def gemm_time(cluster: Cluster, stack: Stack, flops, m, n, k, peak):
+    """Roofline GEMM time: flops / (peak * eff(m, n, k)), eff a saturating curve in the smallest
+    dimension (hardware.Efficiency); bounded below by the HBM time of A, B and C."""
+    e = cluster.efficiency
+    x = np.minimum(np.minimum(m, n), k)
+    eff = peak[1] * stack.gemm * x / (x + e.gemm_half_dim)
+    t_compute = flops / (peak[0] * eff)
+    t_mem = 2.0 * (m * k + k * n + m * n) / (cluster.gpu.hbm_bandwidth * e.hbm)
+    return np.maximum(t_compute, t_mem)
+
+
+def linear_peak(cluster: Cluster, prec) -> tuple:
+    """(dense peak FLOP/s, GEMM efficiency ceiling) of the precision codes `prec`."""
+    gpu, e = cluster.gpu, cluster.efficiency
+    pk = lambda p: gpu.peak_flops.get(p, gpu.peak_flops.get("bf16"))  # noqa: E731
+    fp8, fp16 = prec == Precision.FP8, prec == Precision.FP16
+    pk16 = pk("fp16") if "fp16" in gpu.peak_flops else pk("bf16")
+    return (np.where(fp8, pk("fp8"), np.where(fp16, pk16, pk("bf16"))),
+            np.where(fp8, e.gemm_max.get("fp8", e.gemm_max["bf16"]),
+                     np.where(fp16, e.gemm_max.get("fp16", e.gemm_max["bf16"]), e.gemm_max["bf16"])))
+
+
+def _attention(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g):
+    """(t_attn_gemm, core FLOPs, t_core_f, t_core_b) of one layer."""
+    tp, cp, b, s, T = k.tp, k.cp, k.b, k.s, k.tokens
+    e, h = cluster.efficiency, model.hidden
+    a = F.attention_gemm_flops(model, T)
+    kv_dim = model.kv_heads * model.head_dim if not model.mla else model.q_dim
+    t_gemm = (g(a["attn_qkv"] / tp, T, (model.q_dim + 2 * kv_dim) / tp, h)
+              + g(a["attn_out"] / tp, T, h, model.v_dim / tp))
+    # causal core attention, load-balanced over CP ranks (Megatron-Core CP splits each sequence
+    # into 2cp chunks, pairing early and late chunks)
+    core = F.attention_core_flops(model, b * s, s, causal=True) / (tp * cp) * F.mean_attended(model, s)
+    attn_peak = cluster.gpu.peak_flops.get("bf16")
+    if stack.flash_attention:
+        t_f = core / (attn_peak * e.attention_max * stack.attention)
+        return t_gemm, core, t_f, ATTN_BWD_FACTOR * t_f
+    # unfused attention (Megatron-LM 2021): QK^T and AV as batched GEMMs over the full s x s
+    # (no causal skipping), each with the head dimension as one GEMM side, plus the fused
+    # scale-mask-softmax and dropout over the [b, a/t, s, s] scores: read 2 + write 2 bytes for
+    # softmax, read 2 + write 2 + mask 1 for dropout (Korthikanti et al. 2022 sec. 4.1 tensors)
+    hd = model.q_dim / model.heads
+    full_core = 2 * core
+    bmm_peak = (np.full(k.n, attn_peak), np.full(k.n, e.gemm_max["bf16"]))
+    t_bmm = gemm_time(cluster, stack, full_core, s / cp, s, hd, bmm_peak)
+    hbm = cluster.gpu.hbm_bandwidth * e.hbm
+    scores = b * (model.heads / tp) * (s / cp) * s * (4 + (5 if model.dropout else 0))
+    return (t_gemm, full_core, t_bmm + scores * stack.elementwise / hbm,
+            2 * t_bmm + 2 * scores * stack.elementwise / hbm)
+
+
+def _mlp_time(model, g, tp, ffn, tokens):
+    """Forward GEMM time of a (possibly gated) MLP of width ffn, split over tp."""
+    fl = F.mlp_flops(model, tokens, ffn)
+    mm, h = model.mlp_matrices, model.hidden
+    return (g(fl * (mm - 1) / mm / tp, tokens, (mm - 1) * ffn / tp, h)
+            + g(fl / mm / tp, tokens, h, ffn / tp))
+
+
+def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, imbalance, capacity_factor):
+    """(forward time, weight-gradient GEMM time, forward GEMM FLOPs) of an MoE block on the rank
+    with the busiest experts."""
+    mo, h, T, tp, ep, etp = model.moe, model.hidden, k.tokens, k.tp, k.ep, k.etp
+    e = cluster.efficiency
+    imb = min(imbalance, capacity_factor) if capacity_factor > 0 else imbalance  # tokens over capacity
+    local = T / tp                                # are dropped (GShard, Lepikhin et al. 2020 sec. 2.2)
+    routed = local * mo.top_k * imb               # tokens through this rank's experts
+    tok_per_expert = routed * ep / mo.experts * etp
+    fl_e = F.mlp_flops(model, routed, mo.expert_ffn_hidden)
+    mm = model.mlp_matrices
+    t_experts = (g(fl_e * (mm - 1) / mm, tok_per_expert, (mm - 1) * mo.expert_ffn_hidden / etp, h)
+                 + g(fl_e / mm, tok_per_expert, h, mo.expert_ffn_hidden / etp)) / e.grouped_gemm
+    t_shared = (_mlp_time(model, g, tp, mo.shared_expert_ffn_hidden * mo.shared_experts, T)
+                if mo.shared_experts else 0.0)
+    t_router = g(2 * local * h * mo.experts, local, mo.experts, h)
+    act_rw = 3 if model.gated else 2
+    ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
+          + 2 * routed * mo.expert_ffn_hidden / etp * act_rw
+          + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
+    hbm = cluster.gpu.hbm_bandwidth * e.hbm
+    gemm_w = t_experts + t_shared + t_router      # weight-gradient GEMMs = forward GEMMs
+    flops = (fl_e + 2 * local * h * mo.experts
+             + (F.mlp_flops(model, T, mo.shared_expert_ffn_hidden * mo.shared_experts) / tp
+                if mo.shared_experts else 0.0))
+    return gemm_w + ew * stack.elementwise / hbm, gemm_w, flops
+
+
+def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs):
+    """(shared, dense-MLP) elementwise seconds per layer forward: LayerNorm x2 r+w, two residual
+    adds r2+w1, activation r+w, dropout mask -- fused kernels as in Transformer Engine."""
+    T, tp, h = k.tokens, k.tp, model.hidden
+    tok_sp = T / np.where(k.sp, tp, 1)
+    common = 2 * tok_sp * h * (2 + 2 + 3 + 3 + (1 if model.dropout else 0))
+    # fp8 casts of GEMM inputs are fused into LayerNorm / activation kernels by Transformer Engine
+    # (LayerNormLinear, fused cast-transpose); what remains is the cast of the attention output
+    common = common + np.where(k.precision == Precision.FP8, 3 * T * model.v_dim / tp, 0.0)
+    act_rw = 3 if model.gated else 2
+    hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
+    dense = 2 * T * model.ffn_hidden / tp * act_rw * stack.elementwise / hbm
+    return common * stack.elementwise / hbm, dense
+
+
+def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, moe_imbalance: float,
+                  capacity_factor: float) -> LayerCompute:
+    """Phase 1 over the rows of the layer table."""
+    n, T, tp = k.n, k.tokens, k.tp
+    peak = linear_peak(cluster, k.precision)
+    g = lambda fl, mm, nn, kk: gemm_time(cluster, stack, fl, mm, nn, kk, peak)  # noqa: E731
+    t_attn_gemm, core, t_core_f, t_core_b = _attention(model, cluster, stack, k, g)
+    t_dense_mlp = _mlp_time(model, g, tp, model.ffn_hidden, T)
+    t_ew_common, t_ew_dense = _elementwise(model, cluster, stack, k)
+    a = F.attention_gemm_flops(model, T)
+    fl_attn_gemm = (a["attn_qkv"] + a["attn_out"]) / tp
+    if model.moe:
+        t_moe_f, t_moe_w, fl_moe = _moe(model, cluster, stack, k, g, moe_imbalance, capacity_factor)
+    else:
+        t_moe_f = t_moe_w = fl_moe = np.zeros(n)
+    # fixed per-kernel launch/sync cost: what FLOP and byte counts miss for small layers
+    # (+ an eager TP stack's host cost per TP-sharded layer: DTensor dispatch, measured by calibrate)
+    k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
+    k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s + k_tp
+    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD) * stack.kernel_overhead_s + k_tp
+    t_attn_f = t_attn_gemm + t_core_f + t_ew_common
+    # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
+    # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)
+    hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
+    lg_f = g(F.logits_flops(model, T) / tp, T, model.vocab / tp, model.hidden)
+    ce = 4 * 4.0 * T * model.vocab / tp / hbm * stack.elementwise
+    return LayerCompute(*full(
+        n, peak[0], core, fl_attn_gemm + F.mlp_flops(model, T) / tp, fl_attn_gemm + fl_moe,
+        t_core_f, t_core_b, t_attn_gemm, t_dense_mlp, t_attn_f, t_moe_f,
+        t_attn_f + t_dense_mlp + t_ew_dense + k_dense, t_attn_f + t_moe_f + k_moe,
+        # backward: GEMMs 2x (input grad + weight grad), core 2.5x, elementwise 2x
+        2 * (t_attn_gemm + t_dense_mlp) + t_core_b + 2 * (t_ew_common + t_ew_dense) + 2 * k_dense,
+        2 * (t_attn_gemm + t_moe_f) + t_core_b + 2 * t_ew_common + 2 * k_moe,
+        t_attn_gemm + t_dense_mlp, t_attn_gemm + t_moe_w,
+        2 * 2.0 * T * model.hidden / hbm * 3, lg_f, lg_f + ce / 2, 2 * lg_f + ce / 2,
+        F.logits_flops(model, T) / tp))

@@ -1,0 +1,31 @@
+"""Bytes per element of each kind of tensor a training step keeps or moves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ElementBytes:
+    """The default is Megatron-Core mixed precision (Micikevicius et al. 2018; Rajbhandari et al.
+    2020 sec. 3.1): bf16 weights and activations, fp32 softmax/norm statistics, fp32 main
+    gradients (reduced in fp32), bf16 parameter gathers, fp32 master weights + Adam moments (12).
+    A stack may keep and reduce gradients in 16 bits (DeepSpeed fp16: 2)."""
+    act: float = 2.0
+    stat: float = 4.0
+    weight: float = 2.0
+    grad: float = 4.0
+    grad_reduce: float = 4.0
+    param_gather: float = 2.0
+    optimizer: float = 12.0
+
+    @staticmethod
+    def of_stack(stack) -> "ElementBytes":
+        return ElementBytes(grad=stack.grad_bytes, grad_reduce=stack.grad_reduce_bytes)
+
+    @staticmethod
+    def uniform(e: int, zero: int) -> "ElementBytes":
+        """A run in one dtype of e bytes (validate on CPU): the optimizer holds an e-byte master
+        copy and two moments (ZeRO 0-2, as Megatron's distributed optimizer), or only the two
+        moments when FSDP2's sharded parameters are the master copy (ZeRO 3)."""
+        return ElementBytes(act=e, stat=e, weight=e, grad=e, grad_reduce=e, param_gather=e,
+                            optimizer=(2 if zero == 3 else 3) * e)

@@ -1,0 +1,141 @@
+"""One model of a step, per rank: the FLOPs, state bytes, collectives and saved activations of
+every pipeline rank of one layout, read from the cost model's own phases (planner/costmodel:
+the per-layer terms of phases 1-3, stage_params and dp_flows of phase 4, traffic.py's flows).
+This is what `python -m validate` holds a real run against; there is no second derivation.
+
+FLOPs are the cost model's: GEMMs 2mnk, core attention as executed (causal, split over tp x cp),
+backward 2x GEMMs and 2.5x core (FlashAttention-2), recompute the replayed forward. Collective
+bytes follow traffic.py; calls and bytes are per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rules
+from .costmodel import LayerCache, Settings
+from .costmodel import traffic as X
+from .costmodel.compute import ATTN_BWD_FACTOR
+from .costmodel.elements import ElementBytes
+from .costmodel.footprint import model_states
+from .costmodel.knobs import LayerKnobs, StepKnobs
+from .costmodel.state import dp_flows, stage_params
+from .layout import Layout, Recompute
+from .model_spec import ModelSpec
+from .stacks import STACKS, Stack
+
+
+@dataclass
+class RankCounts:
+    """One pipeline rank's step (every rank of a stage holds the same, except routed-token terms
+    with expert parallelism, where the expert group's mean is predicted)."""
+    stage: int
+    chunks: list                                       # layer indices of each virtual stage held
+    layers: list
+    moe_layers: list
+    flops: dict = field(default_factory=dict)          # forward / backward / recompute
+    attention_flops: dict = field(default_factory=dict)  # of which core attention
+    state: dict = field(default_factory=dict)          # weights / gradients / optimizer bytes
+    params: dict = field(default_factory=dict)         # dense / expert elements
+    collectives: dict = field(default_factory=dict)    # (label, kind) -> {"calls", "bytes"}
+    activations: dict = field(default_factory=dict)    # layer -> bytes per micro-batch
+
+    def add(self, flows, times=1.0) -> None:
+        for f in flows:
+            calls = float(np.asarray(f.calls).ravel()[0]) * times
+            if calls <= 0:
+                continue
+            d = self.collectives.setdefault((f.label, f.kind), {"calls": 0.0, "bytes": 0.0})
+            d["calls"] += calls
+            d["bytes"] += calls * float(np.asarray(f.nbytes).ravel()[0])
+
+
+def virtual_stages(model: ModelSpec, layout: Layout) -> list:
+    """Layer indices of each virtual stage, in order: every rank's layers (rules.stage_layers)
+    spread over its vpp chunks as evenly as they go, rank r holding stages r, r + pp, ..."""
+    pp, v = layout.pp, layout.vpp
+    first, mid, last = (int(np.asarray(x).ravel()[0]) for x in rules.stage_layers(
+        model.layers, pp, layout.first_stage_layers, layout.last_stage_layers))
+    per_rank = [first] + [mid] * (pp - 2) + ([last] if pp > 1 else [])
+    sizes = [[n // v + (i < n % v) for i in range(v)] for n in per_rank]
+    out, nxt = [], 0
+    for i in range(v):
+        for r in range(pp):
+            out.append(list(range(nxt, nxt + sizes[r][i])))
+            nxt += sizes[r][i]
+    return out
+
+
+def predict(model: ModelSpec, layout: Layout, stack: Stack | None = None, elements: ElementBytes | None = None,
+            cluster=None, moe_imbalance: float = 1.0) -> list:
+    """RankCounts of every pipeline rank (index = pp rank) of a valid layout."""
+    stack = stack or STACKS["megatron-core"]
+    rules.check_layout(layout, rules.context_for(model, layout, stack, cluster))
+    if cluster is None:
+        from .profiles import load_hardware
+        cluster = load_hardware("h100-sxm")        # terms read here do not depend on the hardware
+    settings = Settings(model, cluster, stack, moe_imbalance, 0.0, elements)
+    c = layout.to_candidates()
+    lt = LayerCache(settings).for_candidates(c)
+    lk, k = LayerKnobs.of(c.cols), StepKnobs.of(c)
+    vs = virtual_stages(model, layout)
+    return [_rank(model, layout, settings, lt, lk, k, r, vs[r::layout.pp]) for r in range(layout.pp)]
+
+
+def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCounts:
+    nd = model.dense_layers
+    layers = [i for ch in chunks for i in ch]
+    rc = RankCounts(stage=r, chunks=chunks, layers=layers, moe_layers=[i for i in layers if i >= nd])
+    first, last = r == 0, r == L.pp - 1
+    nmb = L.global_batch // (L.dp * L.micro_batch)
+    _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last)
+    prm = stage_params(model, k, np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))]),
+                       np.array([first]), np.array([last]))
+    rc.params = {"dense": float(prm.dense[0]), "expert": float(prm.expert[0])}
+    w, g, o = model_states(prm, lt.groups, k.zero, st.eb)
+    rc.state = {"weights": float(w[0]), "gradients": float(g[0]), "optimizer": float(o[0])}
+    _layer_collectives(rc, model, st.eb, lk, L, nmb, st.moe_imbalance, first, last)
+    dp = dp_flows(model, lt.groups, k, st.stack, st.eb, prm, np.array([float(len(layers))]),
+                  np.array([float(len(rc.moe_layers))]), np.array([first]), np.array([last]))
+    rc.add([f for f, _ in dp.per_step])
+    rc.add([f for f, _ in dp.per_mb_f + dp.per_mb_b], nmb)
+    rec = Recompute.of(L.recompute)
+    for i in layers:
+        rows = lt.acts.moe if i >= nd else lt.acts.dense
+        rc.activations[i] = float(rows[rec][0])
+    return rc
+
+
+def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bool) -> None:
+    """Forward, backward and recompute FLOPs of the rank per step (stages.stage_sums' terms)."""
+    c = lt.compute
+    g = float((nl - nmoe) * c.gemm_flops_dense[0] + nmoe * c.gemm_flops_moe[0])
+    a = float(nl * c.core_flops[0])
+    lg = float(c.logits_flops[0]) if last else 0.0
+    rec = L.recompute
+    rc.flops = {"forward": nmb * (g + a + lg), "backward": nmb * (2 * (g + lg) + ATTN_BWD_FACTOR * a)}
+    rc.attention_flops = {"forward": nmb * a, "backward": nmb * ATTN_BWD_FACTOR * a}
+    if rec != "none":
+        rc.flops["recompute"] = nmb * (a if rec == "selective" else g + a)
+        rc.attention_flops["recompute"] = nmb * a
+
+
+def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first, last) -> None:
+    """TP, CP, EP traffic of the rank's layers, its embedding/logits, and its pipeline sends."""
+    full = L.recompute == "full"
+    ndense, nmoe = len(rc.layers) - len(rc.moe_layers), len(rc.moe_layers)
+    passes = 2 + full                                # forward, backward, forward again under full recompute
+    rc.add(X.tp_layer(model, lk, eb, False), ndense * passes * nmb)
+    rc.add(X.tp_layer(model, lk, eb, True), nmoe * passes * nmb)
+    rc.add(X.cp_layer(model, lk, eb, False), len(rc.layers) * (1 + (L.recompute != "none")) * nmb)
+    rc.add(X.cp_layer(model, lk, eb, True), len(rc.layers) * nmb)
+    rc.add(X.ep_layer(model, lk, eb, imb, True), nmoe * (1 + full) * nmb)
+    rc.add(X.ep_layer(model, lk, eb, imb, False)[:1], nmoe * nmb)
+    if first:
+        rc.add(X.tp_edges(model, lk, eb, True), nmb)
+    if last:
+        rc.add(X.tp_edges(model, lk, eb, False), nmb)
+    if L.pp > 1:
+        sends, recvs = X.pp_boundaries(rc.stage, L.pp, L.vpp)
+        nbytes = X.p2p_bytes(model, lk, eb)
+        rc.add([X.Flow("pp", "send", sends, nbytes), X.Flow("pp", "recv", recvs, nbytes)], nmb)

@@ -1,0 +1,184 @@
+"""Invariants of the vectorized cost model (hypothesis property tests)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from planner.costmodel import MEMORY_TERMS, TIME_TERMS, evaluate
+from planner.profiles import load_hardware
+from planner.layout import Candidates, Layout
+from planner.model_io import load_model
+
+H100 = load_hardware("h100-sxm")
+MODELS = {n: load_model(n) for n in ("gpt-20b", "llama-3-8b", "mixtral-8x7b", "deepseek-v3")}
+
+
+def layouts(draw, model_name):
+    m = MODELS[model_name]
+    pow2 = st.sampled_from([1, 2, 4, 8])
+    tp = draw(st.sampled_from([t for t in (1, 2, 4, 8) if m.heads % t == 0 and (m.mla or m.kv_heads % t == 0)]))
+    pp = draw(st.sampled_from([p for p in (1, 2, 4) if m.layers % p == 0] or [1]))
+    cp = draw(st.sampled_from([1, 2]))
+    dp = draw(pow2)
+    ep = draw(st.sampled_from([e for e in (1, 2, 4, 8) if m.moe and m.moe.experts % e == 0 and (tp * cp * dp) % e == 0] or [1]))
+    mb = draw(st.sampled_from([1, 2]))
+    nmb = draw(st.sampled_from([1, 2, 4, 8]))
+    return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, micro_batch=mb, global_batch=mb * dp * nmb, seq_len=4096,
+                  sp=draw(st.booleans()) and tp > 1, recompute=draw(st.sampled_from(["none", "selective", "full"])),
+                  zero=draw(st.sampled_from([0, 1, 2, 3])), precision=draw(st.sampled_from(["bf16", "fp8"])))
+
+
+@st.composite
+def model_and_layout(draw):
+    name = draw(st.sampled_from(sorted(MODELS)))
+    return name, layouts(draw, name)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model_and_layout())
+def test_terms_finite_and_non_negative(ml):
+    name, L = ml
+    ev = evaluate(MODELS[name], H100, L.to_candidates())
+    for k in TIME_TERMS:
+        v = getattr(ev.detail.time, k)[0]
+        assert np.isfinite(v) and v >= 0, (k, v)
+    for k in MEMORY_TERMS:
+        v = getattr(ev.detail.memory, k)[0]
+        assert np.isfinite(v) and v >= 0, (k, v)
+    assert ev.step_time_s[0] > 0 and 0 < ev.detail.mfu[0] < 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(model_and_layout(), model_and_layout())
+def test_flops_per_step_do_not_depend_on_layout_apart_from_recompute(a, b):
+    """Total hardware FLOPs per step, summed from the per-GPU split, are the same for any two
+    layouts of the same model and batch (recompute FLOPs removed)."""
+    name = a[0]
+    la = a[1]
+    lb = layouts_like(b[1], MODELS[name], la)
+    m = MODELS[name]
+    ea = evaluate(m, H100, la.to_candidates())
+    eb = evaluate(m, H100, lb.to_candidates())
+    fa = ea.detail.hardware_flops_step[0] - ea.detail.recompute_flops_step[0]
+    fb = eb.detail.hardware_flops_step[0] - eb.detail.recompute_flops_step[0]
+    assert fa == pytest.approx(fb, rel=1e-9)
+
+
+def layouts_like(other, m, ref):
+    """A second valid layout of the same global batch, reusing `other`'s degrees where valid."""
+    tp = other.tp if (m.heads % other.tp == 0 and (m.mla or m.kv_heads % other.tp == 0)) else 1
+    pp = other.pp if m.layers % other.pp == 0 else 1
+    dp = 1
+    ep = other.ep if (m.moe and m.moe.experts % other.ep == 0 and (tp * other.cp * dp) % other.ep == 0) else 1
+    return Layout(tp=tp, pp=pp, dp=dp, cp=other.cp, ep=ep, micro_batch=1, global_batch=ref.global_batch * ref.micro_batch // ref.micro_batch,
+                  seq_len=ref.seq_len, sp=other.sp and tp > 1, recompute=other.recompute, zero=other.zero)
+
+
+def _mem(m, **kw):
+    base = dict(tp=1, pp=1, dp=8, cp=1, micro_batch=1, global_batch=64, seq_len=4096, zero=0, recompute="none")
+    base.update(kw)
+    return evaluate(m, H100, Layout(**base).to_candidates()).memory_bytes[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_memory_does_not_grow_with_tp_or_zero(name):
+    m = MODELS[name]
+    tps = [t for t in (1, 2, 4, 8) if m.heads % t == 0 and (m.mla or m.kv_heads % t == 0)]
+    for sp in (False, True):
+        mems = [_mem(m, tp=t, dp=8 // t, sp=sp and t > 1) for t in tps]
+        # hold dp fixed to isolate tp: same dp, more GPUs
+        mems_fixed_dp = [_mem(m, tp=t, dp=8, sp=sp and t > 1) for t in tps]
+        assert all(x >= y - 1 for x, y in zip(mems_fixed_dp, mems_fixed_dp[1:])), mems_fixed_dp
+    zs = [_mem(m, zero=z) for z in (0, 1, 2, 3)]
+    assert all(x >= y for x, y in zip(zs, zs[1:])), zs
+
+
+@settings(max_examples=60, deadline=None)
+@given(model_and_layout(), st.sampled_from([1, 2, 4]))
+def test_memory_does_not_grow_with_pp(ml, factor):
+    name, L = ml
+    m = MODELS[name]
+    pp2 = L.pp * factor
+    if m.layers % pp2:
+        return
+    a = evaluate(m, H100, L.to_candidates()).memory_bytes[0]
+    import dataclasses
+    b = evaluate(m, H100, dataclasses.replace(L, pp=pp2).to_candidates()).memory_bytes[0]
+    assert b <= a * 1.0001
+
+
+def test_vectorized_equals_one_at_a_time():
+    m = MODELS["mixtral-8x7b"]
+    ls = [Layout(tp=2, pp=2, dp=4, ep=4, global_batch=64, micro_batch=2, sp=True, zero=1),
+          Layout(tp=1, pp=4, dp=2, cp=2, ep=2, global_batch=64, vpp=2, schedule="interleaved", recompute="full"),
+          Layout(tp=4, pp=1, dp=4, ep=8, etp=4, global_batch=64, zero=3, precision="fp8")]
+    together = evaluate(m, H100, Candidates.from_layouts(ls))
+    for i, L in enumerate(ls):
+        alone = evaluate(m, H100, L.to_candidates())
+        for get in (lambda e: e.step_time_s, lambda e: e.memory_bytes, lambda e: e.detail.hardware_flops_step):
+            assert get(together)[i] == pytest.approx(get(alone)[0], rel=1e-12)
+
+
+def _shared(cluster, by=4.0):
+    import dataclasses
+    return dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, shared_by=by))
+
+
+def test_shared_processors_compose_the_step_from_mean_busy_time():
+    """Ranks that time-share processors (a CPU calibrated by validate): no bubble, nothing hidden
+    by overlap, and the step is the stages' mean busy time, not the slowest stage's."""
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    own, shared = H100, _shared(H100)
+    L = Layout(tp=2, pp=4, dp=2, micro_batch=1, global_batch=16, seq_len=4096, zero=1, sp=True)
+    a, b = evaluate_layout(m, own, L), evaluate_layout(m, shared, L)
+    assert a.time_breakdown_s["bubble"] > 0 and b.time_breakdown_s["bubble"] == 0
+    # same compute on every rank: the mean of the stages is at most the slowest one's
+    assert b.time_breakdown_s["compute"] <= a.time_breakdown_s["compute"] + 1e-12
+    # overlap switches change nothing when nothing can be hidden
+    import dataclasses
+    no_ovl = dataclasses.replace(L, overlap_tp=False, overlap_dp=False, overlap_pp=False)
+    assert evaluate_layout(m, shared, no_ovl).step_time_s == pytest.approx(b.step_time_s)
+    assert evaluate_layout(m, own, no_ovl).step_time_s > a.step_time_s
+    # pp > 1: each rank's share of the sends is 2 (pp-1)/pp exchanges per micro-batch
+    assert b.time_breakdown_s["pp_comm"] > 0
+
+
+def test_shared_by_below_one_is_refused():
+    import dataclasses
+    from planner.errors import PlannerError
+    with pytest.raises(PlannerError, match="shared_by"):
+        dataclasses.replace(H100.gpu, shared_by=0.5)
+
+
+def test_optimizer_efficiency_times_the_optimizer_step_alone():
+    """A calibrated profile may carry Adam's own fraction of HBM bandwidth (validate calibrate's
+    layer probe times the step apart); without it the optimizer runs at the elementwise one."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    L = Layout(tp=2, dp=4, micro_batch=1, global_batch=8, seq_len=4096, zero=1)
+    base = evaluate_layout(m, H100, L)
+    e = H100.efficiency
+    half = dataclasses.replace(H100, efficiency=dataclasses.replace(e, optimizer=e.hbm / 2))
+    got = evaluate_layout(m, half, L)
+    assert got.time_breakdown_s["optimizer"] == pytest.approx(2 * base.time_breakdown_s["optimizer"])
+    assert got.time_breakdown_s["compute"] == pytest.approx(base.time_breakdown_s["compute"])
+
+
+def test_sequence_parallel_pays_its_all_gather_and_reduce_scatter_fits():
+    """Under SP each TP all-reduce is an all-gather + a reduce-scatter: with collectives fitted
+    apart (a calibrated profile), those fits, not the all-reduce's, time it."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    lv = H100.levels[0]
+    slow = dataclasses.replace(lv, fits=(("all_gather", lv.latency, lv.bandwidth / 4),
+                                         ("reduce_scatter", lv.latency, lv.bandwidth / 4)))
+    c = dataclasses.replace(H100, levels=(slow,) + H100.levels[1:])
+    L = Layout(tp=8, dp=1, micro_batch=1, global_batch=4, seq_len=4096, zero=1, sp=True, overlap_tp=False)
+    no_sp = dataclasses.replace(L, sp=False)
+    # bundled profile: the two are the same ring traffic
+    assert evaluate_layout(m, H100, L).time_breakdown_s["tp_comm"] == pytest.approx(
+        evaluate_layout(m, H100, no_sp).time_breakdown_s["tp_comm"], rel=1e-9)
+    # slow all-gather and reduce-scatter fits: SP pays them, the plain all-reduce does not
+    assert evaluate_layout(m, c, L).time_breakdown_s["tp_comm"] > 3 * evaluate_layout(m, c, no_sp).time_breakdown_s["tp_comm"]

@@ -1,0 +1,152 @@
+"""Validation runs that never hang (issue 7): a rank that dies (killed by a signal, exiting,
+raising) or stalls ends the run within its timeout with an error naming the rank and the step,
+exit status 3, and no process left behind; reports are written atomically (a failed or
+interrupted run leaves the previous file intact); a launch whose world size does not match the
+layout is refused before any collective. Every run here is 2 CPU ranks of a tiny model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401
+
+from planner.layout import Layout
+from planner.model_spec import ModelSpec
+from validate import api
+from validate.launch import LAST_PIDS, RunFailed
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ModelSpec(name="tiny", layers=2, hidden=16, heads=2, kv_heads=2, ffn_hidden=32, vocab=32,
+                 mlp="swiglu")
+DP2 = Layout(dp=2, micro_batch=1, global_batch=2, seq_len=8, zero=1)
+SIZE = ["--layers", "2", "--hidden", "16", "--heads", "2", "--kv-heads", "2", "--ffn-hidden", "32",
+        "--vocab", "32", "--seq-len", "8"]
+
+
+def _all_gone(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie is gone for our purposes only once reaped; the launcher waits on its children
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] != "Z":
+                return False
+    return True
+
+
+@pytest.mark.parametrize("fault,pattern", [
+    ({"kind": "kill", "rank": 1, "step": 1}, r"rank 1 was killed by signal 9 in step 1"),
+    ({"kind": "raise", "rank": 0, "step": 2}, r"rank 0 exited with status 3 in step 2: .*injected failure"),
+])
+def test_a_dying_rank_is_named_and_takes_the_run_down(fault, pattern):
+    t0 = time.perf_counter()
+    with pytest.raises(RunFailed, match=pattern):
+        api.launch_layouts([(TINY, DP2, fault)], steps=2, timeout=60)
+    assert time.perf_counter() - t0 < 40
+    assert len(LAST_PIDS) == 2 and _all_gone(LAST_PIDS)
+
+
+def test_a_rank_killed_from_outside_mid_run():
+    """SIGKILL from another process (the OOM killer, an operator) while the ranks train."""
+    from validate.config import scenario
+    from validate.launch import launch
+    cfg = scenario(TINY, DP2, steps=1, timed_steps=10 ** 4)     # runs until killed
+
+    def killer():
+        time.sleep(6.0)
+        os.kill(LAST_PIDS[1], signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(RunFailed, match=r"rank 1 was killed by signal 9 (in step \d+|before its first step)"):
+        launch([cfg], 2, timeout=90, on_start=lambda: threading.Thread(target=killer, daemon=True).start())
+    assert time.perf_counter() - t0 < 45
+    assert _all_gone(LAST_PIDS)
+
+
+def _cli(*args, timeout=120, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT))
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "validate", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_stalled_rank_times_out_with_exit_3(tmp_path):
+    """A stalled rank under the CLI's --timeout: exit 3, one line naming the ranks and the step,
+    and the previous report left as it was."""
+    out = tmp_path / "report.json"
+    out.write_text('{"previous": true}\n')
+    fault = json.dumps({"kind": "hang", "rank": 1, "step": 1})
+    t0 = time.perf_counter()
+    p = _cli("run", "--model", "llama-3-8b", "--gpus", "2", "--dp", "2", *SIZE, "--steps", "1",
+             "--timeout", "15", "--out", str(out), "--no-reference",
+             env={"VALIDATE_FAULT": fault})
+    took = time.perf_counter() - t0
+    assert p.returncode == 3, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("validate: error: timed out after 15 s")
+    assert "ranks still running: " in err[0] and "1" in err[0] and "in step 1" in err[0]
+    assert took < 45
+    assert out.read_text() == '{"previous": true}\n'
+    assert not [f for f in tmp_path.iterdir() if f.name != "report.json"]
+
+
+def test_report_replaced_atomically_on_success(tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text("old\n")
+    p = _cli("run", "--model", "llama-3-8b", "--gpus", "2", "--dp", "2", *SIZE, "--steps", "1",
+             "--timed-steps", "1", "--out", str(out), "--no-reference", "--format", "json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["world"] == 2 and json.loads(p.stdout) == rep
+    assert [f.name for f in tmp_path.iterdir()] == ["report.json"]      # no temporary left
+
+
+def test_interrupted_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
+    """A write interrupted after the temporary file is written (here: the rename fails) leaves
+    the previous file and no temporary."""
+    from planner import atomic
+    out = tmp_path / "p.toml"
+    out.write_text("previous\n")
+
+    def boom(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write_text(out, "new\n")
+    assert out.read_text() == "previous\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["p.toml"]
+
+
+def test_torchrun_world_size_mismatch_refused_before_any_collective():
+    """Under torchrun with 4 ranks for a 2-rank layout: exit 2 at once with a clear message; it
+    does not wait for ranks that will never come (no rendezvous is attempted)."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}     # a port nothing listens on
+    t0 = time.perf_counter()
+    p = _cli("run", "--model", "llama-3-8b", "--gpus", "2", "--dp", "2", *SIZE, env=env, timeout=60)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "torchrun started 4 ranks" in err[0] and "tp*pp*dp*cp = 2" in err[0]
+    assert time.perf_counter() - t0 < 30
+
+
+def test_spawned_world_size_mismatch_refused_before_rendezvous(tmp_path):
+    """A rank whose WORLD_SIZE does not match its scenario's layout exits with a clear message
+    before init_process_group (no peer is waited for)."""
+    from validate.config import scenario
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"scenarios": [scenario(TINY, DP2)], "timeout": 30}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="1")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "validate.worker", str(job), str(tmp_path / "out.pt")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "3 ranks were started but scenario 0's layout needs tp*pp*dp*cp = 2" in p.stderr
+    assert time.perf_counter() - t0 < 30

@@ -1,0 +1,253 @@
+"""validate/: real torch.distributed runs (gloo, CPU) of every parallel dimension alone at
+degree 2 and of combinations on 8 processes; each must pass every count check and match the
+single-process reference's losses and gradients. Layouts of one world size share one launch of
+the ranks (process start-up is the dominant cost on a small machine)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (validate's tests run wherever the suite runs: torch is required)
+
+from planner.layout import Layout
+from planner.model_spec import ModelSpec, MoESpec
+from validate import api
+from validate.launch import RunFailed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
+                  vocab=128, mlp="swiglu")
+GPT = ModelSpec(name="tiny-gpt", layers=4, hidden=32, heads=4, kv_heads=4, ffn_hidden=128, vocab=128,
+                mlp="gelu", tied_embeddings=True, bias=True)
+MOE = ModelSpec(name="tiny-moe", layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab=128,
+                mlp="swiglu", moe=MoESpec(experts=4, top_k=2, expert_ffn_hidden=32, shared_experts=1,
+                                          dense_layers=1))
+
+
+def L(**k):
+    base = dict(micro_batch=1, global_batch=4, seq_len=16, zero=1)
+    base.update(k)
+    return Layout(**base)
+
+
+# name -> (model, layout[, fault]); every dimension alone at degree 2
+TWO = {
+    "tp2": (LLAMA, L(tp=2)),
+    "tp2-sp": (LLAMA, L(tp=2, sp=True)),
+    "tp2-sp-full-recompute": (LLAMA, L(tp=2, sp=True, recompute="full")),
+    "pp2": (LLAMA, L(pp=2)),
+    "dp2-zero0": (LLAMA, L(dp=2, zero=0)),
+    "dp2-zero1": (LLAMA, L(dp=2, zero=1)),
+    "dp2-zero2": (LLAMA, L(dp=2, zero=2)),
+    "dp2-zero3": (LLAMA, L(dp=2, zero=3)),
+    "cp2": (LLAMA, L(cp=2)),
+    "cp2-selective-recompute": (LLAMA, L(cp=2, recompute="selective")),
+    "ep2-moe": (MOE, L(dp=2, ep=2)),
+    "ep2-moe-full-recompute": (MOE, L(dp=2, ep=2, recompute="full", micro_batch=2)),
+    "gpt-tied-bias-tp2-sp": (GPT, L(tp=2, sp=True)),
+    "gpt-tied-pp2": (GPT, L(pp=2)),
+    # a layout that computes something else: the data-parallel gradient reduction left out
+    "planted-no-grad-sync": (LLAMA, L(dp=2), {"kind": "skip_grad_sync"}),
+}
+# combinations on 8 processes
+EIGHT = {
+    "tp2-pp2-dp2": (LLAMA, L(tp=2, pp=2, dp=2, sp=True)),
+    "tp2-cp2-dp2": (LLAMA, L(tp=2, cp=2, dp=2, sp=True)),
+    "ep2-dp4-pp2-moe": (MOE, L(pp=2, dp=4, ep=2, global_batch=8)),
+    "pp2-vpp2-tp2-dp2": (LLAMA, L(tp=2, pp=2, vpp=2, dp=2)),
+    **{f"dp4-cp2-zero{z}": (LLAMA, L(dp=4, cp=2, zero=z)) for z in range(4)},
+}
+
+
+def _run(cases):
+    t0 = time.perf_counter()
+    runs = api.launch_layouts(list(cases.values()), steps=1, dtype="float64", timeout=240)
+    out = {}
+    for (name, case), (cfg, per_rank) in zip(cases.items(), runs):
+        rep = api.report_for(cfg, case[0], case[1], per_rank, hardware="h100-sxm")
+        out[name] = (cfg, per_rank, rep)
+    out["_seconds"] = time.perf_counter() - t0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two():
+    return _run(TWO)
+
+
+@pytest.fixture(scope="module")
+def eight():
+    return _run(EIGHT)
+
+
+def _failures(rep):
+    return [f"{c['quantity']} {c.get('group_label', '')}/{c.get('kind', '')} {c['group']}: "
+            f"predicted {c['predicted']} measured {c['measured']}"
+            for c in rep["checks"] if not c["ok"]]
+
+
+def _has(rep, quantity):
+    return any(c["quantity"] == quantity for c in rep["checks"])
+
+
+@pytest.mark.parametrize("name", [n for n in TWO if not n.startswith("planted")])
+def test_each_dimension_at_degree_two(two, name):
+    rep = two[name][2]
+    assert rep["ok"], _failures(rep)
+    for q in ("flops.forward", "flops.backward", "memory.weights_bytes", "memory.gradients_bytes",
+              "memory.optimizer_bytes", "activations.bytes_per_microbatch", "loss", "gradients"):
+        assert _has(rep, q), q
+    assert rep["step_time_s"]["predicted"] > 0 and rep["step_time_s"]["measured"] > 0
+
+
+@pytest.mark.parametrize("name", list(EIGHT))
+def test_combinations_on_eight_processes(eight, name):
+    rep = eight[name][2]
+    assert rep["world"] == 8
+    assert rep["ok"], _failures(rep)
+    assert _has(rep, "loss") and _has(rep, "gradients")
+
+
+def test_every_dimension_is_really_parallel(two, eight):
+    """Each layout's own groups carry traffic: a dimension that silently ran serial would not."""
+    def groups(rep):
+        return {c["group_label"] for c in rep["checks"]
+                if c["quantity"] == "collective.bytes" and c["measured"] > 0}
+    expect = {"tp2": {"tp"}, "tp2-sp": {"tp"}, "pp2": {"pp"}, "dp2-zero0": {"dp"}, "dp2-zero3": {"dp"},
+              "cp2": {"cp"}, "ep2-moe": {"ep", "dp"}, "gpt-tied-pp2": {"pp", "embd"}}
+    for name, g in expect.items():
+        assert g <= groups(two[name][2]), name
+    assert {"tp", "pp", "dp"} <= groups(eight["tp2-pp2-dp2"][2])
+    assert {"tp", "cp", "dp"} <= groups(eight["tp2-cp2-dp2"][2])
+    assert {"ep", "edp", "pp", "dp"} <= groups(eight["ep2-dp4-pp2-moe"][2])
+
+
+def test_a_layout_computing_something_else_is_caught(two):
+    rep = two["planted-no-grad-sync"][2]
+    bad = {c["quantity"] for c in rep["checks"] if not c["ok"]}
+    assert {"loss", "gradients"} <= bad
+
+
+def test_planted_cost_model_bug_tp_collectives_counted_once(two, monkeypatch):
+    """One TP collective pair per layer instead of two, planted in the cost model's traffic term
+    (planner/costmodel/traffic.py, which also times TP): the check must fail."""
+    import planner.costmodel.traffic as X
+    cfg, per_rank, good = two["tp2"]
+    assert good["ok"]
+    monkeypatch.setattr(X, "TP_PAIRS_DENSE", 1)
+    rep = api.report_for(cfg, *TWO["tp2"], per_rank, reference=False)
+    bad = [c for c in rep["checks"] if not c["ok"]]
+    assert bad and all(c.get("group_label") == "tp" and c["kind"] == "all_reduce" for c in bad)
+
+
+def test_planted_cost_model_bug_in_activation_memory(two, monkeypatch):
+    """The gated MLP's activations counted for two matrices instead of three, planted in the
+    formula the cost model's memory phase uses (planner/memory.py mlp_activation_bytes)."""
+    import planner.memory as M
+    cfg, per_rank, _ = two["dp2-zero1"]
+    orig = M.mlp_activation_bytes
+    monkeypatch.setattr(M, "mlp_activation_bytes", lambda m, tokens, tp, sp, ffn=None, act=2.0:
+                        orig(m, tokens, tp, sp, ffn, act) - act * tokens * (ffn or m.ffn_hidden) / tp)
+    rep = api.report_for(cfg, *TWO["dp2-zero1"], per_rank, reference=False)
+    assert {c["quantity"] for c in rep["checks"] if not c["ok"]} == {"activations.bytes_per_microbatch"}
+
+
+def test_planted_planner_bug_in_flops_formula(two, monkeypatch):
+    """A gated MLP counted with 2 matrices instead of 3 (planner/flops.py mlp_flops)."""
+    import planner.flops as F
+    cfg, per_rank, _ = two["dp2-zero1"]
+    orig = F.mlp_flops
+    monkeypatch.setattr(F, "mlp_flops", lambda m, tokens, ffn=None: orig(m, tokens, ffn) * 2 / 3)
+    rep = api.report_for(cfg, *TWO["dp2-zero1"], per_rank, reference=False)
+    assert {c["quantity"] for c in rep["checks"] if not c["ok"]} == {"flops.forward", "flops.backward"}
+
+
+def test_expert_parallel_counts_are_exact_as_a_group_mean(two):
+    """Routed tokens differ per EP rank, so its all-to-all bytes and expert FLOPs do; summed
+    over the EP group they are exactly what the planner predicts for every rank."""
+    _, per_rank, rep = two["ep2-moe"]
+    pred = next(c["predicted"] for c in rep["checks"] if c["quantity"] == "collective.bytes"
+                and c["group_label"] == "ep" and c["kind"] == "all_to_all")
+    per = [r["coll_bytes"][0]["ep|all_to_all"] for r in per_rank]
+    assert sum(per) == pred * len(per)
+    fpred = next(c["predicted"] for c in rep["checks"] if c["quantity"] == "flops.forward")
+    assert sum(r["flops"][0]["forward"] for r in per_rank) == fpred * len(per_rank)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "validate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_run_json():
+    p = _cli("run", "--model", "llama-3-8b", "--gpus", "2", "--pp", "2", "--layers", "2",
+             "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn-hidden", "64", "--vocab", "128",
+             "--seq-len", "16", "--steps", "1", "--timed-steps", "1", "--format", "json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(p.stdout)
+    assert rep["ok"] and rep["world"] == 2
+    for c in rep["checks"]:
+        assert {"quantity", "predicted", "measured", "rel_err"} <= set(c)
+    assert set(rep["step_time_s"]) >= {"predicted", "measured"}
+    assert rep["step_time_s"]["predicted"] > 0 and rep["step_time_s"]["measured"] > 0
+    assert any(c["quantity"] == "collective.bytes" and c["group_label"] == "pp" for c in rep["checks"])
+
+
+SIZE = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--ffn-hidden", "64",
+        "--vocab", "128", "--seq-len", "16"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "no-such-model", "--gpus", "2"], "no-such-model"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--tp", "3"], "--tp 3"),
+    (["--model", "llama-3-8b", "--gpus", "4", "--tp", "2", "--dp", "1"], "--gpus"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--ep", "2"], "mixture-of-experts"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--tp", "2", "--zero", "3"], "--zero 3"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--cp", "2", "--seq-len", "18"], "--cp 2"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--pp", "2", "--layers", "3"], "--pp 2"),
+    (["--model", "llama-3-8b", "--gpus", "0"], "--gpus"),
+    (["--model", "llama-3-8b", "--gpus", "two"], "--gpus"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--recompute", "sometimes"], "recompute"),
+    (["--model", "deepseek-v3", "--gpus", "2"], "latent attention"),
+    (["--model", "mixtral-8x7b", "--gpus", "2", "--tp", "2"], "MoE layers with --tp"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--experts", "4"], "dense"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--timeout", "-1"], "--timeout"),
+    (["--model", "llama-3-8b", "--gpus", "2", "--hardware", "no-such-gpu"], "no-such-gpu"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle, capsys):
+    from validate.cli import main
+    a = list(args)
+    for flag, value in zip(SIZE[::2], SIZE[1::2]):
+        if flag not in a:
+            a += [flag, value]
+    rc = main(["run", *a])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("validate: error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert needle in err
+
+
+# ------------------------------------------------------------------------------ dead or hung ranks
+def test_a_dead_rank_ends_the_run_and_is_named():
+    t0 = time.perf_counter()
+    with pytest.raises(RunFailed, match=r"rank 1 exited with status 9 in step 1"):
+        api.launch_layouts([(LLAMA, L(dp=2), {"kind": "exit", "rank": 1, "step": 1})], timeout=60)
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_hung_rank_times_out_and_leaves_no_process():
+    t0 = time.perf_counter()
+    with pytest.raises(RunFailed, match=r"timed out after 12 s; ranks still running: .*1"):
+        api.launch_layouts([(LLAMA, L(dp=2), {"kind": "hang", "rank": 1, "step": 0})], timeout=12)
+    assert time.perf_counter() - t0 < 30
+    from validate.launch import LAST_PIDS
+    assert len(LAST_PIDS) == 2
+    for pid in LAST_PIDS:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

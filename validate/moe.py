@@ -1,0 +1,105 @@
+"""The mixture-of-experts block validation trains: a router, top-k routed experts (the local ones
+on an EP rank), shared experts, and the all-to-all token dispatch and combine between EP ranks
+(Megatron-Core MoELayer with MoEAlltoAllTokenDispatcher)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import MLP, Init
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE: router, top-k routed experts (EP all-to-all dispatch/combine), shared experts
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with split sizes; backward is the reverse all-to-all (Megatron
+    megatron/core/tensor_parallel/mappings.py _AllToAll)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        import torch.distributed as dist
+        ctx.meta = (out_splits, in_splits, group)
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits, group = ctx.meta
+        return _AllToAll.apply(g, in_splits, out_splits, group), None, None, None
+
+
+class MoE(nn.Module):
+    def __init__(self, init: Init, name, spec, ctx):
+        super().__init__()
+        m = spec.moe
+        self.ctx = ctx
+        self.top_k, self.experts_n = m.top_k, m.experts
+        self.router = init.linear(f"{name}.router", spec.hidden, m.experts, False)
+        per = m.experts // ctx.ep_size
+        self.local = list(range(ctx.ep_rank * per, (ctx.ep_rank + 1) * per))
+        self.experts = nn.ModuleDict({str(e): MLP(init, f"{name}.experts.{e}", spec.hidden,
+                                                  m.expert_ffn_hidden, spec.mlp, spec.bias)
+                                      for e in self.local})
+        self.shared = nn.ModuleList([MLP(init, f"{name}.shared.{i}", spec.hidden,
+                                         m.shared_expert_ffn_hidden, spec.mlp, spec.bias)
+                                     for i in range(m.shared_experts)])
+
+    def forward(self, x):
+        import torch.distributed as dist
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1])
+        E, k = self.experts_n, self.top_k
+        probs = torch.softmax(self.router(xt), dim=-1)
+        topv, topi = torch.topk(probs, k, dim=-1)
+        flat_e = topi.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        tok = order // k
+        permuted = xt.index_select(0, tok)                       # token copies sorted by expert
+        counts = torch.bincount(flat_e, minlength=E)
+        ep, per = self.ctx.ep_size, E // self.ctx.ep_size
+        if ep > 1:
+            g = self.ctx.ep_group
+            # every rank learns every rank's tokens per expert (Megatron MoEAlltoAllTokenDispatcher
+            # gathers num_local_tokens_per_expert over the EP group)
+            allc = counts.new_empty(ep * E)
+            dist.all_gather_into_tensor(allc, counts, group=g)
+            allc = allc.view(ep, E).tolist()
+            in_splits = [sum(counts.tolist()[r * per:(r + 1) * per]) for r in range(ep)]
+            mine = [row[self.ctx.ep_rank * per:(self.ctx.ep_rank + 1) * per] for row in allc]
+            out_splits = [sum(r) for r in mine]
+            recv = _AllToAll.apply(permuted, out_splits, in_splits, g)
+            # regroup received tokens (source-major) by local expert
+            pos = 0
+            blocks = []
+            for r in range(ep):
+                for j in range(per):
+                    blocks.append((j, pos, mine[r][j]))
+                    pos += mine[r][j]
+            idx_by_e = [[] for _ in range(per)]
+            for j, p0, cnt in blocks:
+                idx_by_e[j].append(torch.arange(p0, p0 + cnt))
+            perm = torch.cat([torch.cat(l) if l else torch.empty(0, dtype=torch.long) for l in idx_by_e])
+            local_counts = [sum(mine[r][j] for r in range(ep)) for j in range(per)]
+            xs = recv.index_select(0, perm.to(recv.device))
+        else:
+            local_counts = counts.tolist()
+            xs = permuted
+        outs, p0 = [], 0
+        for j, e in enumerate(self.local):
+            cnt = local_counts[j]
+            outs.append(self.experts[str(e)](xs[p0:p0 + cnt]))
+            p0 += cnt
+        ys = torch.cat(outs, 0)
+        if ep > 1:
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(len(perm))
+            ys = ys.index_select(0, inv.to(ys.device))
+            ys = _AllToAll.apply(ys, in_splits, out_splits, self.ctx.ep_group)
+        # weight by the routing probabilities and sum each token's k copies (Megatron moe_utils
+        # unpermute: probs * tokens, then scatter_add, which keeps only the index)
+        w = topv.reshape(-1).index_select(0, order).unsqueeze(-1)
+        y = torch.zeros_like(xt).scatter_add(0, tok[:, None].expand(-1, xt.shape[1]), ys * w)
+        for s in self.shared:
+            y = y + s(xt)
+        return y.view(shape)
