@@ -58,7 +58,7 @@ def hardware_of(gpu_type: str) -> str:
     if "h800" in g:
         return "h800-sxm"
     if "h100" in g:
-        return "h100-sxm"
+        return "h100-sxm-96gb" if "96gb" in g else "h100-sxm"
     if "a100" in g:
         return "a100-sxm-40gb" if "40gb" in g else "a100-sxm-80gb"
     if "mi300" in g:

@@ -9,7 +9,7 @@ from planner.errors import PlannerError
 from planner.hardware import PROFILE_DIR, topology_graph
 from planner.profiles import cluster_from_dict, list_hardware, load_hardware
 
-REQUIRED = {"a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h200-sxm", "h800-sxm", "b200", "gb200-nvl72", "mi300x"}
+REQUIRED = {"a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h100-sxm-96gb", "h200-sxm", "h800-sxm", "b200", "gb200-nvl72", "mi300x"}
 
 
 def test_required_profiles_ship():
