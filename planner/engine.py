@@ -38,14 +38,19 @@ def evaluate_layout(model: ModelSpec, cluster: Cluster, layout: Layout, stack: S
     return plan_from_eval(evaluate(model, cluster, c, stack, **kw), c, 0, cluster, tokens, price)
 
 
+TIGHT_RANK = 1e15             # subtracted from a tight layout's score: every layout that fits ranks first
+
+
 def _score(ev: Evaluation, q: Query):
-    """Higher is better; with a fixed GPU count all three objectives agree."""
+    """Higher is better; with a fixed GPU count all three objectives agree. Tight layouts rank
+    after every layout that fits (scores are tokens/s, per GPU-hour at most ~1e12)."""
     if q.objective == "throughput":
-        return ev.tokens_per_s_per_gpu
-    if q.objective == "time":
-        return ev.tokens_per_s_per_gpu * ev.gpus
-    p = q.cluster.price_per_gpu_hour if q.price is None else q.price
-    return ev.tokens_per_s_per_gpu / max(p, 1e-12)
+        s = ev.tokens_per_s_per_gpu
+    elif q.objective == "time":
+        s = ev.tokens_per_s_per_gpu * ev.gpus
+    else:
+        s = ev.tokens_per_s_per_gpu / max(q.cluster.price_per_gpu_hour if q.price is None else q.price, 1e-12)
+    return np.where(ev.tight, s - TIGHT_RANK, s)
 
 
 class _Scan:

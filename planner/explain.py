@@ -39,9 +39,10 @@ MEMORY_LABEL = {
     "gradients": "gradients",
     "optimizer": "optimizer states",
     "activations": "activations",
-    "logits": "logits (fp32) + grad",
+    "logits": "loss tensors (fp32 logits + grad)",
     "buffers": "communication buffers",
-    "reserved": "reserved (context, NCCL, fragmentation)",
+    "fragmentation": "allocator reserve (fragmentation)",
+    "reserved": "reserved (CUDA context, NCCL, cuBLAS)",
 }
 # knobs shown when two layouts differ, in the order a user reads a layout
 _DIFF_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "schedule", "sp", "micro_batch", "recompute",
@@ -284,6 +285,24 @@ def _overflow(p, base) -> dict:
 
 # ----------------------------------------------------------------------------------- public
 
+def _margin(p, stack) -> str:
+    """How sure the fit is: a tight layout's overflow, or the headroom against the memory model's
+    own uncertainty (Stack.memory_uncertainty, benchmarks/memory.py) and which term's error
+    would use it up."""
+    u = getattr(stack, "memory_uncertainty", 0.10)
+    b = p.memory_breakdown_gib
+    big = max(("activations", "logits", "weights", "gradients", "optimizer"), key=lambda k: b.get(k, 0.0))
+    room = p.hbm_gib - p.memory_gib
+    if p.fit == "tight":
+        return (f"tight: predicted {-room:.1f} GiB ({-room / p.hbm_gib:.1%}) over the {p.hbm_gib:.1f} GiB HBM, "
+                f"within the memory model's +-{u:.0%}; it runs only if {MEMORY_LABEL[big]} "
+                f"({b[big]:.1f} GiB) are {-room:.1f} GiB smaller than predicted")
+    if room < u * p.memory_gib:
+        return (f"close: {room:.1f} GiB free, less than the memory model's +-{u:.0%}; {MEMORY_LABEL[big]} "
+                f"{room / max(b[big], 1e-9):.0%} above the prediction would push it over")
+    return f"fits: {room:.1f} GiB free ({room / p.memory_gib:.0%} of the prediction; the model's uncertainty +-{u:.0%})"
+
+
 def explain_dict(res, model, cluster, stack=None) -> dict:
     """The explanation as plain data (JSON-safe): best layout, its breakdowns and group placement,
     the runners-up with the terms that made them lose, and the one-knob neighbours (infeasible
@@ -306,7 +325,7 @@ def explain_dict(res, model, cluster, stack=None) -> dict:
         "micro_batches_per_step": micro_batches(L),
         "step_time_s": _f(best.step_time_s), "tokens_per_s_per_gpu": _f(best.tokens_per_s_per_gpu, 3),
         "mfu": _f(best.mfu), "memory_gib": _f(best.memory_gib), "hbm_gib": _f(best.hbm_gib),
-        "headroom_gib": _f(best.hbm_gib - best.memory_gib),
+        "headroom_gib": _f(best.hbm_gib - best.memory_gib), "fit": best.fit, "margin": _margin(best, stack),
         "time_breakdown": _time_rows(best), "memory_breakdown": _memory_rows(best),
         "placement": placement(L, cluster),
     }
@@ -391,6 +410,7 @@ def explain_text(res, model, cluster, stack=None) -> str:
     lines.append("")
     lines.append(f"Memory per GPU ({best.memory_gib:.1f} of {best.hbm_gib:.1f} GiB HBM, "
                  f"{best.hbm_gib - best.memory_gib:.1f} GiB free)")
+    lines.append(f"  {b['margin']}")
     for r in b["memory_breakdown"]:
         if not r["gib"] or r["gib"] < 0.05:
             continue

@@ -22,6 +22,9 @@ def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=
     spdiv = np.where(sp, tp, 1)
     kv_dim = (m.q_dim + m.v_dim) // 2 if m.mla else m.kv_heads * m.head_dim
     replicated = tokens * h * (act + act + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
+    if m.mla:   # the low-rank latents on the SP shard: each LoRA norm's input and output (DeepSeek-V3
+        # sec. 2.1.1; Megatron-Core multi_latent_attention.py runs the down-projections on the shard)
+        replicated = replicated + 2 * act * tokens * (m.mla.q_lora_rank + m.mla.kv_lora_rank) / spdiv
     qkv = act * tokens * (m.q_dim + 2 * kv_dim) / tp
     out_in = act * tokens * m.v_dim / tp
     if flash:
@@ -33,17 +36,20 @@ def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=
     return replicated + qkv + out_in, core
 
 
-def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None, act=ACT_BYTES):
+def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None, act=ACT_BYTES, gated_tensors=3):
     """Dense MLP (Korthikanti eq. 1: 19sbh for ffn = 4h): LN input 2sbh, fc1 input 2sbh,
-    activation input and output (gated: gate and up 2x2sbf, output 2sbf), dropout mask sbh."""
+    activation input and output, dropout mask sbh. A gated MLP keeps `gated_tensors` f-wide
+    tensors: 3 with a fused SwiGLU (fc1's gate+up output and fc2's input; Megatron-Core
+    bias_swiglu_impl), 4 in eager PyTorch (w1 and w3 outputs, silu output, their product)."""
     f = m.ffn_hidden if ffn is None else ffn
     spdiv = np.where(sp, tp, 1)
     replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
-    inner = act * tokens * f * (3 if m.gated else 2) / tp
+    inner = act * tokens * f * (gated_tensors if m.gated else 2) / tp
     return replicated + inner
 
 
-def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0):
+def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0,
+                         gated_tensors=3):
     """MoE block: LN and router input on the SP shard, the permuted token copies (top_k per
     token) that feed the grouped expert GEMMs, the expert activations, and shared experts."""
     e = m.moe
@@ -53,26 +59,65 @@ def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act
     routed = local * e.top_k * imbalance
     # permuted expert inputs, expert activations, and the expert outputs the unpermute keeps for
     # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps
-    experts = act * routed * (2 * m.hidden + e.expert_ffn_hidden * (3 if m.gated else 2) / etp)
+    g = gated_tensors if m.gated else 2
+    experts = act * routed * (2 * m.hidden + e.expert_ffn_hidden * g / etp)
     experts = experts + 8.0 * routed
-    shared = (act * tokens * e.shared_experts * e.shared_expert_ffn_hidden
-              * (3 if m.gated else 2) / tp) if e.shared_experts else 0.0
+    shared = (act * tokens * e.shared_experts * e.shared_expert_ffn_hidden * g / tp) if e.shared_experts else 0.0
     probs = stat * local * e.experts  # fp32 router logits/probabilities
     return replicated + experts + shared + probs
 
 
 def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, flash=True,
-                           kv_len=None, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0):
+                           kv_len=None, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0, gated_tensors=3,
+                           selective_kind="core"):
     """Bytes one layer keeps per micro-batch under a recompute policy (codes: 0 none,
     1 selective, 2 full). Full recompute keeps only the layer input 2sbh (/t with SP),
-    Korthikanti sec. 4.2.2; selective drops the attention core (sec. 5)."""
+    Korthikanti sec. 4.2.2; selective drops the attention core (sec. 5), or, with
+    selective_kind "op", keeps what torchtitan's op-level SAC keeps (op_sac_layer_bytes)."""
     attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len, act=act, stat=stat)
-    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance, act, stat) if moe_layer else \
-        mlp_activation_bytes(m, tokens, tp, sp, act=act)
+    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance, act, stat, gated_tensors) if moe_layer else \
+        mlp_activation_bytes(m, tokens, tp, sp, act=act, gated_tensors=gated_tensors)
     full_layer = attn + core + mlp
-    selective = attn + mlp            # core attention (scores, or flash's log-sum-exp) recomputed
     ckpt = act * tokens * m.hidden / np.where(sp, tp, 1)
+    if selective_kind == "op":
+        selective = ckpt + op_sac_layer_bytes(m, tokens, tp, sp, moe_layer, act, stat)
+    else:
+        selective = attn + mlp        # core attention (scores, or flash's log-sum-exp) recomputed
     return np.select([recompute == 0, recompute == 1], [full_layer, selective], ckpt), full_layer
+
+
+def _mm_outputs(m: ModelSpec, T, tp, sp, moe_layer) -> list:
+    """Elements of each aten.mm output of one layer's forward, in execution order, on one TP rank
+    under DTensor TP: column-parallel outputs are split over tp, row-parallel ones are the full
+    sequence's partial sums; MLA's down-projections and the MoE router run replicated."""
+    Tl = T / np.where(sp, tp, 1)
+    if m.mla:
+        a = m.mla
+        q = ([T * a.q_lora_rank, T * m.heads * (a.qk_nope_head_dim + a.qk_rope_head_dim) / tp] if a.q_lora_rank
+             else [T * m.heads * (a.qk_nope_head_dim + a.qk_rope_head_dim) / tp])
+        attn = q + [T * (a.kv_lora_rank + a.qk_rope_head_dim),
+                    T * m.heads * (a.qk_nope_head_dim + a.v_head_dim) / tp, T * m.hidden]
+    else:
+        kv = m.kv_heads * m.head_dim / tp
+        attn = [T * m.q_dim / tp, T * kv, T * kv, T * m.hidden]
+    def ffn(tokens, f, split):  # noqa: E306
+        return [tokens * f / split] * (2 if m.gated else 1) + [tokens * m.hidden]
+    if not moe_layer:
+        return attn + ffn(T, m.ffn_hidden, tp)
+    e = m.moe
+    shared = ffn(Tl, e.shared_experts * e.shared_expert_ffn_hidden, 1) if e.shared_experts else []
+    return attn + [Tl * e.experts] + shared
+
+
+def op_sac_layer_bytes(m: ModelSpec, tokens, tp, sp, moe_layer, act=ACT_BYTES, stat=4.0):
+    """What torchtitan's op-level selective AC keeps of one layer beyond its input
+    (torchtitan activation_checkpoint.py _apply_op_sac, save list of Dec 2024): every other aten.mm
+    output (the 1st, 3rd, ...; biased linears run addmm and keep nothing), the SDPA output and
+    log-sum-exp, and each reduce-scatter output under SP (the attention's and the MLP's)."""
+    mms = 0.0 if m.bias else sum(_mm_outputs(m, tokens, tp, sp, moe_layer)[0::2])
+    sdpa = tokens * m.v_dim / tp * act + tokens * m.heads / tp * stat
+    rs = np.where(sp & (tp > 1), (1 if moe_layer else 2) * tokens * m.hidden / tp, 0.0)
+    return mms * act + sdpa + rs * act
 
 
 def korthikanti_layer_bytes(s, b, h, a, t, sp: bool, recompute: str):

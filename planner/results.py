@@ -28,13 +28,14 @@ class Plan:
     cost_usd: float | None = None
     hardware_tflops_per_gpu: float | None = None   # incl. recompute and flash-attention backward
     hfu: float | None = None
+    fit: str = "yes"           # "yes", or "tight": predicted above HBM by less than the model's uncertainty
 
     def to_dict(self) -> dict:
         d = {k: getattr(self.layout, k) for k in LAYOUT_FIELDS}
         d.update(gpus=self.gpus, step_time_s=self.step_time_s, tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
                  mfu=self.mfu, model_tflops_per_gpu=self.model_tflops_per_gpu,
                  hardware_tflops_per_gpu=self.hardware_tflops_per_gpu, hfu=self.hfu, memory_gib=self.memory_gib,
-                 feasible=self.feasible, memory_breakdown_gib=dict(self.memory_breakdown_gib),
+                 feasible=self.feasible, fit=self.fit, memory_breakdown_gib=dict(self.memory_breakdown_gib),
                  time_breakdown_s=dict(self.time_breakdown_s))
         if self.time_to_train_s is not None:
             d["time_to_train_s"] = self.time_to_train_s
@@ -102,7 +103,13 @@ def plan_from_eval(ev: Evaluation, cands: Candidates, i: int, cluster, tokens: f
                 memory_breakdown_gib={k: float(getattr(d.memory, k)[i]) / GiB for k in MEMORY_TERMS},
                 hbm_gib=cluster.gpu.hbm_bytes / GiB, time_to_train_s=ttt, cost_usd=cost,
                 hardware_tflops_per_gpu=float(d.hardware_flops_step[i] / step / world / 1e12),
-                hfu=float(d.hfu[i]))
+                hfu=float(d.hfu[i]), fit=_fit(ev, i))
+
+
+def _fit(ev: Evaluation, i: int) -> str:
+    if not ev.feasible[i]:
+        return "no"
+    return "tight" if ev.tight[i] else "yes"
 
 
 def flat_rows(plans) -> list:

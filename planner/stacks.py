@@ -58,6 +58,53 @@ class Stack:
     # (Megatron-Core --pipeline-model-parallel-layout; torchtitan module_fqns_per_model_part);
     # "even" = the same number of layers on every virtual stage only (Megatron-LM of 2021)
     stage_split: str = "layout"
+    # ---- memory: what the stack keeps (benchmarks/memory.py holds these to PyTorch's trackers) ----
+    # gradients live between steps: Megatron's DDP grad buffer is zeroed, never freed
+    # (distributed/param_and_grad_buffer.py); False: optimizer.zero_grad(set_to_none=True) frees
+    # them, so they never coexist with the forward's activations
+    grads_persist: bool = True
+    # bytes per logit live at the loss backward: Megatron's vocab-parallel cross entropy saves the
+    # fp32 softmax and turns it into the gradient in place (tensor_parallel/cross_entropy.py:
+    # 4 B, + 2 B bf16 gradient); eager F.cross_entropy on .float() logits keeps the fp32
+    # log-softmax, the fp32 nll gradient and the fp32 log-softmax gradient at once (12 B)
+    loss_bytes_per_logit: float = 6.0
+    # the same with TP's vocab-parallel loss where it differs (DTensor loss_parallel: the nll
+    # backward forms the log-softmax gradient from fp32 temporaries beside the saved
+    # log-probabilities, torch/distributed/tensor/parallel/loss.py; 16 B as validate memory tracks)
+    loss_parallel_bytes_per_logit: float = 0.0
+    # bytes per element of a full (vocab x hidden) embedding gradient made at the first stage's last
+    # backward under TP: DTensor's RowwiseParallel embedding backward yields a replicated
+    # full-vocab bf16 gradient (embedding_dense_backward on the gathered indices; 2 B, plus its
+    # fp32 copy for FSDP's reduction); Megatron's VocabParallelEmbedding keeps it sharded (0)
+    tp_embedding_grad_bytes: float = 0.0
+    # bytes per parameter of the FSDP unit being reduced at the end of backward: FSDP2 keeps the
+    # unit's unsharded bf16 gradients beside their fp32 copy for the reduce-scatter (2 + 4 B;
+    # torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py foreach_reduce, reduce_dtype fp32);
+    # Megatron reduces its fp32 grad buffer in place (0)
+    fsdp_reduce_bytes: float = 0.0
+    # f-wide tensors a gated MLP keeps: 3 with TE/Megatron's fused SwiGLU, 4 in eager PyTorch
+    gated_mlp_tensors: int = 3
+    # what --recompute selective keeps: "core" Megatron (core attention recomputed,
+    # Korthikanti sec. 5), "op" torchtitan's op-level SAC (memory.op_sac_layer_bytes)
+    selective: str = "core"
+    # fp8 weight bytes cached per parameter across micro-batches (TE: fp8 weight + transpose, 1 + 1;
+    # torchao Float8Linear casts per use and caches none)
+    fp8_weight_cache_bytes: float = 2.0
+    # ZeRO-3 as FSDP2 with MixedPrecisionPolicy: the sharded fp32 parameters are the master copy
+    # (4 B weights + 8 B Adam moments per sharded element, no separate master)
+    fsdp_fp32_params: bool = False
+    # FSDP2 under torch.distributed.pipelining: weights stay gathered (reshard_after_forward=False)
+    # and gradients unsharded in fp32 until the last micro-batch (stage.py backward_maybe_with_nosync)
+    fsdp_pp_unsharded: bool = False
+    # ZeRO-3 parameters gathered at once, in elements (DeepSpeed stage3_max_live_parameters, 1e9);
+    # inf: two layers (FSDP's current unit and its prefetch)
+    zero3_max_live_params: float = float("inf")
+    # the caching allocator's reserved bytes over allocated ones (fragmentation), fitted once per
+    # stack over the reference runs that report reserved memory (benchmarks/memory.py --fit)
+    allocator_overhead: float = 0.0
+    # relative uncertainty of the predicted peak memory: a layout predicted above HBM by less than
+    # this is 'tight' (shown, ranked after those that fit), not refused (see benchmarks/memory.py)
+    memory_uncertainty: float = 0.10
     source: str = ""
 
 
@@ -85,6 +132,12 @@ STACKS = {
         cp_comms=("p2p", "allgather"),   # context_parallel_rotate_method alltoall | allgather (ring attention)
         replicate_only_1d=True,          # parallelize_llama: 'DDP has not supported > 1D parallelism'
         sp_keeps_gathered_inputs=True,   # DTensor ColwiseParallel saves the gathered input
+        grads_persist=False, loss_bytes_per_logit=12.0, loss_parallel_bytes_per_logit=16.0,
+        gated_mlp_tensors=4, selective="op", tp_embedding_grad_bytes=2.0, fsdp_reduce_bytes=6.0,
+        fp8_weight_cache_bytes=0.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
+        # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
+        # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.5%, 18.4% without)
+        allocator_overhead=0.22,
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
         "llm-foundry",
@@ -99,6 +152,7 @@ STACKS = {
         schedules=("1f1b",),             # runtime/pipe/schedule.py TrainSchedule (1F1B)
         cp_comms=("a2a",),               # DeepSpeed-Ulysses sequence parallelism
         max_zero_with_pp=1,              # runtime/pipe/engine.py: ZeRO-2/3 incompatible with PP
+        zero3_max_live_params=1e9,       # docs: zero config stage3_max_live_parameters default
         pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }

@@ -139,3 +139,47 @@ def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first
         sends, recvs = X.pp_boundaries(rc.stage, L.pp, L.vpp)
         nbytes = X.p2p_bytes(model, lk, eb)
         rc.add([X.Flow("pp", "send", sends, nbytes), X.Flow("pp", "recv", recvs, nbytes)], nmb)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One pipeline rank's predicted memory: which rank (pp coordinate), the layers it holds
+    (dense ones lead), the micro-batches its schedule keeps in flight, bytes by MEMORY_TERMS."""
+    stage: int
+    layers: int
+    dense_layers: int
+    inflight: int
+    first: bool
+    last: bool
+    breakdown: dict
+
+    @property
+    def allocated(self) -> float:
+        return sum(v for k, v in self.breakdown.items() if k not in ("fragmentation", "reserved"))
+
+
+def memory_by_rank(model: ModelSpec, cluster, layout: Layout, stack: Stack | None = None) -> list:
+    """The first, a middle and the last pipeline rank's predicted memory (the ranks the cost
+    model's memory phase scores; one entry without a pipeline, two with pp = 2)."""
+    from .costmodel import SearchCache
+    from .costmodel.footprint import MEMORY_TERMS, rank_breakdowns
+    stack = stack or STACKS["megatron-core"]
+    rules.check_layout(layout, rules.context_for(model, layout, stack, cluster))
+    cache = SearchCache(Settings(model, cluster, stack, 1.0, 0.0))
+    c = layout.to_candidates()
+    lt = cache.for_candidates(c)
+    rt = cache.ranks.for_candidates(c, cache, lt)
+    k = StepKnobs.of(c)
+    split = rt.split
+    pp = layout.pp
+    coords = [0, 1, pp - 1][: 1 if pp == 1 else (2 if pp == 2 else 3)]
+    counts = [(split.first, split.dense_first), (split.mid, split.dense_mid), (split.last, split.dense_last)]
+    ranks = rank_breakdowns(cluster, cache.settings.eb, stack, lt, k, rt, True)
+    if pp == 2:
+        ranks, counts = [ranks[0], ranks[2]], [counts[0], counts[2]]
+    out = []
+    for coord, (mb, infl), (n, nd) in zip(coords, ranks, counts):
+        out.append(RankMemory(stage=coord, layers=int(n[0]), dense_layers=int(nd[0]), inflight=int(infl[0]),
+                              first=coord == 0, last=coord == pp - 1,
+                              breakdown={t: float(getattr(mb, t)[0]) for t in MEMORY_TERMS}))
+    return out

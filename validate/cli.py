@@ -67,6 +67,8 @@ def build_parser():
     v.add_argument("--out", help="also write the JSON report to this file (atomically)")
     from .calibrate.command import add_parser
     add_parser(sub)
+    from .memory.command import add_parser as add_memory
+    add_memory(sub)
     return top
 
 
@@ -158,8 +160,11 @@ def run(argv) -> int:
     if a.command == "calibrate":
         from .calibrate import command
         return command.run(a)
+    if a.command == "memory":
+        from .memory import command as memory
+        return memory.run(a)
     if a.command != "run":
-        raise _UsageError("expected a command: run or calibrate")
+        raise _UsageError("expected a command: run, memory or calibrate")
     from . import api, report
     from .launch import RunFailed, check_torch, under_torchrun
     from planner.profiles import load_hardware

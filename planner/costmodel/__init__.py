@@ -57,7 +57,8 @@ class Evaluation(Record):
     step_time_s: np.ndarray
     tokens_per_s_per_gpu: np.ndarray
     memory_bytes: np.ndarray
-    feasible: np.ndarray
+    feasible: np.ndarray       # fits, or is tight: within the memory model's uncertainty of HBM
+    tight: np.ndarray          # over HBM as predicted, but within that uncertainty
     gpus: np.ndarray
     detail: Detail | None = None
 
@@ -96,12 +97,13 @@ def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | N
     shared = cluster.gpu.shared_by > 1
     st = stages(lt, rt, k, shared, detail, model.moe is not None)
     tb, _ = compose_step(lt, k, cluster, stack, rt.split, st, detail)
-    mem, which = peak_memory(cluster, cache.settings.eb, lt, k, rt, detail)
+    mem, which = peak_memory(cluster, cache.settings.eb, stack, lt, k, rt, detail)
     step, mem_total = (tb.total(), mem.total()) if detail else (tb, mem)
     world = k.world
     tokens_step = k.gb * k.s
+    hbm = cluster.gpu.hbm_bytes
     ev = dict(step_time_s=step, tokens_per_s_per_gpu=tokens_step / step / world, memory_bytes=mem_total,
-              feasible=mem_total <= cluster.gpu.hbm_bytes, gpus=world)
+              feasible=mem_total <= hbm * (1 + stack.memory_uncertainty), tight=mem_total > hbm, gpus=world)
     if not detail:
         return Evaluation(**ev)
     return Evaluation(**ev, detail=_headline(model, lt, k, st, tb, mem, which, step))

@@ -20,20 +20,25 @@ class LayerActivations(Record):
     moe: np.ndarray            # the same for an MoE layer
     live: np.ndarray           # one layer's full activations, live while it is recomputed
     emb: np.ndarray            # embedding output kept by the first stage
-    logits: np.ndarray         # fp32 logits of one micro-batch (Korthikanti sec. 4.3: 4sbv/t)
+    emb_grad: np.ndarray       # elements of a full-vocab embedding gradient under TP (Stack.tp_embedding_grad_bytes)
+    logits: np.ndarray         # the loss's vocab-wide tensors of one micro-batch at its backward
+                               # (Korthikanti sec. 4.3 count fp32 logits, 4sbv/t; Stack.loss_bytes_per_logit)
 
 
 def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes):
     """(kept, full) bytes of one layer: the Korthikanti terms (memory.py), the norms' statistics,
     and the gathered linear inputs of a stack that keeps them -- all but the layer input are
-    dropped under full recompute."""
+    dropped under full recompute, and op-level SAC recomputes the norms and the all-gathers
+    (neither is on its save list)."""
     T, tp, sp = k.tokens, k.tp, k.sp
     kept, full_layer = M.layer_activation_bytes(model, T, tp, sp, rec, moe_layer, stack.flash_attention, k.s,
-                                                k.etp, imb, eb.act, eb.stat)
+                                                k.etp, imb, eb.act, eb.stat, stack.gated_mlp_tensors,
+                                                stack.selective)
     extra = M.norm_statistics_bytes(model, T, tp, sp, eb.stat)
     if stack.sp_keeps_gathered_inputs:
         extra = extra + M.gathered_inputs_bytes(model, T, tp, sp, moe_layer, eb.act)
-    return np.where(rec == 2, kept, kept + extra), full_layer + extra
+    dropped = (rec == 2) | ((rec == 1) & (stack.selective == "op"))
+    return np.where(dropped, kept, kept + extra), full_layer + extra
 
 
 def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_imbalance: float,
@@ -52,6 +57,13 @@ def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_imbalan
             m, full_moe = np.zeros(n), np.zeros(n)
         moe.append(m)
     live = np.maximum(full_dense if model.dense_layers else 0.0, full_moe if model.moe else 0.0)
+    emb_grad = np.where(tp > 1, 1.0 * model.vocab * model.hidden, 0.0)
     return LayerActivations(np.stack(full(n, *dense)), np.stack(full(n, *moe)),
-                            *full(n, live, eb.act * T * model.hidden / np.where(sp, tp, 1),
-                                  4.0 * T * model.vocab / tp))
+                            *full(n, live, eb.act * T * model.hidden / np.where(sp, tp, 1), emb_grad,
+                                  _loss_bytes(stack, tp) * T * model.vocab / tp))
+
+
+def _loss_bytes(stack: Stack, tp):
+    """Bytes per logit live at the loss backward (Stack.loss_bytes_per_logit)."""
+    par = stack.loss_parallel_bytes_per_logit or stack.loss_bytes_per_logit
+    return np.where(tp > 1, par, stack.loss_bytes_per_logit)

@@ -17,10 +17,14 @@ class ElementBytes:
     grad_reduce: float = 4.0
     param_gather: float = 2.0
     optimizer: float = 12.0
+    # ZeRO-3 weights as FSDP2 keeps them: the sharded parameters are the fp32 master (4 B), and
+    # the optimizer holds only the moments (stacks.Stack.fsdp_fp32_params)
+    fsdp_master: float = 0.0
 
     @staticmethod
     def of_stack(stack) -> "ElementBytes":
-        return ElementBytes(grad=stack.grad_bytes, grad_reduce=stack.grad_reduce_bytes)
+        return ElementBytes(grad=stack.grad_bytes, grad_reduce=stack.grad_reduce_bytes,
+                            fsdp_master=4.0 if stack.fsdp_fp32_params else 0.0)
 
     @staticmethod
     def uniform(e: int, zero: int) -> "ElementBytes":

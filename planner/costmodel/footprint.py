@@ -17,40 +17,58 @@ from .knobs import StepKnobs, by_code
 from .records import Record
 from .state import LayerParams, StageParams
 
-MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "reserved")
+MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "fragmentation",
+                "reserved")
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown(Record):
-    """Bytes per GPU by term (MEMORY_TERMS)."""
+    """Bytes per GPU by term (MEMORY_TERMS), as live at the rank's peak."""
     weights: np.ndarray
     gradients: np.ndarray
     optimizer: np.ndarray
     activations: np.ndarray
     logits: np.ndarray
     buffers: np.ndarray
-    reserved: np.ndarray
+    fragmentation: np.ndarray  # the caching allocator's reserve over what is allocated (Stack.allocator_overhead)
+    reserved: np.ndarray       # outside the allocator: CUDA context, NCCL and cuBLAS workspaces (the profile's)
 
     def total(self):
         return sum(self.named().values())
 
+    def allocated(self):
+        """What PyTorch's allocator hands out (torch.cuda.max_memory_allocated; the trackers' peak)."""
+        return self.total() - self.fragmentation - self.reserved
 
-def prefetch_bytes(model: ModelSpec, groups, k):
-    """ZeRO-3 gathers one layer ahead: two layers' bf16 weights in flight (nothing is gathered
-    where the shard group is one rank)."""
+
+def layer_elements(model: ModelSpec, k):
+    """Parameters of the largest layer on one TP rank (an FSDP unit), routed experts apart."""
     p = LayerParams.of(model)
     layer = (p.dense_shard / k.tp + p.dense_repl) if model.dense_layers else 0.0
     if model.moe:
         layer = np.maximum(layer, p.moe_shard / k.tp + p.moe_repl)
-    return 2 * 2.0 * (layer * (groups.shard > 1) + p.experts / (k.ep * k.etp) * (groups.eshard > 1))
+    return layer, p.experts / (k.ep * k.etp)
+
+
+def prefetch_bytes(model: ModelSpec, groups, k, max_live: float = float("inf")):
+    """ZeRO-3 gathers one layer ahead: two layers' bf16 weights in flight (nothing is gathered
+    where the shard group is one rank), at most `max_live` elements (DeepSpeed's cap)."""
+    layer, experts = layer_elements(model, k)
+    two = 2 * 2.0 * (layer * (groups.shard > 1) + experts * (groups.eshard > 1))
+    return np.minimum(two, 2.0 * max_live)
 
 
 def model_states(prm: StageParams, groups, zero, eb: ElementBytes) -> tuple:
     """(weights, gradients, optimizer) bytes of a rank's parameters, dense ones sharded over the
-    ZeRO shard group and experts over the expert one (memory.model_state_bytes)."""
+    ZeRO shard group and experts over the expert one (memory.model_state_bytes). With FSDP2's
+    fp32 sharded parameters (eb.fsdp_master) ZeRO-3 weights are the master copy."""
     w_d, g_d, o_d = M.model_state_bytes(prm.dense, groups.shard, zero, eb.grad, eb.weight, eb.optimizer)
     w_e, g_e, o_e = M.model_state_bytes(prm.expert, groups.eshard, zero, eb.grad, eb.weight, eb.optimizer)
-    return w_d + w_e, g_d + g_e, o_d + o_e
+    w, g, o = w_d + w_e, g_d + g_e, o_d + o_e
+    if eb.fsdp_master:          # weights become the fp32 master: the optimizer keeps only its moments
+        master = eb.fsdp_master / eb.weight * w
+        w, o = np.where(zero == 3, master, w), np.where(zero == 3, o - master, o)
+    return w, g, o
 
 
 def _by_recompute(acts, name, k: StepKnobs):
@@ -60,39 +78,96 @@ def _by_recompute(acts, name, k: StepKnobs):
     return by_code(k.recompute, k.recompute_values, list(getattr(acts, name)))
 
 
-def rank_memory(cluster: Cluster, eb: ElementBytes, lt, k: StepKnobs, layers, ndense, rs, prefetch,
-                inflight, first, last) -> MemoryBreakdown:
+def _states(eb, stack, k: StepKnobs, rs):
+    """(weights, gradients that persist, gradients freed between steps, optimizer) of a rank,
+    with fp8 weight caches and DualPipe's second copy; under torchtitan's pipeline FSDP2 keeps the
+    whole stage's weights gathered and its gradients unsharded in fp32."""
+    copies = S.weight_copies(k.schedule)
+    fp8 = np.where(k.precision == Precision.FP8, stack.fp8_weight_cache_bytes / eb.weight, 0.0)
+    staged = (k.zero == 3) & (k.pp > 1) & stack.fsdp_pp_unsharded
+    local = rs.params.dense + rs.params.expert
+    weights = rs.weights * (1 + fp8) * copies + np.where(staged, eb.param_gather * local, 0.0)
+    grads = rs.gradients * copies
+    held = np.where(staged, eb.grad_reduce * local, 0.0) + (grads if stack.grads_persist else 0.0)
+    freed = 0.0 if stack.grads_persist else grads
+    return weights, held, freed, rs.optimizer * copies, staged
+
+
+def rank_memory(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch,
+                inflight, first, last, unit=0.0) -> MemoryBreakdown:
     """Memory of a rank holding `layers` layers (`ndense` dense) whose phase-4 state is `rs`
     (ranks.RankState), with `inflight` micro-batches of activations
-    (schedules.inflight_microbatches), the embedding if `first`, logits if `last`."""
+    (schedules.inflight_microbatches), the embedding if `first`, logits if `last`. The peak is the
+    largest of these moments: the loss backward (every kept activation and the loss's tensors;
+    ZeRO-3 holds the last layer gathered), the first layer backward (a recomputed layer's full
+    activations instead of the loss's; ZeRO-3 gathers the next layer too), and the end of
+    backward where gradients freed between steps have all been made again, beside its largest
+    transient: a recomputed layer, the full-vocab embedding gradient, or FSDP2's reduce-scatter
+    of its largest unit (`unit` elements: a layer, or the root with the embedding and output)."""
     a = lt.acts
-    copies = S.weight_copies(k.schedule)
-    fp8 = np.where(k.precision == Precision.FP8, 2.0 / eb.weight, 0.0)  # + TE fp8 weight and transpose
-    weights = rs.weights * (1 + fp8) * copies + np.where(k.zero == 3, prefetch, 0.0)
-    grads, opt = rs.gradients, rs.optimizer
-    # recompute needs one layer's full activations live while it runs backward
+    weights, held, freed, opt, staged = _states(eb, stack, k, rs)
+    gathered = np.where((k.zero == 3) & ~staged, prefetch, 0.0)    # two layers (prefetch_bytes)
     live = np.where(k.recompute > 0, a.live, 0.0)
-    acts = (ndense * _by_recompute(a, "dense", k) + (layers - ndense) * _by_recompute(a, "moe", k)) * inflight + live
-    acts = acts + np.where(first, a.emb * inflight, 0.0)
-    return MemoryBreakdown(weights=weights, gradients=grads * copies, optimizer=opt * copies,
-                           activations=acts, logits=np.where(last, a.logits, 0.0),
-                           buffers=2 * lt.comm.act_bytes,   # TP/SP all-gather in/out buffers of one activation
+    kept = (ndense * _by_recompute(a, "dense", k) + (layers - ndense) * _by_recompute(a, "moe", k)) * inflight
+    kept = kept + np.where(first, a.emb * inflight, 0.0)
+    logits = np.where(last, a.logits, 0.0)
+    # DTensor TP's full-vocab embedding gradient at the end of the first stage's backward
+    # (bf16), and its fp32 copy for the reduction: the TP shard, or whole under the pipeline's
+    # no-sync accumulation (FSDPParam.to_accumulated_grad_if_needed casts the unsharded gradient)
+    vh = np.where(first & (stack.tp_embedding_grad_bytes > 0), a.emb_grad, 0.0)
+    emb_grad = vh * (stack.tp_embedding_grad_bytes + eb.grad_reduce * np.where(staged, 1.0, 1.0 / k.tp))
+    m_loss = kept + logits + gathered / 2
+    m_layer = kept + live + gathered
+    # under torchtitan's pipeline the sharded gradients appear only as the last micro-batch's
+    # reduce-scatters free the unsharded ones: the held gradients are the larger
+    freed = np.where(staged, 0.0, freed)
+    # FSDP2 reduces a unit's bf16 gradients from an fp32 copy (foreach_reduce, reduce_dtype fp32)
+    # (the unit itself resharded, its sharded gradient not yet made: the root's share of `freed`)
+    big = np.maximum(unit, rs.params.root)
+    reduce = np.where((k.zero == 3) & ~staged, stack.fsdp_reduce_bytes * big, 0.0)
+    local = np.maximum(rs.params.dense + rs.params.expert, 1.0)
+    m_reduce = freed * (1 - np.minimum(big / local, 1.0)) + reduce
+    m_end = np.maximum(freed + np.maximum(live, emb_grad) + gathered, m_reduce)
+    at_loss = (m_loss >= m_layer) & (m_loss >= m_end)
+    at_end = ~at_loss & (m_end > m_layer)
+    buffers = 2 * lt.comm.act_bytes             # TP/SP all-gather in/out buffers of one activation
+    weights = weights + np.where(at_loss, gathered / 2, gathered)
+    red = at_end & (m_reduce >= freed + np.maximum(live, emb_grad) + gathered)   # at FSDP2's last reduce
+    emb = at_end & ~red & (emb_grad > live)
+    weights = np.where(red, weights - gathered, weights)
+    grads = held + np.where(red, m_reduce, np.where(at_end, freed + np.where(emb, emb_grad, 0.0), 0.0))
+    acts = np.where(at_loss, kept, np.where(at_end, np.where(red | emb, 0.0, live), kept + live))
+    logits = np.where(at_loss, logits, 0.0)
+    allocated = weights + grads + opt + acts + logits + buffers
+    return MemoryBreakdown(weights=weights, gradients=grads, optimizer=opt, activations=acts, logits=logits,
+                           buffers=buffers, fragmentation=stack.allocator_overhead * allocated,
                            reserved=np.full(k.n, cluster.gpu.reserved_bytes))
 
 
-def peak_memory(cluster, eb, lt, k: StepKnobs, rt, detail: bool = True) -> tuple:
+def rank_breakdowns(cluster, eb, stack, lt, k: StepKnobs, rt, detail: bool = True) -> list:
+    """[first, middle, last] pipeline rank's MemoryBreakdown and micro-batches in flight; only the
+    first where no candidate has a pipeline and no detail is asked."""
+    split = rt.split
+    infl = S.inflight_microbatches(k.schedule, k.pp, k.vpp, k.micro_batches)
+    u = rt.unit
+    mf = rank_memory(cluster, eb, stack, lt, k, split.first, split.dense_first, rt.first, rt.prefetch, infl, True,
+                     k.pp == 1, u)
+    if k.single_rank and not detail:
+        return [(mf, infl)]
+    im, il = np.maximum(infl - 1, 1), np.minimum(infl, 1)
+    mm = rank_memory(cluster, eb, stack, lt, k, split.mid, split.dense_mid, rt.mid, rt.prefetch, im, False, False, u)
+    ml = rank_memory(cluster, eb, stack, lt, k, split.last, split.dense_last, rt.last, rt.prefetch, il, False, True, u)
+    return [(mf, infl), (mm, im), (ml, il)]
+
+
+def peak_memory(cluster, eb, stack, lt, k: StepKnobs, rt, detail: bool = True) -> tuple:
     """(breakdown of the rank with the largest total, its index 0 first / 1 middle / 2 last);
     rt: ranks.RankTerms of the candidates. detail=False: (peak bytes, None)."""
-    pp, split = k.pp, rt.split
-    infl = S.inflight_microbatches(k.schedule, pp, k.vpp, k.micro_batches)
-    only = pp == 1
-    mf = rank_memory(cluster, eb, lt, k, split.first, split.dense_first, rt.first, rt.prefetch, infl, True, only)
-    if k.single_rank and not detail:
-        return mf.total(), None
-    mm = rank_memory(cluster, eb, lt, k, split.mid, split.dense_mid, rt.mid, rt.prefetch, np.maximum(infl - 1, 1),
-                     False, False)
-    ml = rank_memory(cluster, eb, lt, k, split.last, split.dense_last, rt.last, rt.prefetch, np.minimum(infl, 1),
-                     False, True)
+    pp = k.pp
+    ranks = rank_breakdowns(cluster, eb, stack, lt, k, rt, detail)
+    if len(ranks) == 1:
+        return ranks[0][0].total(), None
+    (mf, _), (mm, _), (ml, _) = ranks
     tf_, tm_, tl_ = mf.total(), np.where(pp > 2, mm.total(), 0.0), np.where(pp > 1, ml.total(), 0.0)
     if not detail:
         return np.maximum(np.maximum(tf_, tm_), tl_), None

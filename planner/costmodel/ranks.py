@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .elements import ElementBytes
-from .footprint import model_states, prefetch_bytes
+from .footprint import layer_elements, model_states, prefetch_bytes
 from .records import Record
 from .stages import StageSplit, stage_split
 from .state import DpTimes, StageParams, dp_times, stage_params
@@ -38,6 +38,7 @@ class RankTerms(Record):
     mid: RankState
     last: RankState
     prefetch: np.ndarray      # ZeRO-3: two layers' gathered weights in flight
+    unit: np.ndarray          # elements of the largest layer on a TP rank (an FSDP unit)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ def rank_terms(model, stack, eb: ElementBytes, groups, k: RankKnobs) -> RankTerm
         w, g, o = model_states(prm, groups, k.zero, eb)
         out.append(RankState(prm, dp_times(model, groups, k, stack, eb, prm, layers, layers - ndense, first, last),
                              w, g, o))
-    return RankTerms(split, *out, prefetch_bytes(model, groups, k))
+    layer, _ = layer_elements(model, k)
+    return RankTerms(split, *out, prefetch_bytes(model, groups, k, stack.zero3_max_live_params),
+                     np.broadcast_to(layer, k.tp.shape))
 
 
 class RankCache:

@@ -267,9 +267,17 @@ def test_memory_does_not_increase_with_tp_pp_or_zero(hw, model, gpus):
     pairs = monotone_pairs(m, base)
     assert {k for *_, k in pairs} == {"tp", "pp", "zero"} and len(pairs) > 200
     for stack in (STACKS["megatron-core"], STACKS["torchtitan"]):
-        a = _mem(m, c, [p[0] for p in pairs], stack)
-        b = _mem(m, c, [p[1] for p in pairs], stack)
-        bad = [(p[2], p[0], x, y) for p, x, y in zip(pairs, a, b) if y > x * (1 + 1e-9)]
+        # torchtitan's FSDP2 under a pipeline holds the stage's weights gathered and its
+        # gradients unsharded in fp32 (stacks.fsdp_pp_unsharded), and its TP makes a full-vocab
+        # embedding gradient (tp_embedding_grad_bytes): raising PP over ZeRO-3 or ZeRO to 3
+        # under PP, or TP from 1,
+        # can cost memory there -- real, not a fault
+        staged = lambda p: p[1].zero == 3 and p[1].pp > 1 and p[2] in ("pp", "zero")  # noqa: E731
+        ps = [p for p in pairs if not (stack.fsdp_pp_unsharded and staged(p))
+              and not (stack.tp_embedding_grad_bytes and p[2] == "tp" and p[0].tp == 1)]
+        a = _mem(m, c, [p[0] for p in ps], stack)
+        b = _mem(m, c, [p[1] for p in ps], stack)
+        bad = [(p[2], p[0], x, y) for p, x, y in zip(ps, a, b) if y > x * (1 + 1e-9)]
         assert not bad, (stack.name, len(bad), bad[:2])
 
 
@@ -295,7 +303,9 @@ def test_feasible_layouts_fit_in_hbm(model, hw, gpus, fixed):
     hbm = c.gpu.hbm_bytes / 2 ** 30
     assert res.plans, "expected feasible layouts"
     for p in res.plans + res.pareto:
-        assert p.feasible and p.memory_gib <= p.hbm_gib == pytest.approx(hbm)
+        # fits, or is tight: over HBM by less than the stack's memory uncertainty, and said so
+        assert p.feasible and p.hbm_gib == pytest.approx(hbm)
+        assert p.memory_gib <= p.hbm_gib if p.fit == "yes" else p.memory_gib <= p.hbm_gib * 1.1 and p.fit == "tight"
         assert sum(p.memory_breakdown_gib.values()) == pytest.approx(p.memory_gib, rel=1e-9)
     # the search's figures are the layout's own: predicting it alone gives the same memory
     for p in res.plans[:10]:

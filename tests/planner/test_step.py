@@ -142,12 +142,13 @@ def test_expert_parallel_traffic():
 
 
 def test_activations_are_the_cost_models_terms():
-    """What a rank keeps per layer is the cost model's phase-3 term for the stack: a stack whose
-    SP keeps the gathered linear inputs (PyTorch ColwiseParallel) keeps more than Megatron's."""
+    """What a rank keeps per layer is the cost model's phase-3 term for the stack: torchtitan keeps
+    more than Megatron -- the gathered linear inputs (PyTorch ColwiseParallel) and a fourth
+    ffn-wide tensor of its eager SwiGLU (Megatron's fused SwiGLU keeps three)."""
     eb = ElementBytes.uniform(8, 1)
     mc = predict(LLAMA, L(tp=2, sp=True), elements=eb)[0].activations[0]
     tt = predict(LLAMA, L(tp=2, sp=True, zero=3), STACKS["torchtitan"], ElementBytes.uniform(8, 3))[0].activations[0]
-    assert tt - mc == pytest.approx(2 * (16 - 8) * 32 * 8)          # QKV and fc1 inputs, gathered
+    assert tt - mc == pytest.approx(2 * (16 - 8) * 32 * 8 + 16 * 64 / 2 * 8)   # gathered inputs + silu output
     full = predict(LLAMA, L(tp=2, sp=True, recompute="full"), elements=eb)[0]
     assert full.activations[0] == 16 * 32 / 2 * 8      # the layer input, sequence-sharded
 

@@ -1,0 +1,47 @@
+"""Published runs (../shared/reference/published_runs.csv) with their stated layout fixed: every
+one that ran is predicted to fit (or to be tight), never refused; where a row reports memory,
+the prediction is near what it reports."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+published = pytest.importorskip("published")
+if not published.DEFAULT_CSV.exists():
+    pytest.skip(f"reference runs not present ({published.DEFAULT_CSV})", allow_module_level=True)
+
+ROWS = published.read_runs()
+
+
+def _plan(row):
+    from planner.engine import search
+    from planner.profiles import load_hardware
+    ri = published.inputs_of(row)
+    res = search(ri.model, load_hardware(ri.hardware), ri.gpus, seq_len=ri.seq_len, global_batch=ri.global_batch,
+                 fixed=ri.fixed, top=1, precisions=[ri.fixed["precision"]], stack=ri.stack)
+    return res
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["row_id"] for r in ROWS])
+def test_no_published_run_is_refused(row):
+    res = _plan(row)
+    assert res.best is not None, (f"row {row['row_id']} ({row['model']}, {row['framework']}) refused: "
+                                  f"{res.closest_infeasible.overflow() if res.closest_infeasible else res.empty_reason}")
+    assert res.best.fit in ("yes", "tight")
+
+
+MEM_ROWS = [r for r in ROWS if (r.get("mem_gib_per_gpu") or "").strip()]
+
+
+@pytest.mark.parametrize("row", MEM_ROWS, ids=[r["row_id"] for r in MEM_ROWS])
+def test_reported_memory_is_predicted_within_a_fifth(row):
+    """Reported figures are the allocator's reserved peak; the prediction includes the fitted
+    allocator overhead (benchmarks/memory.py --reference), not the profile's context reserve."""
+    plan = _plan(row).best
+    b = plan.memory_breakdown_gib
+    pred = plan.memory_gib - b["reserved"]
+    rep = float(row["mem_gib_per_gpu"])
+    assert abs(pred - rep) / rep < 0.20, (row["row_id"], pred, rep)
