@@ -34,6 +34,15 @@ def _int(v):
         return None
 
 
+def source_of(row: dict) -> str:
+    """The publication a run comes from, for leave-one-source-out: one team's performance summary
+    across its container releases counts as one source (same recipes, same measurement)."""
+    s = row.get("source", "")
+    if "Megatron-Bridge performance summary" in s:
+        return "NVIDIA NeMo Megatron-Bridge performance summary"
+    return s
+
+
 def stack_of(framework: str) -> str:
     f = framework.lower()
     if "torchtitan" in f:
@@ -64,6 +73,16 @@ def hardware_of(gpu_type: str) -> str:
     if "mi300" in g:
         return "mi300x"
     raise PlannerError(f"no hardware profile for gpu_type {gpu_type!r}")
+
+
+def schedule_of(framework: str) -> str | None:
+    """A pipeline schedule the row's framework text states ('schedule=1F1B', 'Interleaved 1F1B')."""
+    f = framework.lower()
+    if "interleaved" in f:
+        return "interleaved"
+    if "1f1b" in f:
+        return "1f1b"
+    return None
 
 
 def precision_of(p: str) -> str | None:
@@ -168,9 +187,14 @@ def inputs_of(row: dict) -> RunInputs:
     fixed = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "ep": _int(row["ep"]) or 1,
              "micro_batch": _int(row["micro_batch"])}
     vp = _int(row["vp"])
+    named = schedule_of(row.get("framework", ""))
     if vp is not None:
         fixed["vpp"] = vp
         fixed["schedule"] = "interleaved" if vp > 1 else "1f1b"
+    elif named == "1f1b":             # a stated plain 1F1B has no virtual stages
+        fixed["vpp"], fixed["schedule"] = 1, "1f1b"
+    elif named:
+        fixed["schedule"] = named
     else:
         fixed["schedule"] = [s for s in st.schedules if s in ("1f1b", "interleaved")]
     sp = row.get("sp", "").strip().lower()
@@ -192,12 +216,12 @@ def inputs_of(row: dict) -> RunInputs:
 
 
 def predict_run(row: dict, cluster_override=None):
-    """Best predicted plan for a published row (its stated layout fixed), or raises PlannerError."""
+    """Best predicted plan for a published row (its stated layout fixed; None when every layout is
+    refused for memory), or raises PlannerError."""
     from planner.engine import search
     ri = inputs_of(row)
     cluster = cluster_override or load_hardware(ri.hardware)
     precisions = [ri.fixed["precision"]]
     res = search(ri.model, cluster, ri.gpus, seq_len=ri.seq_len, global_batch=ri.global_batch,
                  fixed=ri.fixed, top=1, precisions=precisions, stack=ri.stack)
-    plan = res.best or res.closest_infeasible
-    return ri, plan, res
+    return ri, res.best, res          # None: refused (a miss, never scored as its closest layout)

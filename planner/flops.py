@@ -100,3 +100,40 @@ def narayanan_flops_per_iteration(batch, seq, layers, hidden, vocab):
 def korthikanti_model_flops_per_iteration(batch, seq, layers, hidden, vocab):
     """Korthikanti et al. 2022 appendix A: 72*B*s*l*h^2*(1 + s/6h + V/12lh) (model FLOPs)."""
     return 72 * batch * seq * layers * hidden ** 2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+
+
+def _linears(m: ModelSpec, moe_layer: bool) -> list:
+    """(fan_in, fan_out, one per token) of each linear of a layer in execution order (torchtitan's
+    model: separate q/k/v; MLA's down- and up-projections; the MoE router and shared expert)."""
+    h = m.hidden
+    if m.mla:
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        q = [(h, a.q_lora_rank), (a.q_lora_rank, m.heads * qk)] if a.q_lora_rank else [(h, m.heads * qk)]
+        attn = q + [(h, a.kv_lora_rank + a.qk_rope_head_dim),
+                    (a.kv_lora_rank, m.heads * (a.qk_nope_head_dim + a.v_head_dim)), (m.v_dim, h)]
+    else:
+        kv = m.kv_heads * m.head_dim
+        attn = [(h, m.q_dim), (h, kv), (h, kv), (m.v_dim, h)]
+
+    def ffn(f):
+        return [(h, f)] * (2 if m.gated else 1) + [(f, h)]
+    if not moe_layer:
+        return attn + ffn(m.ffn_hidden)
+    e = m.moe
+    return attn + [(h, e.experts)] + (ffn(e.shared_experts * e.shared_expert_ffn_hidden) if e.shared_experts else [])
+
+
+def op_sac_recompute_fraction(m: ModelSpec, moe_layer: bool) -> float:
+    """Share of a layer's forward GEMM FLOPs torchtitan's op-level selective AC runs again: the
+    aten.mm calls it does not save (every second one; torchtitan activation_checkpoint.py
+    _apply_op_sac), all of them in a biased model (addmm is never saved), and the routed experts'
+    grouped GEMMs (not on the save list)."""
+    mats = [fi * fo for fi, fo in _linears(m, moe_layer)]
+    rec = sum(mats) if m.bias else sum(mats[1::2])
+    total = sum(mats)
+    if moe_layer:
+        e = m.moe
+        experts = e.top_k * e.expert_ffn_hidden * m.hidden * m.mlp_matrices
+        rec, total = rec + experts, total + experts
+    return rec / total

@@ -41,7 +41,7 @@ class Stack:
     sp_keeps_gathered_inputs: bool = False   # SP keeps the all-gathered input of column-parallel
                                   # linears for backward (PyTorch ColwiseParallel); Megatron re-gathers
     step_overhead_s: float = 0.0  # fixed per-step host overhead
-    kernel_overhead_s: float = 4.3e-6   # launch + sync gap per kernel, fitted once over all runs
+    kernel_overhead_s: float = 4.12e-06   # launch + sync gap per kernel, fitted once over all runs
                                      # (benchmarks/fit_efficiency.py; CUDA launch latency is ~3-5 us)
     tp_layer_overhead_s: float = 0.0    # host seconds per TP-sharded layer forward (backward 2x) beyond
                                      # its kernels: DTensor dispatch of eager TP (validate calibrate
@@ -58,6 +58,11 @@ class Stack:
     # (Megatron-Core --pipeline-model-parallel-layout; torchtitan module_fqns_per_model_part);
     # "even" = the same number of layers on every virtual stage only (Megatron-LM of 2021)
     stage_split: str = "layout"
+    # pipeline schedules whose steady-state sends overlap compute (Megatron-LM arguments.py:
+    # --overlap-p2p-communication applies to the interleaved schedule only; plain 1F1B runs
+    # blocking send_forward_recv_backward pairs; torch.distributed.pipelining posts its
+    # sends and receives asynchronously in every schedule)
+    p2p_overlap_schedules: tuple = ("interleaved", "zbv", "dualpipe")
     # ---- memory: what the stack keeps (benchmarks/memory.py holds these to PyTorch's trackers) ----
     # gradients live between steps: Megatron's DDP grad buffer is zeroed, never freed
     # (distributed/param_and_grad_buffer.py); False: optimizer.zero_grad(set_to_none=True) frees
@@ -84,6 +89,10 @@ class Stack:
     fsdp_reduce_bytes: float = 0.0
     # f-wide tensors a gated MLP keeps: 3 with TE/Megatron's fused SwiGLU, 4 in eager PyTorch
     gated_mlp_tensors: int = 3
+    # full recompute by torch.utils.checkpoint non-reentrant (torchtitan): the replay stops once
+    # backward's saved tensors exist, so a dense layer's last GEMM is not re-run (validate memory
+    # counts it); Megatron's CheckpointFunction replays the whole layer
+    full_recompute_skips_last_gemm: bool = False
     # what --recompute selective keeps: "core" Megatron (core attention recomputed,
     # Korthikanti sec. 5), "op" torchtitan's op-level SAC (memory.op_sac_layer_bytes)
     selective: str = "core"
@@ -125,7 +134,7 @@ STACKS = {
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
-        gemm=0.694, attention=0.308,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
+        gemm=0.823, attention=0.270,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
         elementwise=2.0, tp_overlap=False, ep_overlap=False, zero_stages=(0, 3),
         schedules=("1f1b", "interleaved", "zbv"),   # torch.distributed.pipelining schedules with one
                                                     # stage per rank, or V / interleaved stages
@@ -134,6 +143,7 @@ STACKS = {
         sp_keeps_gathered_inputs=True,   # DTensor ColwiseParallel saves the gathered input
         grads_persist=False, loss_bytes_per_logit=12.0, loss_parallel_bytes_per_logit=16.0,
         gated_mlp_tensors=4, selective="op", tp_embedding_grad_bytes=2.0, fsdp_reduce_bytes=6.0,
+        full_recompute_skips_last_gemm=True, p2p_overlap_schedules=("1f1b", "interleaved", "zbv"),
         fp8_weight_cache_bytes=0.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
         # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
         # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.5%, 18.4% without)
@@ -142,7 +152,7 @@ STACKS = {
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
-        gemm=0.975,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
+        gemm=0.972,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
         elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",), cp_comms=(),
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(

@@ -88,7 +88,7 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     rc = RankCounts(stage=r, chunks=chunks, layers=layers, moe_layers=[i for i in layers if i >= nd])
     first, last = r == 0, r == L.pp - 1
     nmb = L.global_batch // (L.dp * L.micro_batch)
-    _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last)
+    _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last, st.stack.selective)
     prm = stage_params(model, k, np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))]),
                        np.array([first]), np.array([last]))
     rc.params = {"dense": float(prm.dense[0]), "expert": float(prm.expert[0])}
@@ -106,7 +106,7 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     return rc
 
 
-def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bool) -> None:
+def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bool, selective: str) -> None:
     """Forward, backward and recompute FLOPs of the rank per step (stages.stage_sums' terms)."""
     c = lt.compute
     g = float((nl - nmoe) * c.gemm_flops_dense[0] + nmoe * c.gemm_flops_moe[0])
@@ -115,9 +115,13 @@ def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bo
     rec = L.recompute
     rc.flops = {"forward": nmb * (g + a + lg), "backward": nmb * (2 * (g + lg) + ATTN_BWD_FACTOR * a)}
     rc.attention_flops = {"forward": nmb * a, "backward": nmb * ATTN_BWD_FACTOR * a}
-    if rec != "none":
-        rc.flops["recompute"] = nmb * (a if rec == "selective" else g + a)
-        rc.attention_flops["recompute"] = nmb * a
+    if rec != "none":      # the cost model's recompute terms (compute._recompute)
+        sel = rec == "selective"
+        nd = nl - nmoe
+        rc.flops["recompute"] = nmb * float(nd * (c.fl_sel_dense if sel else c.fl_full_dense)[0]
+                                            + nmoe * (c.fl_sel_moe if sel else c.fl_full_moe)[0])
+        # op-level SAC saves the SDPA outputs: core attention is not run again
+        rc.attention_flops["recompute"] = 0.0 if sel and selective == "op" else nmb * a
 
 
 def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first, last) -> None:

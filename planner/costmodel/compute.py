@@ -49,6 +49,14 @@ class LayerCompute(Record):
     logits_f: np.ndarray       # logits + cross entropy forward
     logits_b: np.ndarray       # logits + cross entropy backward
     logits_flops: np.ndarray   # logits GEMM forward FLOPs
+    rc_sel_dense: np.ndarray   # selective recompute of a dense layer (Stack.selective), seconds
+    rc_sel_moe: np.ndarray
+    rc_full_dense: np.ndarray  # full recompute of a dense layer, seconds
+    rc_full_moe: np.ndarray
+    fl_sel_dense: np.ndarray   # and their FLOPs
+    fl_sel_moe: np.ndarray
+    fl_full_dense: np.ndarray
+    fl_full_moe: np.ndarray
 
 
 def gemm_time(cluster: Cluster, stack: Stack, flops, m, n, k, peak):
@@ -177,7 +185,11 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
     # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)
     hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
-    lg_f = g(F.logits_flops(model, T) / tp, T, model.vocab / tp, model.hidden)
+    # the output layer stays in 16 bits under fp8: Megatron's output_layer is a plain
+    # ColumnParallelLinear outside TE's fp8 autocast, torchtitan's Float8 conversion skips it
+    # (filter_fqns = ["output"])
+    peak16 = linear_peak(cluster, np.where(k.precision == Precision.FP8, Precision.BF16, k.precision))
+    lg_f = gemm_time(cluster, stack, F.logits_flops(model, T) / tp, T, model.vocab / tp, model.hidden, peak16)
     ce = 4 * 4.0 * T * model.vocab / tp / hbm * stack.elementwise
     return LayerCompute(*full(
         n, peak[0], core, fl_attn_gemm + F.mlp_flops(model, T) / tp, fl_attn_gemm + fl_moe,
@@ -188,4 +200,29 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
         2 * (t_attn_gemm + t_moe_f) + t_core_b + 2 * t_ew_common + 2 * k_moe,
         t_attn_gemm + t_dense_mlp, t_attn_gemm + t_moe_w,
         2 * 2.0 * T * model.hidden / hbm * 3, lg_f, lg_f + ce / 2, 2 * lg_f + ce / 2,
-        F.logits_flops(model, T) / tp))
+        F.logits_flops(model, T) / tp,
+        *_recompute(model, stack, g, k, core, t_attn_gemm, t_dense_mlp, t_core_f,
+                    t_attn_f + t_dense_mlp + t_ew_dense + k_dense, t_attn_f + t_moe_f + k_moe,
+                    fl_attn_gemm + F.mlp_flops(model, T) / tp, fl_attn_gemm + fl_moe)))
+
+
+def _recompute(model, stack, g, k, core, t_attn_gemm, t_mlp, t_core_f, f_dense, f_moe, fl_dense, fl_moe):
+    """(selective dense, moe, full dense, moe seconds; the same in FLOPs) of one layer's recompute.
+    Megatron: selective re-runs core attention (Korthikanti et al. 2022 sec. 5), full the whole
+    layer (its CheckpointFunction replays the forward). torchtitan: op-level SAC re-runs the
+    unsaved GEMMs and every elementwise op but not SDPA (flops.op_sac_recompute_fraction); full AC
+    is torch.utils.checkpoint non-reentrant, which stops replaying once the saved tensors backward
+    needs exist: a dense layer's last GEMM (w2) is not re-run (Stack.full_recompute_skips_last_gemm)."""
+    if stack.selective == "op":
+        fd, fm = F.op_sac_recompute_fraction(model, False), F.op_sac_recompute_fraction(model, True) \
+            if model.moe else 0.0
+        ew = f_dense - t_attn_gemm - t_mlp - t_core_f
+        sel = (fd * (t_attn_gemm + t_mlp) + ew, f_moe - t_core_f - (1 - fd) * t_attn_gemm,
+               fd * fl_dense, fm * fl_moe)
+    else:
+        sel = (t_core_f, t_core_f, core, core)
+    w2_f = F.mlp_flops(model, k.tokens) / model.mlp_matrices / k.tp
+    w2_t = g(w2_f, k.tokens, model.hidden, model.ffn_hidden / k.tp)
+    skip = stack.full_recompute_skips_last_gemm
+    return (sel[0], sel[1], f_dense - (w2_t if skip else 0.0), f_moe, sel[2], sel[3],
+            fl_dense + core - (w2_f if skip else 0.0), fl_moe + core)

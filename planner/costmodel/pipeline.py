@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import schedules as S
 from ..hardware import Cluster
+from ..layout import SCHEDULES
 from ..stacks import Stack
 from .knobs import StepKnobs
 from .records import Record
@@ -92,16 +93,20 @@ def _picker(k: StepKnobs, stages, shared: bool, vpp):
     return pick, t_slow, bubble
 
 
-def _pp_comm(lt, k: StepKnobs, shared: bool):
-    """PP p2p: fill and drain sit on the critical path; steady-state sends overlap unless
-    --no-overlap pp. On shared processors a send is CPU work of both ends that nothing hides:
-    each micro-batch crosses pp - 1 boundaries both ways, a rank's mean share 2 (pp-1)/pp."""
+def _pp_comm(lt, k: StepKnobs, shared: bool, stack: Stack):
+    """PP p2p: fill and drain sit on the critical path; steady-state sends overlap where the
+    stack's schedule overlaps them (Stack.p2p_overlap_schedules: Megatron only with virtual
+    stages, --overlap-p2p-communication; its plain 1F1B exchanges blocking send/recv pairs) and
+    --no-overlap pp is not given. On shared processors a send is CPU work of both ends that
+    nothing hides: each micro-batch crosses pp - 1 boundaries both ways, a rank's mean share
+    2 (pp-1)/pp."""
     nmb = k.micro_batches
     cross = S.p2p_crossings(k.schedule, k.pp, k.vpp, nmb)
     t = lt.comm.t_p2p
     if shared:
         return 2 * t * cross * nmb * (k.pp - 1) / k.pp
-    return 2 * t * cross * (k.pp - 1) + np.where(k.overlap_pp, 0.0, 2 * t * cross * nmb)
+    ovl = k.overlap_pp & np.isin(k.schedule, [SCHEDULES.index(n) for n in stack.p2p_overlap_schedules])
+    return 2 * t * cross * (k.pp - 1) + np.where(ovl, 0.0, 2 * t * cross * nmb)
 
 
 def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages, detail: bool = True) -> tuple:
@@ -125,11 +130,11 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
     opt_bw = gpu.hbm_bandwidth * (cluster.efficiency.optimizer or cluster.efficiency.hbm)
     t_opt = owned * ADAM_BYTES_PER_PARAM * S.weight_copies(k.schedule) / opt_bw
     if not detail:
-        return (nmb * t_slow + _pp_comm(lt, k, shared) + bubble + dp_exposed - pick(lambda s: s.dp_mb) * nmb
+        return (nmb * t_slow + _pp_comm(lt, k, shared, stack) + bubble + dp_exposed - pick(lambda s: s.dp_mb) * nmb
                 + t_opt + stack.step_overhead_s), None
     tb = TimeBreakdown(
         compute=nmb * pick(lambda s: s.sums.fwd + s.sums.bwd), recompute=nmb * pick(lambda s: s.sums.rc),
         tp_comm=nmb * pick(lambda s: s.sums.tp), cp_comm=nmb * pick(lambda s: s.sums.cp),
-        ep_comm=nmb * pick(lambda s: s.sums.ep), pp_comm=_pp_comm(lt, k, shared), dp_comm=dp_exposed,
+        ep_comm=nmb * pick(lambda s: s.sums.ep), pp_comm=_pp_comm(lt, k, shared, stack), dp_comm=dp_exposed,
         bubble=bubble, optimizer=t_opt, overhead=np.full(k.n, stack.step_overhead_s))
     return tb, pick

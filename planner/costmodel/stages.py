@@ -81,7 +81,7 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
     ep_f = np.where(k.schedule == Schedule.DUALPIPE, 0.0, m.ep_f) if moe else 0.0
     tp1 = ndense * m.tp_dense + nmoe * m.tp_moe
     fwd = ndense * c.f_dense + nmoe * c.f_moe
-    rc = pick([0.0, layers * c.t_core_f, ndense * c.f_dense + nmoe * c.f_moe])
+    rc = pick([0.0, ndense * c.rc_sel_dense + nmoe * c.rc_sel_moe, ndense * c.rc_full_dense + nmoe * c.rc_full_moe])
     ep = tf_ep = 0.0
     if moe:
         ep = nmoe * (ep_f * (2 + rec_comm) + m.ep_meta * (1 + rec_comm))
@@ -91,7 +91,8 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
     fl = fl_rc = 0.0
     if flops:
         flf = ndense * (c.gemm_flops_dense + c.core_flops) + nmoe * (c.gemm_flops_moe + c.core_flops)
-        fl_rc = pick([0.0, layers * c.core_flops, flf])
+        fl_rc = pick([0.0, ndense * c.fl_sel_dense + nmoe * c.fl_sel_moe,
+                      ndense * c.fl_full_dense + nmoe * c.fl_full_moe])
         fl = 3 * flf + (ATTN_BWD_FACTOR - 2) * layers * c.core_flops + fl_rc + _on(last, 3 * c.logits_flops)
     return StageSums(
         fwd=fwd + emb + lg, bwd=ndense * c.b_dense + nmoe * c.b_moe + emb + _on(last, c.logits_b),

@@ -126,7 +126,8 @@ def test_hsdp_shard_group_reduces_dp_traffic_and_costs_memory():
 
 def test_no_overlap_switches_are_honoured():
     m = load_model("llama-3-70b")
-    lay = dict(tp=8, pp=4, dp=8, micro_batch=1, global_batch=256, seq_len=8192, sp=True, zero=1)
+    # interleaved: the schedule whose steady-state sends Megatron overlaps (--overlap-p2p-communication)
+    lay = dict(tp=8, pp=4, vpp=2, dp=8, micro_batch=1, global_batch=256, seq_len=8192, sp=True, zero=1)
     on = evaluate_layout(m, H100, Layout(**lay))
     for k, term in (("overlap_tp", "tp_comm"), ("overlap_dp", "dp_comm"), ("overlap_pp", "pp_comm")):
         off = evaluate_layout(m, H100, Layout(**lay, **{k: False}))
