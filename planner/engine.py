@@ -35,7 +35,8 @@ def evaluate_layout(model: ModelSpec, cluster: Cluster, layout: Layout, stack: S
     stack = stack or STACKS["megatron-core"]
     rules.check_layout(layout, rules.context_for(model, layout, stack, cluster))
     c = layout.to_candidates()
-    return plan_from_eval(evaluate(model, cluster, c, stack, **kw), c, 0, cluster, tokens, price)
+    return plan_from_eval(evaluate(model, cluster, c, stack, **kw), c, 0, cluster, tokens, price, stack.name,
+                          model.moe is not None)
 
 
 TIGHT_RANK = 1e15             # subtracted from a tight layout's score: every layout that fits ranks first
@@ -117,7 +118,8 @@ def _result(q: Query, scan: _Scan, empty_reason, seconds) -> SearchResult:
     """The kept candidates scored again with their breakdowns, as a SearchResult."""
     def plans(cands, tokens):
         ev = evaluate(q.model, q.cluster, cands, q.stack, q.moe_imbalance, q.capacity_factor)
-        return [plan_from_eval(ev, cands, i, q.cluster, tokens, q.price) for i in range(len(cands))]
+        moe = q.model.moe is not None
+        return [plan_from_eval(ev, cands, i, q.cluster, tokens, q.price, q.stack.name, moe) for i in range(len(cands))]
 
     best = []
     if scan.best:

@@ -303,6 +303,18 @@ def _margin(p, stack) -> str:
     return f"fits: {room:.1f} GiB free ({room / p.memory_gib:.0%} of the prediction; the model's uncertainty +-{u:.0%})"
 
 
+def _basis(p) -> str:
+    """What the throughput range rests on (planner/uncertainty.py)."""
+    from .uncertainty import TABLE
+    r, k = p.tokens_per_s_per_gpu_range, p.range_basis
+    if not r or k not in TABLE:
+        return "no cross-validated residuals yet (benchmarks/accuracy.py --cross-validate --write-ranges)"
+    lo, hi, n = TABLE[k]
+    return (f"80% range {r[0]:,.0f}-{r[1]:,.0f} tokens/s per GPU: the 10th-90th percentile of "
+            f"measured/predicted ({lo:+.0%} .. {hi:+.0%} in log terms) over {n} published runs of class '{k}', "
+            f"each predicted by parameters fitted without its own source")
+
+
 def explain_dict(res, model, cluster, stack=None) -> dict:
     """The explanation as plain data (JSON-safe): best layout, its breakdowns and group placement,
     the runners-up with the terms that made them lose, and the one-knob neighbours (infeasible
@@ -326,6 +338,7 @@ def explain_dict(res, model, cluster, stack=None) -> dict:
         "step_time_s": _f(best.step_time_s), "tokens_per_s_per_gpu": _f(best.tokens_per_s_per_gpu, 3),
         "mfu": _f(best.mfu), "memory_gib": _f(best.memory_gib), "hbm_gib": _f(best.hbm_gib),
         "headroom_gib": _f(best.hbm_gib - best.memory_gib), "fit": best.fit, "margin": _margin(best, stack),
+        "tokens_per_s_per_gpu_range": list(best.tokens_per_s_per_gpu_range or ()), "range_basis": _basis(best),
         "time_breakdown": _time_rows(best), "memory_breakdown": _memory_rows(best),
         "placement": placement(L, cluster),
     }
@@ -402,7 +415,7 @@ def explain_text(res, model, cluster, stack=None) -> str:
     if pl:
         lines.append(f"  groups: {pl}")
     lines.append("")
-    lines.append(f"Time per step ({best.step_time_s:.3f} s)")
+    lines.append(f"Time per step ({best.step_time_s:.3f} s); {b['range_basis']}")
     for r in b["time_breakdown"]:
         if not r["seconds"]:
             continue

@@ -43,19 +43,28 @@ def knob_columns(plans) -> list:
     return cols
 
 
+def _range(p) -> str:
+    r = p.tokens_per_s_per_gpu_range
+    if not r or r[0] != r[0]:
+        return "-"
+    return f"{r[0]:,.0f}-{r[1]:,.0f}"
+
+
 def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
     lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}) | seq {res.seq_len}, "
              f"global batch {res.global_batch} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
              f"{res.search_seconds:.2f} s"]
     knobs = knob_columns(res.plans)
-    cols = ["#", "gpus", *(h for h, _ in knobs), "step_s", "tok/s/gpu", "MFU", "mem_GiB", "fit", "where time goes"]
+    cols = ["#", "gpus", *(h for h, _ in knobs), "step_s", "tok/s/gpu", "80% range", "MFU", "mem_GiB", "fit",
+            "where time goes"]
     has_cost = any(p.cost_usd is not None for p in res.plans)
     if has_cost:
         cols[-1:-1] = ["days", "cost_$M"]
     rows = []
     for i, p in enumerate(res.plans, 1):
         r = [str(i), str(p.gpus), *(_knob(getattr(p.layout, f)) for _, f in knobs),
-             f"{p.step_time_s:.3f}", f"{p.tokens_per_s_per_gpu:,.0f}", f"{p.mfu:.1%}", f"{p.memory_gib:.1f}", p.fit]
+             f"{p.step_time_s:.3f}", f"{p.tokens_per_s_per_gpu:,.0f}", _range(p), f"{p.mfu:.1%}", f"{p.memory_gib:.1f}",
+             p.fit]
         if has_cost:
             r += [f"{p.time_to_train_s / 86400:.1f}", f"{p.cost_usd / 1e6:.2f}"]
         r.append(_top_terms(p))

@@ -29,13 +29,20 @@ class Plan:
     hardware_tflops_per_gpu: float | None = None   # incl. recompute and flash-attention backward
     hfu: float | None = None
     fit: str = "yes"           # "yes", or "tight": predicted above HBM by less than the model's uncertainty
+    # 80% range of tokens/s per GPU from cross-validated residuals of published runs like this one
+    # (planner/uncertainty.py), and the class of runs it comes from
+    tokens_per_s_per_gpu_range: tuple | None = None
+    range_basis: str = ""
 
     def to_dict(self) -> dict:
         d = {k: getattr(self.layout, k) for k in LAYOUT_FIELDS}
         d.update(gpus=self.gpus, step_time_s=self.step_time_s, tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
                  mfu=self.mfu, model_tflops_per_gpu=self.model_tflops_per_gpu,
                  hardware_tflops_per_gpu=self.hardware_tflops_per_gpu, hfu=self.hfu, memory_gib=self.memory_gib,
-                 feasible=self.feasible, fit=self.fit, memory_breakdown_gib=dict(self.memory_breakdown_gib),
+                 feasible=self.feasible, fit=self.fit,
+                 tokens_per_s_per_gpu_range=list(self.tokens_per_s_per_gpu_range)
+                 if self.tokens_per_s_per_gpu_range else None, range_basis=self.range_basis,
+                 memory_breakdown_gib=dict(self.memory_breakdown_gib),
                  time_breakdown_s=dict(self.time_breakdown_s))
         if self.time_to_train_s is not None:
             d["time_to_train_s"] = self.time_to_train_s
@@ -86,11 +93,18 @@ class SearchResult:
 
 
 def plan_from_eval(ev: Evaluation, cands: Candidates, i: int, cluster, tokens: float | None = None,
-                   price: float | None = None) -> Plan:
-    """Candidate i of a detailed Evaluation as a Plan (time-to-train and cost when `tokens`)."""
+                   price: float | None = None, stack_name: str | None = None, moe: bool = False) -> Plan:
+    """Candidate i of a detailed Evaluation as a Plan (time-to-train and cost when `tokens`; the
+    80% throughput range when the stack is named)."""
     d = ev.detail
     world = int(ev.gpus[i])
     tps = float(ev.tokens_per_s_per_gpu[i])
+    rng, basis = None, ""
+    if stack_name:
+        from . import uncertainty as U
+        L = cands.layout(i)
+        cls = U.RunClass.of(stack_name, L.precision, U.generation_of(cluster), world, moe)
+        rng, basis = U.range_for(cls, tps)
     ttt = cost = None
     if tokens:
         ttt = tokens / (tps * world)
@@ -103,7 +117,7 @@ def plan_from_eval(ev: Evaluation, cands: Candidates, i: int, cluster, tokens: f
                 memory_breakdown_gib={k: float(getattr(d.memory, k)[i]) / GiB for k in MEMORY_TERMS},
                 hbm_gib=cluster.gpu.hbm_bytes / GiB, time_to_train_s=ttt, cost_usd=cost,
                 hardware_tflops_per_gpu=float(d.hardware_flops_step[i] / step / world / 1e12),
-                hfu=float(d.hfu[i]), fit=_fit(ev, i))
+                hfu=float(d.hfu[i]), fit=_fit(ev, i), tokens_per_s_per_gpu_range=rng, range_basis=basis)
 
 
 def _fit(ev: Evaluation, i: int) -> str:
