@@ -53,44 +53,44 @@ def supported(spec: ModelSpec, layout: Layout):
     from planner import rules
     rules.check_layout(layout, rules.context_for(spec, layout, RUN_STACK))
     if spec.mla is not None:
-        raise PlannerError(f"validate: {spec.name} uses multi-head latent attention, which validate does not "
+        raise PlannerError(f"{spec.name} uses multi-head latent attention, which validate does not "
                            "implement (GQA/MHA models only)")
     if layout.first_stage_layers or layout.last_stage_layers:
-        raise PlannerError("validate: uneven pipeline stages (first/last stage layers) are not implemented")
+        raise PlannerError("uneven pipeline stages (first/last stage layers) are not implemented")
     if spec.layers % (layout.pp * layout.vpp):
-        raise PlannerError(f"validate: the {spec.layers} layers of {spec.name} must split evenly over pp x vpp = "
+        raise PlannerError(f"the {spec.layers} layers of {spec.name} must split evenly over pp x vpp = "
                            f"{layout.pp * layout.vpp} stages")
     if layout.etp != 1:
-        raise PlannerError("validate: --etp other than 1 is not implemented")
+        raise PlannerError("--etp other than 1 is not implemented")
     sp = layout.sp and layout.tp > 1
     if sp and (layout.seq_len // layout.cp) % layout.tp:
         raise PlannerError(f"--sp needs the sequence per CP rank ({layout.seq_len // layout.cp}) "
                            f"divisible by --tp {layout.tp}")
     tp, pp, ep = layout.tp, layout.pp, layout.ep
     if spec.moe is not None and tp > 1:
-        raise PlannerError("validate: MoE layers with --tp > 1 are not implemented; "
+        raise PlannerError("MoE layers with --tp > 1 are not implemented; "
                            "parallelise MoE models with --ep, --dp, --cp and --pp")
     if layout.zero == 3 and (tp > 1 or pp > 1 or ep > 1):
-        raise PlannerError("validate: --zero 3 (FSDP2) is implemented with data and context "
+        raise PlannerError("--zero 3 (FSDP2) is implemented with data and context "
                            "parallelism only (--tp, --pp and --ep must be 1)")
     if layout.cp > 1 and _cuda():
-        raise PlannerError("validate: --cp > 1 runs on CPU ranks only (ring attention uses the CPU "
+        raise PlannerError("--cp > 1 runs on CPU ranks only (ring attention uses the CPU "
                            "flash-attention kernels)")
     if layout.cp_comm != "p2p":
-        raise PlannerError(f"validate: --cp-comm {layout.cp_comm} is not implemented (ring p2p only)")
+        raise PlannerError(f"--cp-comm {layout.cp_comm} is not implemented (ring p2p only)")
     if layout.shard_group not in (0, layout.dp * layout.cp):
-        raise PlannerError("validate: --shard-group (HSDP) is not implemented")
+        raise PlannerError("--shard-group (HSDP) is not implemented")
     if spec.vocab % tp:
-        raise PlannerError(f"validate: --vocab {spec.vocab} must be divisible by --tp {tp} "
+        raise PlannerError(f"--vocab {spec.vocab} must be divisible by --tp {tp} "
                            "(vocab-parallel embedding)")
     if spec.ffn_hidden % tp:
-        raise PlannerError(f"validate: --ffn-hidden {spec.ffn_hidden} must be divisible by --tp {tp}")
+        raise PlannerError(f"--ffn-hidden {spec.ffn_hidden} must be divisible by --tp {tp}")
     nmb = layout.global_batch // (layout.dp * layout.micro_batch)
     if pp > 1 and nmb < pp:
-        raise PlannerError(f"validate: --pp {pp} needs at least {pp} micro-batches per step, got "
+        raise PlannerError(f"--pp {pp} needs at least {pp} micro-batches per step, got "
                            f"{nmb} (global batch / (dp x micro-batch)); raise --global-batch")
     if layout.vpp > 1 and nmb % pp:
-        raise PlannerError(f"validate: the interleaved schedule needs micro-batches ({nmb}) "
+        raise PlannerError(f"the interleaved schedule needs micro-batches ({nmb}) "
                            f"divisible by --pp {pp}")
 
 
@@ -181,6 +181,7 @@ def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardwar
                  reference, notes=()):
     """Under torchrun: this process is one rank; rank 0 returns the report, others None."""
     import torch.distributed as dist
+    from .parallel import set_group_timeout
     from .worker import device_for, run_scenario
     supported(spec, lay)
     world = int(os.environ["WORLD_SIZE"])
@@ -191,6 +192,7 @@ def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardwar
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=timeout))
+    set_group_timeout(timeout)
     cfg = scenario(spec, lay, steps, timed_steps, seed, dtype)
     per_rank = run_scenario(cfg, device)
     rep = None

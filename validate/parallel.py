@@ -94,6 +94,22 @@ _PG_CACHE = {}     # (label, ranks) -> ProcessGroup, shared by the scenarios of 
 _MESH_CACHE = {}   # (name, group name) -> DeviceMesh
 
 
+# dist.new_group's default timeout is the backend's (30 min for gloo and NCCL), not the one
+# init_process_group was given (torch/distributed/distributed_c10d.py _new_group_with_tag), so
+# every group validate makes takes the run's --timeout explicitly
+_GROUP_TIMEOUT = {"value": None}
+
+
+def set_group_timeout(seconds: float) -> None:
+    """The timeout every later new_group() gets (the run's --timeout)."""
+    from datetime import timedelta
+    _GROUP_TIMEOUT["value"] = timedelta(seconds=seconds)
+
+
+def new_group(ranks):
+    """dist.new_group with the run's timeout."""
+    return dist.new_group(ranks, timeout=_GROUP_TIMEOUT["value"])
+
 class Groups:
     """This rank's process groups by label, created in the same order on every rank. Groups are
     kept for the life of the process and reused by later scenarios with the same label and
@@ -106,7 +122,7 @@ class Groups:
             for ranks in lists:
                 key = (label, tuple(ranks))
                 if key not in _PG_CACHE:
-                    _PG_CACHE[key] = dist.new_group(ranks)
+                    _PG_CACHE[key] = new_group(ranks)
                 g = _PG_CACHE[key]
                 if topo.rank in ranks:
                     self.pg[label], self.ranks[label] = g, ranks
@@ -321,11 +337,16 @@ class HandOptimizer:
             self.buckets[ci] = bl
             masters += [b.master for b in bl]
         self.opt = torch.optim.Adam(masters, lr=lr)
+        self.nmb = 1                  # micro-batches per step (the worker sets it)
+        self.seen, self.held, self.deferred = {}, {}, []   # ZeRO 2's tied-embedding bookkeeping
 
-    def _pre_reduce(self, ci):
-        ch = self.chunks[ci]
+    def _tp_reduce(self, cis):
+        """TP-partial gradients (SP norms and biases) of chunks `cis` all-reduced over tp in one
+        coalesced call (finalize_model_grads _allreduce_layernorm_grads gathers every model
+        chunk's); replicated gradients of sharded parameters cut to this rank's shard."""
+        params = [p for ci in cis for p in self.chunks[ci].parameters()]
         tp = self.groups.get("tp")
-        for p in ch.parameters():
+        for p in params:
             g = p.grad
             if (isinstance(g, DTensor) and isinstance(p, DTensor) and not _is_partial(g)
                     and tuple(g.placements) != tuple(p.placements)):
@@ -333,7 +354,7 @@ class HandOptimizer:
                 # rank computes all of it from the replicated tokens): keep this rank's shard
                 p.grad = g.redistribute(p.device_mesh, p.placements)
         if tp is not None:
-            part = [p for p in ch.parameters() if p.grad is not None and _is_partial(p.grad)]
+            part = [p for p in params if p.grad is not None and _is_partial(p.grad)]
             if part:
                 flat = torch.cat([local(p.grad).reshape(-1) for p in part])
                 dist.all_reduce(flat, group=tp)
@@ -342,31 +363,62 @@ class HandOptimizer:
                     lt = local(p.grad)
                     lt.copy_(flat[off:off + lt.numel()].view_as(lt))
                     off += lt.numel()
-        embd = self.groups.get("embd")
-        if embd is not None:
-            for b in self.buckets[ci]:
-                for name, p in b.items:
-                    if name == "embed.weight" and p.grad is not None:
-                        dist.all_reduce(local(p.grad), group=embd)
+    def _tied(self, ci):
+        """The tied embedding weight of chunk ci, if its gradient is summed with another stage's."""
+        if self.groups.get("embd") is None:
+            return None
+        return next((p for b in self.buckets[ci] for name, p in b.items if name == "embed.weight"), None)
+
+    def _tied_reduce(self, ci):
+        """The tied embedding's gradient all-reduced between the first and last stage, once per
+        step after the pipeline drains (megatron/core/distributed/finalize_model_grads.py
+        _allreduce_embedding_grads): per micro-batch it would deadlock, the two stages reaching
+        their backwards at different points of the schedule."""
+        p = self._tied(ci)
+        if p is not None and p.grad is not None:
+            dist.all_reduce(local(p.grad), group=self.groups.get("embd"))
 
     def microbatch_done(self, ci):
-        if self.zero == 2:
-            self._pre_reduce(ci)
-            for b in self.buckets[ci]:
+        """ZeRO 2: reduce-scatter this chunk's gradients after each micro-batch's backward. A tied
+        embedding's gradient is held back (zeros in its place) and summed over micro-batches; the
+        last micro-batch's reduction of its bucket waits for the once-per-step tied all-reduce."""
+        if self.zero != 2:
+            return
+        self._tp_reduce([ci])
+        self.seen[ci] = self.seen.get(ci, 0) + 1
+        p = self._tied(ci)
+        if p is not None and p.grad is not None:
+            g = local(p.grad)
+            self.held[ci] = g.clone() if ci not in self.held else self.held[ci] + g
+            if self.seen[ci] < self.nmb:
+                p.grad = None
+            else:
+                g.copy_(self.held.pop(ci))
+        for b in self.buckets[ci]:
+            if p is not None and self.seen[ci] == self.nmb and any(q is p for _, q in b.items):
+                self.deferred.append((ci, b))
+            else:
                 b.reduce_microbatch()
 
     reduce_hook = True   # None: skip the data-parallel reduction (a planted bug for tests)
 
     def reduce(self):
+        if self.zero != 2 and self.reduce_hook is not None:
+            self._tp_reduce(list(self.buckets))
         for ci, bl in self.buckets.items():
             if self.reduce_hook is None:
                 for b in bl:
                     b.master.grad = b.flat_grads()[b.lo:b.lo + b.shard].clone()
                 continue
-            if self.zero != 2:
-                self._pre_reduce(ci)
+            if self.zero != 2 or any(c == ci for c, _ in self.deferred):
+                self._tied_reduce(ci)
+        for _, b in self.deferred:
+            b.reduce_microbatch()
+        self.deferred, self.seen = [], {}
+        for bl in self.buckets.values():
             for b in bl:
-                b.reduce_step()
+                if self.reduce_hook is not None:
+                    b.reduce_step()
 
     def step(self):
         self.opt.step()

@@ -20,7 +20,7 @@ from . import phases
 from .config import spec_from_dict, torch_dtype
 from .counters import ActivationMeter, CollectiveRecorder, GroupLabeler, PhaseFlopCounter
 from .model import Chunk, Ctx, Init, Rope, cp_positions, cross_entropy_sum
-from .parallel import FSDPOptimizer, Groups, HandOptimizer, Topo, apply_tp, mesh_1d
+from .parallel import FSDPOptimizer, Groups, HandOptimizer, Topo, apply_tp, mesh_1d, set_group_timeout
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -165,6 +165,7 @@ class _Rank:
             for blk in ch.layers.values():
                 self.meter.attach(blk)
         self._data()
+        self.opt.nmb = self.nmb
         self.sched = self._schedule() if pp > 1 else None
         self.is_first, self.is_last = self.chunks[0].first, self.chunks[-1].last
 
@@ -365,6 +366,7 @@ def init_rank(timeout_s: float):
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    set_group_timeout(timeout_s)
     return device
 
 

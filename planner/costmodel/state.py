@@ -123,7 +123,7 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     'PyTorch FSDP' sec. 3; torch fully_shard). HSDP adds an all-reduce of the shard across
     replicas (sec. 3.2.2). Sequence-parallel norm gradients are all-reduced over TP (Megatron
     finalize_model_grads _allreduce_layernorm_grads); a tied embedding's two copies over the first
-    and last rank (_allreduce_embedding_grads). Routed experts reduce over the expert group."""
+    and last rank once per step after the pipeline drains, ZeRO-2 included (_allreduce_embedding_grads). Routed experts reduce over the expert group."""
     pd, pe, gr, pg = prm.dense, prm.expert, eb.grad_reduce, eb.param_gather
     bd = _buckets(pd, k.vpp, g.dpcp)
     be = np.maximum(_buckets(pe, k.vpp, g.dpcp), 1.0)
@@ -131,10 +131,13 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     experts = (pe > 0) * nmoe
     masks = {}
     step, mb_f, mb_b = (_Flows(k.zero, k.zero_values, masks) for _ in range(3))
-    for where, stages in ((step, (0, 1, 3)), (mb_b, (2,))):       # once per reduction event
-        where.add(stages, k.sp, "tp", "all_reduce", 1.0, lambda: prm.norms * gr, "tp_ar")
-        where.add(stages, (first | last) * (k.pp > 1) * bool(model.tied_embeddings), "embd", "all_reduce", 1.0,
-                  lambda: model.embedding_params() / k.tp * gr, "embd_ar")
+    # SP norm gradients: one coalesced call per step over every model chunk; under ZeRO-2 each
+    # chunk's after each of its micro-batch backwards
+    step.add((0, 1, 3), k.sp, "tp", "all_reduce", 1.0, lambda: prm.norms * gr, "tp_ar")
+    mb_b.add((2,), k.sp, "tp", "all_reduce", k.vpp, lambda: prm.norms * gr / k.vpp, "tp_ar")
+    # once per step under every stage, after the pipeline drains (finalize_model_grads)
+    step.add((0, 1, 2, 3), (first | last) * (k.pp > 1) * bool(model.tied_embeddings), "embd", "all_reduce", 1.0,
+             lambda: model.embedding_params() / k.tp * gr, "embd_ar")
     step.add((0,), g.dpcp > 1, "dp", "all_reduce", bd, lambda: pd * gr / bd, "dense_ar")
     step.add((0,), (g.eshard > 1) * (pe > 0), "edp", "all_reduce", be, lambda: pe * gr / be, "exp_ar")
     for where, stages in ((step, (1,)), (mb_b, (2,))):

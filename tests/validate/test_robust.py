@@ -150,3 +150,46 @@ def test_spawned_world_size_mismatch_refused_before_rendezvous(tmp_path):
     assert p.returncode == 2
     assert "3 ranks were started but scenario 0's layout needs tp*pp*dp*cp = 2" in p.stderr
     assert time.perf_counter() - t0 < 30
+
+
+HANG_IN_SUBGROUP = """
+import os, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from validate.parallel import new_group, set_group_timeout
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+set_group_timeout(3)
+g = new_group([0, 1])
+if int(os.environ["RANK"]) == 1:
+    time.sleep(25)          # a stalled peer
+try:
+    dist.all_reduce(torch.ones(4), group=g)
+    print("completed")
+except Exception as e:
+    print("error", type(e).__name__, str(e).splitlines()[0][:200])
+"""
+
+
+def test_groups_honour_the_run_timeout_not_torchs_default(tmp_path):
+    """validate's groups (parallel.new_group) take the run's --timeout: dist.new_group's default
+    is the backend's 30 minutes, so under torchrun a stalled peer in a TP/DP/PP group hung the run
+    instead of ending it. Rank 0's collective must fail on the 3 s timeout, not complete when the
+    stalled rank wakes after 25 s."""
+    import socket
+    script = tmp_path / "hang_in_subgroup.py"
+    script.write_text(HANG_IN_SUBGROUP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(ROOT)}
+    peer = subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        r0 = subprocess.run([sys.executable, str(script)], env={**env, "RANK": "0"}, capture_output=True, text=True,
+                            timeout=120)
+    finally:
+        peer.kill()
+        peer.wait()
+    assert r0.stdout.startswith("error"), (r0.stdout, r0.stderr[-1500:])
+    assert "Timed out" in r0.stdout or "timeout" in r0.stdout.lower()

@@ -390,14 +390,14 @@ class Rank:
     def _group(self, level, size, stride):
         key = (size, stride)
         if key not in self.groups:
-            dist = self.dist
+            from ..parallel import new_group
             mine = None
             if stride == 1:
                 lists = [list(range(i, i + size)) for i in range(0, self.world, size)]
             else:
                 lists = [list(range(i, self.world, stride)) for i in range(stride)]
             for ranks in lists:      # every rank creates every group, in the same order
-                g = dist.new_group(ranks)
+                g = new_group(ranks)
                 if self.rank in ranks:
                     mine = (g, ranks)
             self.groups[key] = mine
