@@ -138,11 +138,15 @@ def model_state_bytes(params, dp_shard, zero, grad_bytes=4, weight_bytes=2, opti
     mixed-precision Adam keeps fp16/bf16 weights (2), gradients (2 in the paper; Megatron keeps
     fp32 main grads, 4) and K=12 bytes of fp32 master weight, momentum and variance. ZeRO-1
     shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights over
-    the dp_shard ranks."""
+    the dp_shard ranks. ZeRO-1/2 shards are equal slices of the flat buffer padded to a multiple
+    of the group (Megatron-Core param_and_grad_buffer.py; validate/parallel.py Bucket); FSDP2
+    (ZeRO-3) shards each parameter's first dimension (torch.chunk), unpadded on average."""
     zero = np.asarray(zero)
+    g_ = np.maximum(dp_shard, 1)
+    flat = np.where((zero == 1) | (zero == 2), np.ceil(params / g_) * g_, params)
     w = params * weight_bytes / np.where(zero >= 3, dp_shard, 1)
-    g = params * grad_bytes / np.where(zero >= 2, dp_shard, 1)
-    o = params * optimizer_bytes / np.where(zero >= 1, dp_shard, 1)
+    g = np.where(zero >= 3, params, flat) * grad_bytes / np.where(zero >= 2, dp_shard, 1)
+    o = np.where(zero >= 3, params, flat) * optimizer_bytes / np.where(zero >= 1, dp_shard, 1)
     return w, g, o
 
 

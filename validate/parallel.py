@@ -246,6 +246,7 @@ class Bucket:
 
     def _reduce(self):
         flat = self.flat_grads()
+        self.grad_buffer_bytes = flat.numel() * flat.element_size()   # what the reduction read
         if self.zero == 0:
             if self.G > 1:
                 dist.all_reduce(flat, group=self.group)
@@ -301,12 +302,14 @@ class Bucket:
         st = opt.state.get(self.master, {})
         o = sum(v.numel() * v.element_size() for k, v in st.items()
                 if isinstance(v, torch.Tensor) and v.dim() > 0)
-        grads = (self.shard * e if self.zero == 2 else
-                 sum(local(p).numel() for _, p in self.items) * e)
+        # read from the tensors: ZeRO-2's reduced shard, else the flat (padded under ZeRO-1)
+        # gradient buffer the step reduced (Megatron-Core's grad buffer, param_and_grad_buffer.py)
+        grads = (self.acc.numel() * self.acc.element_size() if self.zero == 2 else
+                 getattr(self, "grad_buffer_bytes", self.Np * e))
         return dict(weights=sum(local(p).numel() * local(p).element_size() for _, p in self.items),
                     gradients=grads,
                     optimizer=o + self.master.numel() * e,   # master copy + Adam moments
-                    pad_bytes=(self.Np - self.N) // self.G * e if self.zero >= 1 else 0)
+                    pad_bytes=0)   # the padded shard is predicted exactly (memory.model_state_bytes)
 
 
 class HandOptimizer:
