@@ -135,7 +135,7 @@ def gen_argv(rng) -> list:
     return argv
 
 
-@fuzz_settings(2500)
+@fuzz_settings(1200)
 @given(seeds)
 def _fuzz_cli(seed):
     _count("cli")
@@ -275,7 +275,7 @@ def predict(model, cluster, layout):
         return evaluate(model, cluster, layout.to_candidates())
 
 
-@fuzz_settings(2000)
+@fuzz_settings(1000)
 @given(seeds)
 def _fuzz_native_dicts(seed):
     _count("native")
@@ -285,7 +285,7 @@ def _fuzz_native_dicts(seed):
     _load_text(text, suffix)
 
 
-@fuzz_settings(1000)
+@fuzz_settings(500)
 @given(seeds)
 def _fuzz_native_bytes(seed):
     """Random bytes, random text, and valid model text cut short or with bytes flipped."""
@@ -332,7 +332,7 @@ def gen_hf(rng) -> dict:
     return d
 
 
-@fuzz_settings(3000)
+@fuzz_settings(1500)
 @given(seeds)
 def _fuzz_hf(seed):
     _count("hf")
@@ -389,7 +389,7 @@ def gen_profile(rng) -> dict:
     return d
 
 
-@fuzz_settings(2500)
+@fuzz_settings(1200)
 @given(seeds)
 def _fuzz_profile(seed):
     _count("hardware")
