@@ -163,6 +163,9 @@ def _llama_like(c: _Cfg, *, mlp: str | None = None, head_dim: bool = True) -> di
         "bias": bool(c.get("attention_bias", default=False)) and bool(c.get("mlp_bias", default=False)),
         "seq_len": _context(c, "max_position_embeddings"),
     }
+    theta = c.get("rope_theta")
+    if theta is not None:
+        d["rope_theta"] = theta      # checked by ModelSpec (a positive number)
     if head_dim:
         hd = c.int("head_dim", required=False)
         if hd is not None:

@@ -38,6 +38,7 @@ _TOP_KEYS: dict[str, tuple[type, bool]] = {
     "seq_len": (int, False),
     "sliding_window": (int, False),
     "sliding_window_layers": (int, False),
+    "rope_theta": (float, False),
     "source": (str, False),
     "moe": (dict, False),
     "mla": (dict, False),
@@ -57,7 +58,7 @@ _MLA_KEYS: dict[str, tuple[type, bool]] = {
     "qk_rope_head_dim": (int, True),
     "v_head_dim": (int, True),
 }
-_TYPE_WORD = {int: "an integer", bool: "true or false", str: "a string", dict: "a table"}
+_TYPE_WORD = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a table"}
 
 
 # ---- catalog ------------------------------------------------------------------------------
@@ -246,6 +247,9 @@ def _check_keys(d: dict, schema: dict[str, tuple[type, bool]], origin: str, tabl
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             ok = isinstance(v, int) and not isinstance(v, bool)
+        elif want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            v = float(v) if ok else v
         else:
             ok = isinstance(v, want)
         if not ok:
@@ -298,6 +302,8 @@ def model_to_dict(m: ModelSpec) -> dict:
             d[k] = getattr(m, k)
     if m.sliding_window is not None and m.sliding_window_layers != m.layers:
         d["sliding_window_layers"] = m.sliding_window_layers
+    if m.rope_theta is not None:
+        d["rope_theta"] = m.rope_theta
     if m.source:
         d["source"] = m.source
     if m.moe:

@@ -100,6 +100,9 @@ class ModelSpec:
     # sliding and full layers). Changes attention-score FLOPs only, not parameters.
     sliding_window: int | None = None
     sliding_window_layers: int | None = None
+    # RoPE base frequency (HF config rope_theta); None: not stated (Megatron's default is 10000).
+    # Exported, not costed.
+    rope_theta: float | None = None
 
     def __post_init__(self):
         o = f"model '{self.name}'"
@@ -134,6 +137,9 @@ class ModelSpec:
                 raise PlannerError(
                     f"{o}: sliding_window_layers ({n}) exceeds layers ({self.layers})")
             object.__setattr__(self, "sliding_window_layers", n)
+        if self.rope_theta is not None and (isinstance(self.rope_theta, bool) or not isinstance(
+                self.rope_theta, (int, float)) or not 0 < self.rope_theta < float("inf")):
+            raise PlannerError(f"{o}: rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.moe is not None and self.moe.dense_layers > self.layers:
             raise PlannerError(
                 f"{o}: moe.dense_layers ({self.moe.dense_layers}) exceeds layers ({self.layers})")
