@@ -173,6 +173,16 @@ RULES: tuple = (
          lambda v, x: f"--etp {v['etp']} does not divide the expert FFN width {x.model.moe.expert_ffn_hidden} "
                       f"of {x.model.name}",
          "Megatron-Core TEGroupedMLP / ColumnParallelLinear: output size divisible by the TP size"),
+    Rule("etp_bias", ("etp",), lambda c, x: (x.model.moe is None) | (not x.model.bias) | (c.etp == 1)
+         | (x.stack.name != "megatron-core"),
+         lambda v, x: f"--etp {v['etp']}: {x.model.name} has linear biases, with which Megatron-Core shards "
+                      f"experts only with --etp 1",
+         "Megatron-Core transformer_config.py __post_init__: MoE with add_bias_linear requires "
+         "expert_tensor_parallel_size 1"),
+    Rule("stack_etp", ("etp",), lambda c, x: (c.etp == 1) | np.asarray(x.stack.expert_tp),
+         lambda v, x: f"--etp {v['etp']}: {x.stack.name} has no expert tensor parallelism; it runs --etp 1"
+                      f"{_who_runs('expert_tp', True)}",
+         "torchtitan 0.3 config/configs.py ParallelismConfig: no expert_tensor_parallel_degree"),
     *(_degree_divides(k) for k in ("ep", "etp")),
     Rule("ep_etp_gpus", ("ep", "etp"), lambda c, x: (x.gpus is None) | (x.gpus % (c.ep * c.etp) == 0),
          lambda v, x: f"--ep {v['ep']} x --etp {v['etp']} = {v['ep'] * v['etp']} does not divide --gpus {x.gpus} "
@@ -252,6 +262,11 @@ RULES: tuple = (
     Rule("shard_group_zero", ("shard_group", "zero"), lambda c, x: (c.shard_group == 0) | (c.zero >= 1),
          lambda v, x: "--shard-group needs --zero 1, 2 or 3 (it is the ZeRO/FSDP shard group size)",
          "a shard group shards something: optimizer states (ZeRO-1) and more"),
+    Rule("stack_hsdp", ("shard_group",),
+         lambda c, x: (c.shard_group == 0) | np.asarray(x.stack.hybrid_shard),
+         lambda v, x: f"{x.stack.name} has no hybrid sharding (--shard-group); drop it to shard over every "
+                      f"data-parallel rank, or choose a stack that has it{_who_runs('hybrid_shard', True)}",
+         "DeepSpeed runtime/config.py _reject_removed_config_keys: mics_shard_size removed in 0.19.7"),
     Rule("stack_schedule", ("schedule",), _stack_allows("schedules", lambda s: Schedule.of(s)),
          lambda v, x: f"--schedule {Schedule(v['schedule']).label} is not run by {x.stack.name}; "
                       f"it runs {', '.join(x.stack.schedules)}{_who_runs('schedules', Schedule(v['schedule']).label)}",
@@ -268,6 +283,10 @@ RULES: tuple = (
          lambda v, x: f"{x.stack.name} does not combine --zero {v['zero']} with pipeline parallelism "
                       f"(at most ZeRO-{x.stack.max_zero_with_pp} with --pp > 1)",
          "DeepSpeed runtime/pipe/engine.py: 'ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism'"),
+    Rule("stack_cp_pp", ("cp", "pp"), lambda c, x: (c.cp == 1) | (c.pp == 1) | np.asarray(x.stack.cp_with_pp),
+         lambda v, x: f"{x.stack.name} does not combine context parallelism (--cp {v['cp']}) with pipeline "
+                      f"parallelism (--pp {v['pp']})",
+         "DeepSpeed runtime/pipe/topology.py: PipeModelDataParallelTopology has pipe, data and model axes only"),
     Rule("stack_replicate_1d", ("zero", "tp", "pp", "cp"),
          lambda c, x: ~np.asarray(x.stack.replicate_only_1d) | (c.zero != 0) | ((c.tp == 1) & (c.pp == 1) & (c.cp == 1)),
          lambda v, x: f"{x.stack.name} runs plain data parallelism (--zero 0) only without TP, PP or CP",
@@ -308,7 +327,8 @@ def _stage_message(v, x) -> str:
 
 
 def _who_runs(attr, value) -> str:
-    names = [s.name for s in STACKS.values() if value in getattr(s, attr)]
+    names = [s.name for s in STACKS.values()
+             if (value in getattr(s, attr) if isinstance(getattr(s, attr), tuple) else getattr(s, attr) == value)]
     return f" ({', '.join(names)} {'runs' if len(names) == 1 else 'run'} it: --stack)" if names else ""
 
 

@@ -54,6 +54,16 @@ class Stack:
     cp_comms: tuple = ("p2p", "allgather", "a2a")
     max_zero_with_pp: int = 3
     replicate_only_1d: bool = False
+    # hybrid sharding (--shard-group below dp x cp): Megatron --num-distributed-optimizer-instances,
+    # torchtitan data_parallel_replicate_degree; DeepSpeed 0.19 has none (MiCS removed in 0.19.7)
+    hybrid_shard: bool = True
+    # context parallelism together with pipeline parallelism: DeepSpeed's pipeline grid has pipe,
+    # data and model axes only (runtime/pipe/topology.py PipeModelDataParallelTopology), so
+    # Ulysses sequence parallelism does not combine with PipelineModule
+    cp_with_pp: bool = True
+    # expert tensor parallelism (--etp > 1): Megatron-Core --expert-tensor-parallel-size; torchtitan
+    # 0.3 has none (expert_tensor_parallel_degree removed; EP borrows from dp_shard x cp x tp)
+    expert_tp: bool = True
     # how layers may be split over pipeline ranks: "layout" = any split, every virtual stage chosen
     # (Megatron-Core --pipeline-model-parallel-layout; torchtitan module_fqns_per_model_part);
     # "even" = the same number of layers on every virtual stage only (Megatron-LM of 2021)
@@ -130,6 +140,7 @@ STACKS = {
         "no TP overlap, grads all-reduced in fp32)",
         tp_overlap=False, ep_overlap=False, flash_attention=False, schedules=("1f1b", "interleaved"), zero_stages=(0,),
         cp_comms=(), stage_split="even",     # 2021: --num-layers divisible by pp (x vpp), no uneven stages
+        hybrid_shard=False,                  # no distributed optimizer in 2021
         source="Narayanan et al. 2021 sec. 5; Korthikanti et al. 2022 sec. 6"),
     "torchtitan": Stack(
         "torchtitan",
@@ -144,6 +155,7 @@ STACKS = {
         grads_persist=False, loss_bytes_per_logit=12.0, loss_parallel_bytes_per_logit=16.0,
         gated_mlp_tensors=4, selective="op", tp_embedding_grad_bytes=2.0, fsdp_reduce_bytes=6.0,
         full_recompute_skips_last_gemm=True, p2p_overlap_schedules=("1f1b", "interleaved", "zbv"),
+        expert_tp=False,
         fp8_weight_cache_bytes=0.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
         # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
         # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.5%, 18.4% without)
@@ -162,6 +174,8 @@ STACKS = {
         schedules=("1f1b",),             # runtime/pipe/schedule.py TrainSchedule (1F1B)
         cp_comms=("a2a",),               # DeepSpeed-Ulysses sequence parallelism
         max_zero_with_pp=1,              # runtime/pipe/engine.py: ZeRO-2/3 incompatible with PP
+        hybrid_shard=False,              # runtime/config.py: mics_shard_size rejected since 0.19.7
+        cp_with_pp=False,                # no sequence axis in the pipeline grid
         zero3_max_live_params=1e9,       # docs: zero config stage3_max_live_parameters default
         pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),

@@ -58,6 +58,12 @@ TABLE = [
     (LLAMA8, L(pp=2, dp=4, zero=2), "deepspeed", "stack_zero_pp", "does not combine --zero 2 with pipeline"),
     (LLAMA8, L(dp=8, zero=1), "torchtitan", "stack_zero", "--zero 1 is not run by torchtitan"),
     (LLAMA8, L(cp=2, cp_comm="a2a", dp=4), "torchtitan", "stack_cp_comm", "--cp-comm a2a is not run"),
+    # what each export target cannot run (issue 15)
+    (LLAMA8, L(dp=8, zero=3, shard_group=4), "deepspeed", "stack_hsdp", "no hybrid sharding"),
+    (LLAMA8, L(cp=2, pp=2, dp=2, zero=1, cp_comm="a2a"), "deepspeed", "stack_cp_pp",
+     "does not combine context parallelism"),
+    (MIXTRAL, L(tp=2, ep=2, etp=2, dp=2, zero=3), "torchtitan", "stack_etp", "no expert tensor parallelism"),
+    (load_model("gpt-oss-120b"), L(tp=2, ep=4, etp=2, dp=4), "megatron-core", "etp_bias", "linear biases"),
 ]
 
 
