@@ -135,7 +135,7 @@ def run(argv) -> int:
     from . import report
     if a.emit:
         from .export import emit
-        text, launch = emit(res.best, model, a.emit, cluster=cluster)
+        text, launch = emit(res.best, model, a.emit, cluster=cluster, out=a.out)
         if a.out:
             from .atomic import atomic_write_text
             atomic_write_text(a.out, text)

@@ -1,21 +1,20 @@
-"""Write a plan as a ready-to-run configuration for Megatron-LM, torchtitan or DeepSpeed, plus a
-torchrun / Slurm launch line for its GPU count.
+"""Write a plan as a ready-to-run configuration for Megatron-LM (at MEGATRON_COMMIT), torchtitan 0.3
+or DeepSpeed 0.19, plus a torchrun / Slurm launch line for its GPU count.
 
     emit(plan, model, fmt, cluster=None) -> (text, launch_line)      fmt: megatron|torchtitan|deepspeed
 
 Flag and key names are those of the projects' own sources, checked by hand:
 
-* Megatron-LM: ``megatron/training/arguments.py`` of NVIDIA/Megatron-LM (commit 000c4ac24f61,
-  2025; every flag in MEGATRON_FLAGS below is an ``add_argument`` there) and the Megatron-FSDP
-  user guide (docs/discussions/megatron-fsdp-user-guide) for the flags ZeRO-2/3 need.
-* torchtitan: ``torchtitan/config/job_config.py`` of pytorch/torchtitan (commits 000204a4 and
-  6404b932, the TOML-configured releases): [job], [model], [training], [parallelism],
-  [activation_checkpoint], [float8]; ``expert_tensor_parallel_degree`` from the repository's
-  deepseek_v3_671b.toml; schedule names from torch.distributed.pipelining get_schedule_class.
-* DeepSpeed: ``deepspeed/runtime/config.py`` (train_batch_size, train_micro_batch_size_per_gpu,
-  gradient_accumulation_steps, bf16/fp16, pipeline) and ``deepspeed/runtime/zero/config.py``
-  (zero_optimization keys) of microsoft/DeepSpeed; activation_checkpointing keys from
-  deepspeed/runtime/activation_checkpointing/config.py.
+* Megatron-LM: ``megatron/training/arguments.py`` of NVIDIA/Megatron-LM at MEGATRON_COMMIT (every
+  flag in MEGATRON_FLAGS below is in the parser ``add_megatron_arguments`` builds there, literal or
+  generated from TransformerConfig fields) and the Megatron-FSDP user guide
+  (docs/discussions/megatron-fsdp-user-guide) for the flags ZeRO-2/3 need.
+* torchtitan 0.3.0: a Python configuration module (planner/export_torchtitan.py).
+* DeepSpeed 0.19.8: ``deepspeed/runtime/config.py`` (train_batch_size, train_micro_batch_size_per_gpu,
+  gradient_accumulation_steps, bf16/fp16, sequence_parallel_size, pipeline) and
+  ``deepspeed/runtime/zero/config.py`` (zero_optimization keys); activation_checkpointing keys from
+  deepspeed/runtime/activation_checkpointing/config.py; checked in tests/frameworks with
+  DeepSpeedConfig itself.
 * torchrun: --nnodes, --nproc-per-node, --rdzv-id, --rdzv-backend, --rdzv-endpoint, --standalone
   (PyTorch docs, torchrun (Elastic Launch)).
 
@@ -31,18 +30,23 @@ import shlex
 
 from .errors import PlannerError
 from .launchline import gpus_per_node, launch_line, node_layout  # noqa: F401 (export's API)
+from .uncertainty import generation_of
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
 
+# The Megatron-LM source the flags and rules are checked against (main, 2026-08-22; megatron-core
+# 0.20.0 inside); the emitted script names it.
+MEGATRON_COMMIT = "d98e8a64ddf34856e74b24714e3bedb2f5a39553"
 # Megatron-LM pretrain_gpt.py flags this module can emit: name -> kind ("int", "float", "str",
-# "flag" for store_true/store_false, "list" for nargs='+'). Every name verified in
-# megatron/training/arguments.py (NVIDIA/Megatron-LM @ 000c4ac24f61).
+# "flag" for store_true/store_false, "list" for nargs='+'). Every name verified in the parser of
+# megatron/training/arguments.py at MEGATRON_COMMIT (A.add_megatron_arguments).
 MEGATRON_FLAGS = {
     # distributed (_add_distributed_args)
     "--tensor-model-parallel-size": "int", "--pipeline-model-parallel-size": "int",
     "--context-parallel-size": "int", "--cp-comm-type": "list",
     "--num-layers-per-virtual-pipeline-stage": "int", "--num-virtual-stages-per-pipeline-rank": "int",
     "--decoder-first-pipeline-num-layers": "int", "--decoder-last-pipeline-num-layers": "int",
+    "--pipeline-model-parallel-layout": "str",
     "--use-distributed-optimizer": "flag", "--num-distributed-optimizer-instances": "int",
     "--overlap-grad-reduce": "flag", "--overlap-param-gather": "flag",
     "--no-overlap-p2p-communication": "flag",
@@ -63,6 +67,7 @@ MEGATRON_FLAGS = {
     "--num-layers": "int", "--hidden-size": "int", "--ffn-hidden-size": "int", "--num-attention-heads": "int",
     "--kv-channels": "int", "--group-query-attention": "flag", "--num-query-groups": "int",
     "--max-position-embeddings": "int", "--position-embedding-type": "str", "--normalization": "str",
+    "--rotary-base": "int",
     "--swiglu": "flag", "--squared-relu": "flag", "--quick-geglu": "flag",
     "--untie-embeddings-and-output-weights": "flag",
     # regularization / learning rate
@@ -75,14 +80,6 @@ MEGATRON_FLAGS = {
     # mixed precision / transformer engine
     "--bf16": "flag", "--fp16": "flag", "--fp8-format": "str",
 }
-
-# torchtitan pipeline schedule names (torch.distributed.pipelining.schedules.get_schedule_class)
-TORCHTITAN_SCHEDULE = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-h1": "InterleavedZeroBubble",
-                       "zbv": "ZBVZeroBubble", "dualpipe": "DualPipeV"}
-# torchtitan model names and flavors for the catalog models it ships (models/<name>/train_configs)
-TORCHTITAN_MODEL = {"llama-3-8b": ("llama3", "8B"), "llama-3-70b": ("llama3", "70B"),
-                    "llama-3.1-405b": ("llama3", "405B"), "deepseek-v3": ("deepseek_v3", "671B")}
-
 
 # ----------------------------------------------------------------------------------- megatron
 
@@ -99,6 +96,37 @@ def uneven_split(L, model) -> bool:
         return False
     even = model.layers // L.pp if model.layers % L.pp == 0 else None
     return not (even and L.first_stage_layers in (0, even) and L.last_stage_layers in (0, even))
+
+
+def _rank_layers(L, model) -> list:
+    """Layers on each pipeline rank (rules.stage_layers: given first/last, the rest even)."""
+    from .rules import stage_layers
+    first, mid, last = (int(x) for x in stage_layers(model.layers, L.pp, L.first_stage_layers,
+                                                      L.last_stage_layers))
+    return [first] + [mid] * (L.pp - 2) + [last] if L.pp > 1 else [first]
+
+
+def pipeline_layout(L, model) -> str | None:
+    """Megatron's --pipeline-model-parallel-layout for a virtual-stage split its other flags cannot
+    state (a rank's layers not divisible by vpp: transformer_config.py requires first/last stage
+    layers % vpp == 0 and layers per middle rank % vpp == 0), else None. Virtual stage
+    v*pp + r holds rank r's v-th chunk; E (embedding) opens the first, L (loss) closes the last
+    (transformer_config.py validate_layer_layout). A rank's layers spread over its chunks as
+    evenly as possible, the chunk holding E or L taking the smaller share."""
+    if L.pp == 1 or L.vpp == 1:
+        return None
+    per = _rank_layers(L, model)
+    if all(n % L.vpp == 0 for n in per) and len(set(per[1:-1] or [0])) <= 1 and not uneven_split(L, model):
+        return None
+    stages = []
+    for v in range(L.vpp):
+        for r, n in enumerate(per):
+            sizes = [n // L.vpp + (1 if i < n % L.vpp else 0) for i in range(L.vpp)]
+            if r == 0:
+                sizes = sizes[::-1]          # E's chunk takes the smaller share
+            seg = ("E" if (v, r) == (0, 0) else "") + "t" * sizes[v]
+            stages.append(seg + ("L" if (v, r) == (L.vpp - 1, L.pp - 1) else ""))
+    return "|".join(stages)
 
 
 class _Args(list):
@@ -132,12 +160,15 @@ def _megatron_parallel(a: _Args, L, model) -> None:
         if L.overlap_tp:
             add("--tp-comm-overlap")
     uneven = uneven_split(L, model)
-    if L.pp > 1 and uneven:
+    layout = pipeline_layout(L, model)
+    if layout is not None:
+        add("--pipeline-model-parallel-layout", layout)
+    elif L.pp > 1 and uneven:
         if L.first_stage_layers:
             add("--decoder-first-pipeline-num-layers", L.first_stage_layers)
         if L.last_stage_layers:
             add("--decoder-last-pipeline-num-layers", L.last_stage_layers)
-    if L.vpp > 1:
+    if L.vpp > 1 and layout is None:
         # Megatron accepts the layers-per-chunk form only for an even split (validate_args)
         if uneven:
             add("--num-virtual-stages-per-pipeline-rank", L.vpp)
@@ -151,14 +182,17 @@ def _megatron_parallel(a: _Args, L, model) -> None:
     # data parallel sharding: ZeRO-1 = distributed optimizer; ZeRO-2/3 = Megatron-FSDP
     if L.zero == 1:
         add("--use-distributed-optimizer")
-        if L.shard_group and L.shard_group < L.dp * L.cp:
-            add("--num-distributed-optimizer-instances", (L.dp * L.cp) // L.shard_group)
     elif L.zero in (2, 3):
         add("--use-megatron-fsdp")
         add("--data-parallel-sharding-strategy", "optim_grads" if L.zero == 2 else "optim_grads_params")
         add("--no-gradient-accumulation-fusion")
         add("--use-distributed-optimizer")
         add("--ckpt-format", "fsdp_dtensor")
+    # HSDP: shards within a group, replicas across (distributed optimizer copies; Megatron-FSDP
+    # enables HSDP when instances > 1, core/distributed/fsdp/mcore_fsdp_adapter.py); instances
+    # must divide dp x cp (core/parallel_state.py initialize_model_parallel)
+    if L.zero >= 1 and L.shard_group and L.shard_group < L.dp * L.cp:
+        add("--num-distributed-optimizer-instances", (L.dp * L.cp) // L.shard_group)
     if L.overlap_dp and L.dp * L.cp > 1:
         add("--overlap-grad-reduce")
         if L.zero >= 1:
@@ -217,10 +251,19 @@ def _megatron_model(a: _Args, L, model) -> None:
             add("--moe-layer-freq", freq)
         add("--moe-token-dispatcher-type", "alltoall")
         add("--moe-grouped-gemm")
-    if not model.bias:   # Llama-style family: RMSNorm, RoPE, no linear biases
+    if not model.bias:
+        add("--disable-bias-linear")
+    # Llama-style families (and gpt-oss, which keeps biases): RMSNorm and RoPE; GPT-3 style:
+    # LayerNorm and learned positions (Megatron's defaults)
+    if not model.bias or model.rope_theta is not None:
         add("--normalization", "RMSNorm")
         add("--position-embedding-type", "rope")
-        add("--disable-bias-linear")
+        if model.rope_theta is not None:
+            # an int in Megatron's parser (arguments.py --rotary-base type=int; '1e6' is rejected)
+            if float(model.rope_theta) != int(model.rope_theta):
+                raise PlannerError(f"{model.name}: rope_theta {model.rope_theta:g} is not an integer, which "
+                                   f"Megatron-LM's --rotary-base (type int) cannot express")
+            add("--rotary-base", int(model.rope_theta))
     if not model.tied_embeddings:
         add("--untie-embeddings-and-output-weights")
     if not model.dropout:
@@ -259,20 +302,36 @@ def _predicted(plan) -> str:
             f"MFU {plan.mfu:.1%}, {plan.memory_gib:.1f} of {plan.hbm_gib:.1f} GiB per GPU")
 
 
-def _megatron(plan, model, cluster):
+def _megatron_unexpressed(model) -> list:
+    """Comment lines for what the model has that these flags do not set."""
+    out = []
+    if not model.bias and model.rope_theta is None:
+        out.append("# RoPE base not stated in the model file: Megatron's default --rotary-base 10000 applies.")
+    if model.mla is not None and model.moe is not None:
+        out.append("# Not set here (the model file does not say): router score function, expert bias, "
+                   "group-limited routing, multi-token prediction (--moe-router-score-function, "
+                   "--moe-router-enable-expert-bias, --moe-router-num-groups/--moe-router-group-topk, "
+                   "--mtp-num-layers); throughput is planned without MTP.")
+    return out
+
+
+def _megatron(plan, model, cluster, out=None):
     L = plan.layout
     args = megatron_args(plan, model)
     body = []
     for flag, v in args:
         body.append(f"    {flag}" if v is None else f"    {flag} {shlex.quote(str(v))}")
     env = []
-    if (L.tp > 1 or L.cp > 1) and L.zero < 2:
-        env.append("export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron requires it with TP/CP > 1 before "
-                   "Blackwell (arguments.py)")
+    blackwell = cluster is not None and generation_of(cluster) == "blackwell"
+    if (L.tp > 1 or L.cp > 1) and L.zero < 2 and not blackwell:
+        env.append("export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron requires it with TP/CP > 1 on GPUs "
+                   "before Blackwell (arguments.py validate_args)")
     elif L.zero >= 2:
         env.append("unset CUDA_DEVICE_MAX_CONNECTIONS     # Megatron-FSDP user guide")
     gpus = plan.gpus
     launch = launch_line(gpus, cluster, 'pretrain_gpt.py "${MEGATRON_ARGS[@]}"')
+    run = (f"# from a Megatron-LM checkout{', on every node' if node_layout(gpus, cluster)[0] > 1 else ''}:\n"
+           f"bash {shlex.quote(out)}") if out else launch
     hw = f" x {cluster.name}" if cluster is not None else " GPUs"
     text = "\n".join([
         "#!/usr/bin/env bash",
@@ -281,6 +340,8 @@ def _megatron(plan, model, cluster):
         f"schedule={L.schedule} sp={'on' if L.sp else 'off'} mb={L.micro_batch} recompute={L.recompute} "
         f"zero={L.zero} {L.precision}",
         f"# {_predicted(plan)}",
+        f"# Target: NVIDIA/Megatron-LM at commit {MEGATRON_COMMIT[:12]} (flags and validation rules checked there).",
+        *_megatron_unexpressed(model),
         "# Run from a Megatron-LM checkout. Synthetic data (--mock-data) and the training hyper-",
         "# parameters after --vocab-size are placeholders for a throughput run; replace them for a real one.",
         "set -euo pipefail",
@@ -291,129 +352,40 @@ def _megatron(plan, model, cluster):
         launch,
         "",
     ])
-    return text, launch
-
-
-# ----------------------------------------------------------------------------------- torchtitan
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))     # a TOML basic string is a JSON string for these characters
-
-
-def torchtitan_config(plan, model) -> tuple:
-    """(sections {name: {key: value}}, comments {section.key: text})."""
-    L = plan.layout
-    notes = {}
-    name, flavor = TORCHTITAN_MODEL.get(model.name, (None, None))
-    if name is None:
-        name, flavor = ("deepseek_v3", "CUSTOM") if model.moe else ("llama3", "CUSTOM")
-        notes["model.flavor"] = (f"register a flavor with layers={model.layers} hidden={model.hidden} "
-                                 f"heads={model.heads} kv_heads={model.kv_heads} ffn={model.ffn_hidden} "
-                                 f"vocab={model.vocab}")
-    model_sec = {"name": name, "flavor": flavor}
-    if L.precision == "fp8":
-        model_sec["converters"] = ["float8"]
-    # data parallel: ZeRO-0 = DDP (replicate), ZeRO-3 = FSDP (shard), HSDP with a shard group
-    dp = L.dp
-    if L.zero == 0:
-        shard, replicate = 1, dp
-    else:
-        shard = L.shard_group if (L.shard_group and dp % L.shard_group == 0 and L.shard_group <= dp) else dp
-        replicate = dp // shard
-    par = {"data_parallel_replicate_degree": replicate, "data_parallel_shard_degree": shard}
-    if L.zero in (1, 2):
-        par["fsdp_reshard_after_forward"] = "never"
-        notes["parallelism.fsdp_reshard_after_forward"] = (
-            f"torchtitan has no ZeRO-{L.zero}; FSDP that keeps parameters gathered after forward is closest")
-    par["tensor_parallel_degree"] = L.tp
-    par["enable_async_tensor_parallel"] = bool(L.tp > 1 and L.overlap_tp)
-    if L.tp > 1 and not L.sp:
-        notes["parallelism.tensor_parallel_degree"] = "torchtitan always shards the sequence with TP (SP on)"
-    par["pipeline_parallel_degree"] = L.pp
-    if L.pp > 1:
-        par["pipeline_parallel_schedule"] = TORCHTITAN_SCHEDULE[L.schedule]
-        par["pipeline_parallel_microbatch_size"] = L.micro_batch
-        stages_per_rank = L.vpp if L.schedule == "interleaved" else (2 if L.schedule in ("zbv", "dualpipe") else 1)
-        if not uneven_split(L, model) and model.layers % (L.pp * stages_per_rank) == 0:
-            par["pipeline_parallel_layers_per_stage"] = model.layers // (L.pp * stages_per_rank)
-        else:
-            notes["parallelism.pipeline_parallel_degree"] = (
-                f"uneven split (first stage {L.first_stage_layers}, last {L.last_stage_layers} layers): "
-                f"set module_fqns_per_model_part")
-    par["context_parallel_degree"] = L.cp
-    if L.cp > 1:
-        par["context_parallel_rotate_method"] = {"allgather": "allgather", "p2p": "alltoall"}.get(L.cp_comm,
-                                                                                               "allgather")
-        if L.cp_comm == "a2a":
-            notes["parallelism.context_parallel_rotate_method"] = "torchtitan has no Ulysses (a2a) CP"
-    if model.moe:
-        par["expert_parallel_degree"] = L.ep
-        par["expert_tensor_parallel_degree"] = L.etp
-    # batch: local_batch_size is per DP rank per optimizer step for PP (split into micro-batches of
-    # pipeline_parallel_microbatch_size); without PP it is one micro-batch and the rest accumulates
-    local = L.global_batch // L.dp if L.pp > 1 else L.micro_batch
-    training = {"local_batch_size": local, "global_batch_size": L.global_batch, "seq_len": L.seq_len,
-                "steps": 100, "mixed_precision_param": "bfloat16", "compile": bool(L.tp > 1 and L.overlap_tp)}
-    if L.precision == "fp16":
-        notes["training.mixed_precision_param"] = "torchtitan trains in bf16, not fp16"
-    sections = {
-        "job": {"dump_folder": "./outputs", "description": f"{model.name} on {plan.gpus} GPUs (dtplanner)"},
-        "model": model_sec,
-        "training": training,
-        "parallelism": par,
-        "activation_checkpoint": {"mode": L.recompute, **({"selective_ac_option": "op"}
-                                                          if L.recompute == "selective" else {})},
-    }
-    if L.precision == "fp8":
-        fsdp8 = L.zero >= 1 and shard > 1
-        sections["float8"] = {"enable_fsdp_float8_all_gather": fsdp8,
-                              "precompute_float8_dynamic_scale_for_fsdp": fsdp8}
-    return sections, notes
-
-
-def _torchtitan(plan, model, cluster):
-    L = plan.layout
-    sections, notes = torchtitan_config(plan, model)
-    lines = [f"# torchtitan job config for {model.name} on {plan.gpus}"
-             f"{' x ' + cluster.name if cluster is not None else ' GPUs'}, written by dtplanner",
-             f"# layout: tp={L.tp} pp={L.pp} dp={L.dp} cp={L.cp} ep={L.ep} mb={L.micro_batch} "
-             f"recompute={L.recompute} zero={L.zero} {L.precision}",
-             f"# {_predicted(plan)}",
-             "# Keys of torchtitan/config/job_config.py (TOML-configured releases)."]
-    for sec, kv in sections.items():
-        lines.append("")
-        lines.append(f"[{sec}]")
-        for k, v in kv.items():
-            note = notes.get(f"{sec}.{k}")
-            lines.append(f"{k} = {_toml_value(v)}" + (f"  # {note}" if note else ""))
-    text = "\n".join(lines) + "\n"
-    launch = launch_line(plan.gpus, cluster, "-m torchtitan.train --job.config_file plan.toml")
-    return text, launch
+    return text, run
 
 
 # ----------------------------------------------------------------------------------- deepspeed
 
+DEEPSPEED_RELEASE = "0.19.8"
+
+
+def deepspeed_dp(L) -> int:
+    """The data-parallel size DeepSpeedConfig checks train_batch_size against (runtime/config.py,
+    DeepSpeedConfig.__init__): the pipeline grid's data dimension when a PipelineModule is built
+    with PipeModelDataParallelTopology(pp, tp, dp) (deepspeed/__init__.py passes model.mpu());
+    world / sequence_parallel_size for Ulysses; otherwise the whole world, AutoTP's ranks
+    included (its groups do not exist yet when the configuration is checked)."""
+    world = L.tp * L.pp * L.dp * L.cp
+    if L.pp > 1:
+        return L.dp
+    if L.cp > 1:
+        return world // L.cp
+    return world
+
+
 def deepspeed_config(plan, model) -> dict:
+    """DeepSpeed 0.19 JSON configuration (runtime/config.py, runtime/zero/config.py key names)."""
     L = plan.layout
     gas = L.global_batch // (L.micro_batch * L.dp)
-    cfg = {
-        "train_batch_size": L.micro_batch * gas * L.dp,
-        "train_micro_batch_size_per_gpu": L.micro_batch,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10,
-        "wall_clock_breakdown": False,
-    }
-    # train_batch_size = micro-batch x gradient accumulation x DP (DeepSpeed's own check,
-    # runtime/config.py _configure_train_batch_size); the global batch must come out unchanged
-    assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * L.dp
-    assert cfg["train_batch_size"] == L.global_batch, "global batch is not micro-batch x accumulation x dp"
+    cfg = {"train_micro_batch_size_per_gpu": L.micro_batch, "gradient_accumulation_steps": gas,
+           "gradient_clipping": 1.0, "steps_per_print": 10, "wall_clock_breakdown": False}
+    # train_batch_size = micro x accumulation x the dp DeepSpeed derives (_configure_train_batch_size);
+    # where that dp is not the layout's (AutoTP ranks counted as data parallel), it is left for
+    # DeepSpeed to derive from the two given and the note says what the real global batch is
+    assert L.micro_batch * gas * L.dp == L.global_batch, "global batch is not micro-batch x accumulation x dp"
+    if deepspeed_dp(L) == L.dp:
+        cfg = {"train_batch_size": L.global_batch, **cfg}
     if L.precision == "fp16":
         cfg["fp16"] = {"enabled": True}
     else:
@@ -423,16 +395,15 @@ def deepspeed_config(plan, model) -> dict:
     if L.zero == 3:
         zero["stage3_prefetch_bucket_size"] = 50_000_000
         zero["stage3_param_persistence_threshold"] = 100_000
-        if L.shard_group and L.shard_group < L.dp:
-            zero["mics_shard_size"] = L.shard_group
     cfg["zero_optimization"] = zero
     if L.recompute != "none":
         cfg["activation_checkpointing"] = {"partition_activations": bool(L.tp > 1),
                                            "contiguous_memory_optimization": False,
                                            "cpu_checkpointing": False}
-    if L.pp > 1:
-        cfg["pipeline"] = {"stages": L.pp, "partition": "parameters",
-                           "activation_checkpoint_interval": 1 if L.recompute == "full" else 0}
+    if L.pp > 1:     # stages and partitioning are PipelineModule arguments, not configuration keys
+        cfg["pipeline"] = {"activation_checkpoint_interval": 1 if L.recompute == "full" else 0}
+    if L.cp > 1:
+        cfg["sequence_parallel_size"] = L.cp
     if L.tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": L.tp}
     return cfg
@@ -440,44 +411,48 @@ def deepspeed_config(plan, model) -> dict:
 
 def _deepspeed_notes(plan, model) -> list:
     L = plan.layout
-    n = []
+    n = [f"DeepSpeed {DEEPSPEED_RELEASE} (checked with its DeepSpeedConfig on a fake process group)"]
     if L.pp > 1:
-        n.append(f"pipeline: build the model as deepspeed.pipe.PipelineModule(layers, num_stages={L.pp}); "
-                 f"DeepSpeed runs its 1F1B schedule"
-                 + (f" (the planned {L.schedule} schedule is not available)" if L.schedule != "1f1b" else ""))
+        n.append(f"pipeline: build deepspeed.pipe.PipelineModule(layers, topology=PipeModelDataParallelTopology("
+                 f"num_pp={L.pp}, num_mp={L.tp}, num_dp={L.dp}), partition_method='parameters'); DeepSpeed runs "
+                 f"its 1F1B TrainSchedule")
     if L.tp > 1:
-        n.append(f"tensor parallel: tensor_parallel.autotp_size = {L.tp} (DeepSpeed AutoTP training, >= 0.16.4), "
-                 f"or pass a Megatron-style mpu to deepspeed.initialize")
+        n.append(f"tensor parallel: tensor_parallel.autotp_size = {L.tp} (AutoTP training)")
+        if deepspeed_dp(L) != L.dp:
+            n.append(f"train_batch_size is left out: DeepSpeed checks it before AutoTP's groups exist, over all "
+                     f"{deepspeed_dp(L)} ranks; the run's global batch is {L.micro_batch} x "
+                     f"{L.global_batch // (L.micro_batch * L.dp)} x dp {L.dp} = {L.global_batch} sequences")
     if L.cp > 1:
-        n.append(f"context parallel {L.cp}: DeepSpeed-Ulysses sequence parallelism over {L.cp} ranks "
-                 f"(set up in the model code)")
+        n.append(f"context parallel {L.cp}: DeepSpeed-Ulysses (sequence_parallel_size {L.cp}; the attention "
+                 f"module is wrapped in deepspeed.sequence.layer.DistributedAttention in the model code)")
     if L.precision == "fp8":
         n.append("fp8: DeepSpeed has no fp8 switch; use Transformer Engine layers in the model (bf16 is set here)")
-    if L.zero == 3 and L.pp > 1:
-        n.append("ZeRO-3 does not combine with DeepSpeed pipeline parallelism; use zero stage <= 1 with PP")
     return n
 
 
-def _deepspeed(plan, model, cluster):
+def _deepspeed(plan, model, cluster, out=None):
     cfg = deepspeed_config(plan, model)
     notes = _deepspeed_notes(plan, model)
     text = json.dumps(cfg, indent=2) + "\n"
-    launch = launch_line(plan.gpus, cluster, "train.py --deepspeed --deepspeed_config ds_config.json")
-    if notes:
-        launch = "\n".join(f"# {x}" for x in notes) + "\n" + launch
+    path = shlex.quote(out or "ds_config.json")
+    launch = launch_line(plan.gpus, cluster, f"train.py --deepspeed --deepspeed_config {path}")
+    launch = "\n".join(f"# {x}" for x in notes) + "\n" + launch
     return text, launch
 
 
 # ----------------------------------------------------------------------------------- public
 
-def emit(plan, model, fmt: str, cluster=None) -> tuple:
-    """(configuration text, launch line) for `plan` in `fmt` (megatron, torchtitan, deepspeed)."""
+def emit(plan, model, fmt: str, cluster=None, out: str | None = None) -> tuple:
+    """(configuration text, launch line) for `plan` in `fmt` (megatron, torchtitan, deepspeed);
+    `out`: the file the configuration is written to, which the launch line reads."""
     if plan is None:
         raise PlannerError("no layout to export")
     if fmt not in FORMATS:
         raise PlannerError(f"unknown export format '{fmt}'; valid: {', '.join(FORMATS)}")
-    return {"megatron": _megatron, "torchtitan": _torchtitan, "deepspeed": _deepspeed}[fmt](plan, model, cluster)
+    from .export_torchtitan import torchtitan_emit
+    return {"megatron": _megatron, "torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster,
+                                                                                             out)
 
 
-__all__ = ["emit", "megatron_args", "torchtitan_config", "deepspeed_config", "launch_line", "node_layout",
+__all__ = ["emit", "megatron_args", "deepspeed_config", "launch_line", "node_layout",
            "gpus_per_node", "MEGATRON_FLAGS", "FORMATS"]

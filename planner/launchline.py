@@ -44,7 +44,13 @@ def launch_line(gpus: int, cluster, entry: str) -> str:
         return (f"# {gpus} GPUs on one node ({note})\n"
                 f"torchrun --standalone --nnodes=1 --nproc-per-node={gpn} {entry}")
     tr = (f"torchrun --nnodes={nodes} --nproc-per-node={gpn} --rdzv-id=dtplanner --rdzv-backend=c10d "
-          f"--rdzv-endpoint=$MASTER_ADDR:{RDZV_PORT} {entry}")
-    return (f"# {gpus} GPUs = {nodes} nodes x {gpn} GPUs ({note}); run on every node:\n{tr}\n"
-            f"# or from a Slurm allocation (MASTER_ADDR = first host of the job):\n"
+          f"--rdzv-endpoint=\"$MASTER_ADDR:{RDZV_PORT}\" {entry}")
+    # the rendezvous host: given, or the first host of a Slurm job; otherwise a one-line error
+    # (the emitted scripts run under `set -u`)
+    addr = ('MASTER_ADDR="${MASTER_ADDR:-$({ scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } '
+            '| head -n1)}"\n'
+            ': "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node (under Slurm it is taken from '
+            'SLURM_JOB_NODELIST)}"')
+    return (f"# {gpus} GPUs = {nodes} nodes x {gpn} GPUs ({note}); on every node:\n{addr}\n{tr}\n"
+            f"# or once, from inside a Slurm allocation of {nodes} nodes:\n"
             f"# srun --nodes={nodes} --ntasks-per-node=1 --gpus-per-node={gpn} {tr}")

@@ -1,0 +1,84 @@
+"""Emitted Megatron-LM scripts against Megatron-LM's recorded parser and the validation rules
+dtplanner mirrors (megatron_rules.py, each with its file and line at d98e8a64), over a case table
+like the one the emits were first tried on: dense, MoE, vpp, CP, ZeRO-1/2/3, HSDP, fp8, recompute
+modes, uneven stages, GB200. The rule checker is itself held to known rejections."""
+import pytest
+
+from planner.engine import search
+from planner.export import MEGATRON_COMMIT, emit
+from planner.model_io import load_model
+from planner.profiles import load_hardware
+
+from . import megatron_rules as R
+
+# name -> (model, gpus, hardware, fixed knobs)
+CASES = {
+    "llama8b-tp8-pp4": ("llama-3-8b", 64, "h100-sxm", dict(tp=8, pp=4)),
+    "llama8b-default": ("llama-3-8b", 64, "h100-sxm", {}),
+    "llama70b-vpp": ("llama-3-70b", 512, "h100-sxm", dict(tp=8, pp=4, vpp=5)),
+    "llama70b-hsdp-zero3": ("llama-3-70b", 256, "h100-sxm", dict(tp=8, pp=1, zero=3, shard_group=8)),
+    "llama70b-hsdp-zero1": ("llama-3-70b", 256, "h100-sxm", dict(tp=8, pp=4, zero=1, shard_group=8)),
+    "llama70b-zero2": ("llama-3-70b", 256, "h100-sxm", dict(tp=8, zero=2)),
+    "llama405b-cp2-full": ("llama-3.1-405b", 2048, "h100-sxm", dict(cp=2, recompute="full")),
+    "llama405b-selective": ("llama-3.1-405b", 1024, "h100-sxm", dict(recompute="selective", tp=8, pp=16)),
+    "gpt175b-fp16": ("gpt-175b", 1024, "a100-sxm-80gb", dict(precision="fp16")),
+    "gpt20b-fp8": ("gpt-20b", 64, "h100-sxm", dict(precision="fp8")),
+    "mixtral-ep8": ("mixtral-8x7b", 64, "h100-sxm", dict(ep=8)),
+    "mixtral22b": ("mixtral-8x22b", 256, "h100-sxm", {}),
+    "qwen3-30b": ("qwen3-30b-a3b", 64, "h100-sxm", {}),
+    "qwen3-235b": ("qwen3-235b-a22b", 512, "h100-sxm", {}),
+    "deepseek-v3-2048": ("deepseek-v3", 2048, "h100-sxm", {}),
+    "deepseek-v3-uneven-vpp": ("deepseek-v3", 2048, "h100-sxm", dict(pp=16, vpp=2, first_stage_layers=3, last_stage_layers=2)),
+    "deepseek-v3-h800": ("deepseek-v3", 2048, "h800-sxm", dict(tp=1, pp=16, ep=64, zero=1)),
+    "llama8b-gb200": ("llama-3-8b", 72, "gb200-nvl72", dict(tp=2)),
+    "gpt-oss-120b": ("gpt-oss-120b", 64, "b200", {}),
+    "nemotron-340b": ("nemotron-4-340b", 1024, "h100-sxm", {}),
+}
+
+
+def _emit(model, gpus, hw, fixed):
+    m, cl = load_model(model), load_hardware(hw)
+    res = search(m, cl, gpus, fixed=fixed, top=1)
+    assert res.best is not None, res.empty_reason
+    text, _ = emit(res.best, m, "megatron", cl)
+    return text, res.best
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_megatron_accepts_the_emitted_script(name):
+    model, gpus, hw, fixed = CASES[name]
+    text, plan = _emit(model, gpus, hw, fixed)
+    assert f"commit {MEGATRON_COMMIT[:12]}" in text
+    argv = R.emitted_args(text)
+    assert R.check(argv, gpus) == []
+    a = R.parse(argv)
+    L = plan.layout
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size) == (L.tp, L.pp, L.cp)
+    if L.shard_group and L.shard_group < L.dp * L.cp:     # HSDP is stated, not dropped
+        assert a.num_distributed_optimizer_instances == L.dp * L.cp // L.shard_group
+
+
+def test_rope_base_is_emitted_as_megatron_parses_it():
+    a = R.parse(R.emitted_args(_emit("mixtral-8x7b", 64, "h100-sxm", {})[0]))
+    assert a.rotary_base == 1_000_000
+    a = R.parse(R.emitted_args(_emit("llama-3-8b", 64, "h100-sxm", {})[0]))
+    assert a.rotary_base == 500_000
+
+
+@pytest.mark.parametrize("argv, world, rule", [
+    (["--num-layers", "61", "--pipeline-model-parallel-size", "16", "--decoder-first-pipeline-num-layers", "3",
+      "--decoder-last-pipeline-num-layers", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2048, "T:2306"),
+    (["--num-layers", "32", "--pipeline-model-parallel-size", "4", "--num-virtual-stages-per-pipeline-rank", "3"],
+     64, "get_num_layers_to_build"),
+    (["--num-layers", "32", "--pipeline-model-parallel-layout", "Ett|tt", "--pipeline-model-parallel-size", "2"],
+     64, "T:2290"),
+    (["--num-layers", "32", "--use-distributed-optimizer", "--num-distributed-optimizer-instances", "3"], 8, "P:922"),
+    (["--num-layers", "32", "--context-parallel-size", "3", "--seq-length", "8192"], 24, "A:1336"),
+    (["--num-layers", "32", "--recompute-granularity", "full"], 8, "T:1901"),
+    (["--num-layers", "32", "--tensor-model-parallel-size", "3"], 8, "A:432"),
+])
+def test_the_mirrored_rules_reject_what_megatron_rejects(argv, world, rule):
+    base = {"--num-attention-heads": "32", "--micro-batch-size": "1", "--global-batch-size": "64",
+            "--seq-length": "4096"}
+    full = argv + [x for k, v in base.items() if k not in argv for x in (k, v)]
+    assert any(b.startswith(rule) or rule in b for b in R.check(full, world))
