@@ -131,8 +131,9 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             if time.monotonic() - t0 > timeout:
                 alive = [r for r, c in enumerate(codes) if c is None]
                 at = sorted({_where(tmp, r, where) for r in alive})
+                stuck = _stuck(procs, tmp, alive, where)
                 _kill_all(procs)
-                raise RunFailed(f"timed out after {timeout:g} s; ranks still running: "
+                raise RunFailed(f"timed out after {timeout:g} s; {stuck}ranks still running: "
                                 f"{', '.join(map(str, alive))}{''.join(at[:1])}")
             time.sleep(0.05)
         return torch.load(out, weights_only=False)
@@ -147,6 +148,32 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             tmp.rmdir()
         except OSError:
             pass
+
+
+def _state(pid: int) -> str:
+    """The process state letter of /proc/<pid>/stat ('T': stopped), or '' where unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _stuck(procs, tmp: Path, alive: list, where=None) -> str:
+    """Which of the ranks still running holds the others up, as the start of the timeout
+    message: a stopped process (SIGSTOP, a debugger), else the ranks behind the furthest one;
+    '' where every rank is at the same point."""
+    stopped = [r for r in alive if _state(procs[r].pid) in ("T", "t")]
+    if stopped:
+        return (f"rank{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} "
+                f"{'are' if len(stopped) > 1 else 'is'} stopped (SIGSTOP or a debugger)"
+                f"{_where(tmp, stopped[0], where)}; ")
+    at = {r: _progress_of(tmp, r) for r in alive}
+    known = [a for a in at.values() if a is not None]
+    if known and min(known) < max(known) or (known and len(known) < len(alive)):
+        first = min(known)
+        behind = [r for r, a in at.items() if a is None or a == first]
+        return f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} behind the others; "
+    return ""
 
 
 def _progress_of(tmp: Path, r: int):

@@ -14,7 +14,6 @@ from . import megatron_rules as R
 # name -> (model, gpus, hardware, fixed knobs)
 CASES = {
     "llama8b-tp8-pp4": ("llama-3-8b", 64, "h100-sxm", dict(tp=8, pp=4)),
-    "llama8b-default": ("llama-3-8b", 64, "h100-sxm", {}),
     "llama70b-vpp": ("llama-3-70b", 512, "h100-sxm", dict(tp=8, pp=4, vpp=5)),
     "llama70b-hsdp-zero3": ("llama-3-70b", 256, "h100-sxm", dict(tp=8, pp=1, zero=3, shard_group=8)),
     "llama70b-hsdp-zero1": ("llama-3-70b", 256, "h100-sxm", dict(tp=8, pp=4, zero=1, shard_group=8)),
@@ -24,15 +23,11 @@ CASES = {
     "gpt175b-fp16": ("gpt-175b", 1024, "a100-sxm-80gb", dict(precision="fp16")),
     "gpt20b-fp8": ("gpt-20b", 64, "h100-sxm", dict(precision="fp8")),
     "mixtral-ep8": ("mixtral-8x7b", 64, "h100-sxm", dict(ep=8)),
-    "mixtral22b": ("mixtral-8x22b", 256, "h100-sxm", {}),
     "qwen3-30b": ("qwen3-30b-a3b", 64, "h100-sxm", {}),
-    "qwen3-235b": ("qwen3-235b-a22b", 512, "h100-sxm", {}),
     "deepseek-v3-2048": ("deepseek-v3", 2048, "h100-sxm", {}),
     "deepseek-v3-uneven-vpp": ("deepseek-v3", 2048, "h100-sxm", dict(pp=16, vpp=2, first_stage_layers=3, last_stage_layers=2)),
-    "deepseek-v3-h800": ("deepseek-v3", 2048, "h800-sxm", dict(tp=1, pp=16, ep=64, zero=1)),
     "llama8b-gb200": ("llama-3-8b", 72, "gb200-nvl72", dict(tp=2)),
     "gpt-oss-120b": ("gpt-oss-120b", 64, "b200", {}),
-    "nemotron-340b": ("nemotron-4-340b", 1024, "h100-sxm", {}),
 }
 
 

@@ -69,6 +69,21 @@ def test_a_rank_killed_from_outside_mid_run():
     assert _all_gone(LAST_PIDS)
 
 
+def test_a_stopped_rank_is_named_in_the_timeout():
+    """SIGSTOP on one rank (a debugger, a stuck host): every rank is still running when the
+    timeout fires, but the message names the stopped one."""
+    from validate.config import scenario
+    from validate.launch import launch
+    cfg = scenario(TINY, DP2, steps=1, timed_steps=10 ** 4)
+
+    def stopper():
+        time.sleep(3.0)
+        os.kill(LAST_PIDS[1], signal.SIGSTOP)
+    with pytest.raises(RunFailed, match=r"timed out after 8 s; rank 1 is stopped \(SIGSTOP"):
+        launch([cfg], 2, timeout=8, on_start=lambda: threading.Thread(target=stopper, daemon=True).start())
+    assert _all_gone(LAST_PIDS)
+
+
 def _cli(*args, timeout=120, env=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT))
     e.update(env or {})
