@@ -55,6 +55,9 @@ def supported(spec: ModelSpec, layout: Layout):
     if spec.mla is not None:
         raise PlannerError(f"{spec.name} uses multi-head latent attention, which validate does not "
                            "implement (GQA/MHA models only)")
+    if spec.head_dim % 2:
+        raise PlannerError(f"head_dim {spec.head_dim} (--hidden / --heads) is odd: validate's rotary embedding "
+                           f"rotates pairs of channels and needs an even head_dim")
     if layout.first_stage_layers or layout.last_stage_layers:
         raise PlannerError("uneven pipeline stages (first/last stage layers) are not implemented")
     if spec.layers % (layout.pp * layout.vpp):

@@ -46,9 +46,7 @@ class Rope:
     def tensors(self):
         return (self.cos, self.sin)
 
-    def __call__(self, x):  # x [b, s, heads, d]
-        if self.half * 2 != x.shape[-1]:
-            return x
+    def __call__(self, x):  # x [b, s, heads, d] (api.supported refuses an odd d)
         c, s = self.cos[None, :, None, :], self.sin[None, :, None, :]
         x1, x2 = x[..., :self.half], x[..., self.half:]
         return x * c + torch.cat([-x2, x1], -1) * s
