@@ -60,7 +60,7 @@ def _piece_meta(p):
     return tuple(p.shape), tuple(p.shape), (0,) * p.dim()
 
 
-def _progress(scenario: int, step: int):
+def report_progress(scenario: int, step: int):
     """Where this rank is, for the launcher's error messages (a dead rank cannot say)."""
     path = os.environ.get("VALIDATE_PROGRESS")
     if path:
@@ -257,7 +257,7 @@ def run_scenario(cfg: dict, device) -> dict | None:
     if fault.get("kind") == "skip_grad_sync":
         R.opt.reduce_hook = None   # test hook: gradients stay local (a layout computing something else)
     for step in range(total):
-        _progress(cfg.get("index", 0), step)
+        report_progress(cfg.get("index", 0), step)
         _inject(fault, R.topo.rank, step)
         _one_step(R, res, step, steps)
     res["moe_layers"] = [blk.idx for ch in R.chunks for blk in ch.layers.values() if blk.moe_layer]

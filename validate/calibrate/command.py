@@ -113,20 +113,14 @@ def measure_rank(job: dict, progress=None):
 
 def worker_main(job_path: str, out_path: str):
     """Entry point of a spawned rank (validate/launch.py sets RANK, WORLD_SIZE, MASTER_*)."""
-    from ..worker import finish_rank, init_rank
+    from ..worker import finish_rank, init_rank, report_progress
     with open(job_path) as f:
         job = json.load(f)
     rank = int(os.environ["RANK"])
     init_rank(float(job.get("timeout", 600)))
-    path = os.environ.get("VALIDATE_PROGRESS")
 
-    def progress(i):
-        if path:
-            try:
-                with open(path, "w") as fh:
-                    fh.write(f"0 {i}")
-            except OSError:
-                pass
+    def progress(i):          # measurement i, where the launcher's messages say "step"
+        report_progress(0, i)
     try:
         out = measure_rank(job, progress)
     except Exception as e:
