@@ -98,14 +98,6 @@ def uneven_split(L, model) -> bool:
     return not (even and L.first_stage_layers in (0, even) and L.last_stage_layers in (0, even))
 
 
-def _rank_layers(L, model) -> list:
-    """Layers on each pipeline rank (rules.stage_layers: given first/last, the rest even)."""
-    from .rules import stage_layers
-    first, mid, last = (int(x) for x in stage_layers(model.layers, L.pp, L.first_stage_layers,
-                                                      L.last_stage_layers))
-    return [first] + [mid] * (L.pp - 2) + [last] if L.pp > 1 else [first]
-
-
 def pipeline_layout(L, model) -> str | None:
     """Megatron's --pipeline-model-parallel-layout for a virtual-stage split its other flags cannot
     state (a rank's layers not divisible by vpp: transformer_config.py requires first/last stage
@@ -115,13 +107,14 @@ def pipeline_layout(L, model) -> str | None:
     evenly as possible, the chunk holding E or L taking the smaller share."""
     if L.pp == 1 or L.vpp == 1:
         return None
-    per = _rank_layers(L, model)
+    from .rules import chunk_layers, rank_layers
+    per = rank_layers(L, model.layers)
     if all(n % L.vpp == 0 for n in per) and len(set(per[1:-1] or [0])) <= 1 and not uneven_split(L, model):
         return None
     stages = []
     for v in range(L.vpp):
         for r, n in enumerate(per):
-            sizes = [n // L.vpp + (1 if i < n % L.vpp else 0) for i in range(L.vpp)]
+            sizes = chunk_layers(n, L.vpp)
             if r == 0:
                 sizes = sizes[::-1]          # E's chunk takes the smaller share
             seg = ("E" if (v, r) == (0, 0) else "") + "t" * sizes[v]

@@ -13,7 +13,7 @@ import os
 
 from .errors import PlannerError
 from .launchline import launch_line
-from .rules import stage_layers
+from .rules import chunk_layers, rank_layers
 
 TORCHTITAN_RELEASE = "0.3.0"
 # torch.distributed.pipelining.schedules.get_schedule_class names; "v" schedules put two stages
@@ -51,12 +51,10 @@ def _data_parallel(L) -> tuple:
 def stage_modules(L, model) -> list:
     """module_fqns_per_model_part: the planner's split of layers over pipeline stages, in stage
     order; the embedding opens stage 0 and the final norm and output close the last."""
-    first, mid, last = (int(x) for x in stage_layers(model.layers, L.pp, L.first_stage_layers, L.last_stage_layers))
-    per_rank = [first] + [mid] * (L.pp - 2) + [last] if L.pp > 1 else [first]
     chunks = 2 if L.schedule in V_SCHEDULES else L.vpp
     sizes = [0] * (L.pp * chunks)
-    for r, n in enumerate(per_rank):
-        share = [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
+    for r, n in enumerate(rank_layers(L, model.layers)):
+        share = chunk_layers(n, chunks)
         for c in range(chunks):
             stage = (2 * L.pp - 1 - r if c else r) if L.schedule in V_SCHEDULES else c * L.pp + r
             sizes[stage] = share[c]

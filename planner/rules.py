@@ -92,6 +92,18 @@ def stage_layers(L: int, pp, first, last):
     return first_n, mid, last_n
 
 
+def rank_layers(L, layers: int) -> list:
+    """Layers on each pipeline rank of layout L, first to last (stage_layers for one layout)."""
+    first, mid, last = (int(x) for x in stage_layers(layers, L.pp, L.first_stage_layers, L.last_stage_layers))
+    return [first] + [mid] * (L.pp - 2) + [last] if L.pp > 1 else [first]
+
+
+def chunk_layers(n: int, chunks: int) -> list:
+    """A rank's n layers over its virtual stages, as even as possible, the larger ones first (the
+    cost model paces an interleaved schedule by the largest, costmodel/pipeline.py)."""
+    return [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
+
+
 def _degree_divides(name):
     return Rule(f"{name}_divides_gpus", (name,),
                 lambda c, x: (x.gpus is None) | (x.gpus % getattr(c, name) == 0),
