@@ -64,12 +64,18 @@ def ring_bandwidth(cluster: Cluster, size, stride, op=None):
 
 def _latency(cluster: Cluster, size, stride, steps_factor: float, op=None):
     lat = 0.0
+    flat = 0.0
     for uses, k_in, k, _, alpha, lv in _level_terms(cluster, size, stride, op):
+        if lv.algorithm == "flat-ring":
+            # one ring of all k members: each of its k-1 steps per pass waits for the slowest hop,
+            # which crosses the outermost level used (gloo/allreduce_ring.h); outer levels override
+            flat = np.where(uses, steps_factor * np.maximum(k - 1.0, 0.0) * alpha, flat)
+            continue
         hops = np.maximum(k / k_in - 1.0, 0.0)
         if lv.algorithm in ("tree", "nvls"):
             hops = np.ceil(np.log2(np.maximum(k / k_in, 1.0)))
         lat = lat + np.where(uses, steps_factor * hops * alpha, 0.0)
-    return lat
+    return lat + flat
 
 
 def all_reduce(cluster, nbytes, size, stride):

@@ -14,7 +14,10 @@ from pathlib import Path
 from .errors import PlannerError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hwprofiles"
-ALGORITHMS = ("ring", "tree", "nvls", "mesh")
+# ring: hierarchical rings (NCCL), a level's steps cost its own latency; flat-ring: one ring
+# through the group's ranks in rank order whose every step waits for its slowest hop (gloo's ring
+# collectives, gloo/allreduce_ring.h); tree / nvls: log2 steps; mesh: a full mesh (NVSwitch-less)
+ALGORITHMS = ("ring", "flat-ring", "tree", "nvls", "mesh")
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
 MAX_DOMAIN = 1 << 14     # GPUs in one bounded network domain (NVL72: 72; a 16K-GPU pod at most)

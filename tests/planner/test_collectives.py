@@ -33,6 +33,27 @@ def test_ring_formulas_on_one_level():
     assert C.p2p(c, S, np.array([1.0]))[0] == pytest.approx(S / 1e9 + 1e-3)
 
 
+def _two_levels(algorithm):
+    base = load_hardware("h100-sxm")
+    lvs = (NetLevel(name="host", domain=4, bandwidth=1e9, latency=1e-3, algorithm=algorithm),
+           NetLevel(name="link", domain=0, bandwidth=0.25e9, latency=5e-3, algorithm=algorithm))
+    return dataclasses.replace(base, levels=lvs, efficiency=dataclasses.replace(base.efficiency, network=1.0))
+
+
+def test_a_flat_ring_waits_for_its_slowest_hop_at_every_step():
+    """8 ranks over 2 domains of 4: hierarchical rings pay 3 inner + 1 outer step per pass (NCCL);
+    gloo's one ring of 8 pays 7 steps per pass, each as slow as the hop that crosses the link."""
+    S = 1e6
+    ring, flat = C.Group(_two_levels("ring"), np.array([8.0]), 1.0), C.Group(_two_levels("flat-ring"), np.array([8.0]), 1.0)
+    bw = min(1e9, 4 * 0.25e9)              # the 4 members of a domain pool their links to the outer level
+    assert ring.all_reduce(S)[0] == pytest.approx(2 * 7 / 8 * S / bw + 2 * (3 * 1e-3 + 1 * 5e-3))
+    assert flat.all_reduce(S)[0] == pytest.approx(2 * 7 / 8 * S / bw + 2 * 7 * 5e-3)
+    assert flat.all_gather(S)[0] == pytest.approx(7 / 8 * S / bw + 7 * 5e-3)
+    # inside one domain both are one ring over the inner level
+    inner = C.Group(_two_levels("flat-ring"), np.array([4.0]), 1.0)
+    assert inner.all_reduce(S)[0] == pytest.approx(2 * 3 / 4 * S / 1e9 + 2 * 3 * 1e-3)
+
+
 def test_each_collective_uses_its_own_fit():
     fits = [("reduce_scatter", 4e-3, 0.25e9), ("all_reduce", 2e-3, 0.5e9), ("send_recv", 5e-3, 2e9),
             ("all_to_all", 1e-4, 4e9)]
