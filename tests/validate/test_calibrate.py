@@ -72,6 +72,31 @@ def test_level_fit_recovers_the_planners_latency_and_bandwidth():
     assert pp["latency_s"] == pytest.approx(40e-6, rel=0.15)
 
 
+def test_a_group_spanning_hosts_is_fitted_as_the_planner_times_it():
+    """gloo's flat ring over 2 hosts of 4: the planner pools the 4 members' links at the outer
+    level and pays 2(n-1) steps of its latency; a level fitted to pairs across hosts and to the
+    whole world at once recovers the level's own (latency, bandwidth)."""
+    import dataclasses
+    from planner import collectives as C
+    from planner.hardware import NetLevel
+    from planner.profiles import load_hardware
+    from validate.calibrate.measure import group_sizes
+    assert group_sizes(8, 4, spanning=True) == [(0, 2, 1), (0, 4, 1), (1, 2, 4), (1, 8, 1)]
+    assert group_sizes(8, 4) == [(0, 2, 1), (0, 4, 1), (1, 2, 4)]
+    base = load_hardware("h100-sxm")
+    cl = dataclasses.replace(base, efficiency=dataclasses.replace(base.efficiency, network=1.0), levels=(
+        NetLevel(name="host", domain=4, bandwidth=1e9, latency=1e-4, algorithm="flat-ring"),
+        NetLevel(name="link", domain=0, bandwidth=0.03e9, latency=1.4e-3, algorithm="flat-ring")))
+    pts = []
+    for S in np.geomspace(4096, 2 ** 24, 8):
+        pts += [("all_reduce", 2, S, float(C.all_reduce(cl, S, 2, 4)), 1),
+                ("all_reduce", 8, S, float(C.all_reduce(cl, S, 8, 1)), 4),
+                ("all_gather", 8, S, float(C.all_gather(cl, S, 8, 1)), 4)]
+    f = F.fit_level(pts)
+    assert f["bandwidth_bytes_per_s"] == pytest.approx(0.03e9, rel=1e-6)
+    assert f["latency_s"] == pytest.approx(1.4e-3, rel=1e-6)
+
+
 def test_gemm_fit_recovers_ceiling_half_dim_and_per_call_cost():
     rng = np.random.default_rng(2)
     peak, gmax, half, call = 1e11, 0.8, 48.0, 20e-6
@@ -217,6 +242,23 @@ def test_ranks_sharing_cores_get_cpu_costed_collectives():
     assert shared_by(cpu) == 4.0
     assert shared_by(dict(cpu, cpu_cores=16)) == 1.0
     assert shared_by(dict(cpu, device_type="cuda")) == 1.0
+    # two emulated hosts of 4 ranks (network namespaces) on one 2-core machine: 4 ranks per core
+    assert shared_by(dict(cpu, ranks_per_host=4, ranks_per_machine=8)) == 4.0
+
+
+def test_a_collective_across_hosts_costs_at_least_its_wall_time():
+    """On shared cores a collective is costed as the CPU its ranks spend; across hosts a slow link
+    bounds it however idle the cores are (benchmarks/two_hosts.py's 1 Gbit/s link)."""
+    from validate.calibrate.analyse import _cpu_cost
+    p = dict(level=1, cpu_s=0.01, seconds=0.2)
+    assert _cpu_cost(p, 4.0) == 0.2
+    assert _cpu_cost(dict(p, level=0), 4.0) == pytest.approx(0.04)
+    assert _cpu_cost(dict(p, seconds=0.01), 4.0) == pytest.approx(0.04)
+
+
+def test_machine_id_is_shared_by_ranks_of_one_kernel():
+    from validate.calibrate.command import machine_id
+    assert machine_id() == machine_id() and machine_id()
 
 
 def test_refit_from_points(quick, tmp_path):

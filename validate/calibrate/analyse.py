@@ -27,18 +27,20 @@ def _group_time(it, res):
 
 
 def shared_by(prov) -> float:
-    """Ranks per core when the ranks of a host share its CPU cores (1.0 on GPUs: a rank owns its
-    device)."""
+    """Ranks per core when the ranks of a machine share its CPU cores (1.0 on GPUs: a rank owns its
+    device). The ranks of one machine, not of one host: emulated hosts (network namespaces) share
+    the cores of the machine they run on."""
     if prov.get("device_type") == "cuda":
         return 1.0
     cores = prov.get("cpu_cores") or 1
-    return max(prov.get("ranks_per_host", 1) * prov.get("threads_per_rank", 1) / cores, 1.0)
+    ranks = prov.get("ranks_per_machine", prov.get("ranks_per_host", 1))
+    return max(ranks * prov.get("threads_per_rank", 1) / cores, 1.0)
 
 
 def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
     """Every fit, with its residuals, and the points it was made from (medians over ranks)."""
     shared = shared_by(prov)
-    out = {"points": _points(_by_item(plan, per_rank), shared),
+    out = {"points": _points(_by_item(plan, per_rank), shared, prov.get("ranks_per_host", 1)),
            "time_basis": (f"CPU seconds x {shared:g} ranks per core" if shared > 1 else "wall time")}
     P = out["points"]
     out["gemm"] = _gemm_fits(P, prov, base)
@@ -56,7 +58,7 @@ def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
     return out
 
 
-def _points(items, shared) -> dict:
+def _points(items, shared, local=1) -> dict:
     """The measured points by kind, each item's time over its ranks."""
     P = {"gemm": [], "attention": [], "memory": [], "overhead": [], "layer_probe": [], "tp_probe": [],
          "collective": []}
@@ -77,7 +79,9 @@ def _points(items, shared) -> dict:
         if k == "collective":
             t = _group_time(it, res)
             cpu = [r["cpu_s"] for r in res if r.get("cpu_s") is not None]
-            P["collective"].append(dict(it, seconds=t, skipped=res[0].get("skipped"),
+            # members per host of a group across hosts (planner/collectives.py's k_in)
+            pool = max(1, min(it["group"], local // it["stride"])) if it["level"] > 0 else 1
+            P["collective"].append(dict(it, seconds=t, skipped=res[0].get("skipped"), pool=pool,
                                         cpu_s=(sum(cpu) / len(cpu)) if (cpu and t) else None))
             continue
         s, secs = cost(res, "seconds", "cpu_s")
@@ -129,8 +133,10 @@ def _collective_fits(P, shared, collectives) -> dict:
         by["loaded" if cond else "idle"] = _levels([p for p in P["collective"] if bool(p.get("loaded")) == cond])
     if shared > 1:
         # ranks sharing cores: a collective costs a training step the CPU its ranks spend on it
-        # (every group at once: the mean rank's CPU seconds x ranks per core), not its wait
-        cpu_pts = [dict(p, seconds=p["cpu_s"] * shared) for p in P["collective"]
+        # (every group at once: the mean rank's CPU seconds x ranks per core), not its wait. Across
+        # hosts a link carries the bytes, not the cores: there its wall time back to back is a floor
+        # (a link slower than the copies bounds the collective however idle the cores are)
+        cpu_pts = [dict(p, seconds=_cpu_cost(p, shared)) for p in P["collective"]
                    if not p.get("loaded") and p.get("cpu_s")]
         if cpu_pts:
             by["cpu"] = _levels(cpu_pts)
@@ -138,6 +144,13 @@ def _collective_fits(P, shared, collectives) -> dict:
         collectives = "cpu" if "cpu" in by else "loaded"
     use = collectives if collectives in by else next(iter(by))
     return {"levels_by_condition": by, "collectives_used": use, "levels": by[use]}
+
+
+def _cpu_cost(p, shared) -> float:
+    """A collective's cost to a step on shared cores: CPU seconds x ranks per core; at least its
+    wall time on a level that crosses hosts (validate/README.md, "Calibration")."""
+    cpu = p["cpu_s"] * shared
+    return max(cpu, p["seconds"] or 0.0) if p["level"] > 0 else cpu
 
 
 def _levels(points) -> list:
@@ -149,17 +162,17 @@ def _levels(points) -> list:
         pts = [p for p in points if p["level"] == lv and p["seconds"] and p["seconds"] > UNRESOLVED_S]
         per = {}
         for p in pts:
-            per.setdefault((p["op"], p["group"]), []).append((p["bytes"], p["seconds"]))
+            per.setdefault((p["op"], p["group"], p.get("pool", 1)), []).append((p["bytes"], p["seconds"]))
         ab = {}
-        for (op, g), v in sorted(per.items()):
+        for (op, g, pool), v in sorted(per.items()):
             if len(v) >= 2:
                 r = fit.fit_alpha_beta([x for x, _ in v], [y for _, y in v])
-                r.update(op=op, group=g, planner=fit.per_op_planner_params(op, g, r))
+                r.update(op=op, group=g, pool=pool, planner=fit.per_op_planner_params(op, g, r, pool))
                 ab[f"{op}/{g}"] = r
-        joint = fit.fit_level([(p["op"], p["group"], p["bytes"], p["seconds"]) for p in pts])
+        joint = fit.fit_level([(p["op"], p["group"], p["bytes"], p["seconds"], p.get("pool", 1)) for p in pts])
         by_op = {}
         for op in dict.fromkeys(p["op"] for p in pts):
-            sub = [(p["op"], p["group"], p["bytes"], p["seconds"]) for p in pts if p["op"] == op]
+            sub = [(p["op"], p["group"], p["bytes"], p["seconds"], p.get("pool", 1)) for p in pts if p["op"] == op]
             if len(sub) >= 2:
                 by_op[op] = fit.fit_level(sub)
         out.append({"level": lv, "groups": sorted({p["group"] for p in pts}),

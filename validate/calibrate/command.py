@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def add_parser(sub):
                    help="which collective timings the network levels are fitted to: 'cpu' (the CPU "
                         "seconds ranks spend, x ranks per core: ranks sharing CPU cores), 'loaded' "
                         "(between GEMMs, as in a training step), 'idle' (back to back); 'auto' "
-                        "(default): cpu where ranks share cores, else loaded")
+                        "(default): cpu where ranks share cores, else loaded. 'cpu' and 'idle' skip "
+                        "the measurements between GEMMs (a shorter calibration)")
     p.add_argument("--from-points", help="refit and write a profile from an earlier run's .points.json "
                                          "(no measurement)")
     return p
@@ -107,8 +109,20 @@ def measure_rank(job: dict, progress=None):
         _inject(fault, rank, i)          # test hook: a rank that dies or hangs at item i
     res = measure(job["plan"], device, job["window"], prog)
     out = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(res, out, dst=0)
-    return out
+    dist.gather_object((res, machine_id()), out, dst=0)
+    if rank != 0:
+        return None
+    return {"results": [r for r, _ in out], "machines": [m for _, m in out]}
+
+
+def machine_id() -> str:
+    """Which kernel this rank runs on: ranks with the same boot id share one machine's CPU cores,
+    even when they are different hosts to the network (network namespaces, containers)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def worker_main(job_path: str, out_path: str):
@@ -153,9 +167,8 @@ def points_path(out: str) -> Path:
     return p.with_name(p.stem + ".points.json")
 
 
-def provenance(device_type: str, world: int, local: int, threads: int) -> dict:
+def provenance(device_type: str, world: int, local: int, threads: int, machines=()) -> dict:
     import platform
-    import socket
     from datetime import datetime, timezone
 
     import torch
@@ -170,6 +183,8 @@ def provenance(device_type: str, world: int, local: int, threads: int) -> dict:
             "torch": torch.__version__, "backend": backend, "world": world, "ranks_per_host": local,
             "hosts": max(world // max(local, 1), 1), "threads_per_rank": threads,
             "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            # ranks on rank 0's machine (several "hosts" may share one: namespaces, containers)
+            "ranks_per_machine": (machines.count(machines[0]) if machines else local),
             "platform": platform.platform()}
 
 
@@ -209,8 +224,9 @@ def run(a) -> int:
         local = world
     if world < 2:
         raise PlannerError("calibrate needs at least 2 ranks to measure collectives (--nprocs >= 2)")
+    # collectives between GEMMs are measured unless the fit asked for is another condition's
     plan = build_plan(world=world, local=local, device="cuda" if cuda else "cpu", quick=a.quick,
-                      max_bytes=a.max_bytes)
+                      max_bytes=a.max_bytes, loaded=a.collectives in ("auto", "loaded"))
     labels = [describe(it) for it in plan]
     job = {"plan": plan, "window": window, "timeout": a.timeout}
     if os.environ.get("VALIDATE_CALIBRATE_FAULT"):       # test hook: kill or stall a rank
@@ -218,8 +234,8 @@ def run(a) -> int:
     threads = 1
     t0 = time.monotonic()
     if torchrun:
-        per_rank = _run_torchrun(job, labels, a)
-        if per_rank is None:
+        got = _run_torchrun(job, labels, a)
+        if got is None:
             return 0
     else:
         bar = Bar(len(plan), labels, enabled=a.progress)
@@ -227,16 +243,16 @@ def run(a) -> int:
         def where(sc, step):
             return f" in measurement {step} ({labels[step]})" if 0 <= step < len(labels) else ""
         try:
-            per_rank = launch([], world, a.timeout, threads=threads, module="validate.calibrate",
-                              job_extra=job, on_poll=lambda at: at and bar.update(at[1]),
-                              where=where)[0]
+            got = launch([], world, a.timeout, threads=threads, module="validate.calibrate",
+                         job_extra=job, on_poll=lambda at: at and bar.update(at[1]), where=where)[0]
         except RunFailed as e:
             if bar.tty:
                 sys.stderr.write("\n")
             print(f"validate: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 3
         bar.close()
-    prov = provenance("cuda" if cuda else "cpu", world, local, threads)
+    per_rank = got["results"]
+    prov = provenance("cuda" if cuda else "cpu", world, local, threads, got["machines"])
     prov["seconds"] = round(time.monotonic() - t0, 1)
     prov["quick"] = bool(a.quick)
     return finish(a, plan, per_rank, prov, base)

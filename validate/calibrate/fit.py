@@ -75,11 +75,13 @@ def planner_terms(op: str, n: int):
 
 def fit_level(points) -> dict:
     """One level's (latency, bandwidth) under the planner's collective formulas, fitted jointly
-    over points [(op, group size, bytes, seconds)]; residuals per op."""
+    over points [(op, group size, bytes, seconds[, pool])]; residuals per op. `pool`: members of
+    the group inside one lower-level domain, whose links the planner pools at this level
+    (planner/collectives.ring_bandwidth: k_in x bandwidth); 1 when each host holds one member."""
     rows, t, ops = [], [], []
-    for op, n, S, sec in points:
+    for op, n, S, sec, *pool in points:
         steps, share = planner_terms(op, n)
-        rows.append((steps, S * share))
+        rows.append((steps, S * share / (pool[0] if pool else 1)))
         t.append(sec)
         ops.append(op)
     A, t = np.asarray(rows, dtype=float), np.asarray(t, dtype=float)
@@ -94,11 +96,13 @@ def fit_level(points) -> dict:
             "residuals": [float(x) for x in res], "by_op": per_op, **_stats(res)}
 
 
-def per_op_planner_params(op: str, n: int, ab: dict) -> dict:
-    """An op's own alpha-beta fit expressed as the planner's per-step latency and bandwidth."""
+def per_op_planner_params(op: str, n: int, ab: dict, pool: int = 1) -> dict:
+    """An op's own alpha-beta fit expressed as the planner's per-step latency and bandwidth (per
+    member link: a group pooling `pool` links per host reaches pool x that)."""
     steps, share = planner_terms(op, n)
     return {"latency_s": ab["alpha_s"] / steps if steps else 0.0,
-            "bandwidth_bytes_per_s": share / ab["beta_s_per_byte"] if ab["beta_s_per_byte"] > 0 else math.inf}
+            "bandwidth_bytes_per_s": (share / ab["beta_s_per_byte"] / pool) if ab["beta_s_per_byte"] > 0
+            else math.inf}
 
 
 def fit_gemm(points, peak: float, half_dim: float | None = None) -> dict:

@@ -44,10 +44,12 @@ def byte_sizes(lo: int, hi: int, factor: int = 4) -> list:
     return out
 
 
-def group_sizes(world: int, local: int) -> list:
+def group_sizes(world: int, local: int, spanning: bool = False) -> list:
     """(level, group size, stride) of the collective groups to measure: powers of two inside a
     host (stride 1), and for several hosts one member per host (stride = ranks per host), which
-    is the planner's k_in = 1 case for the outer level."""
+    is the planner's k_in = 1 case for the outer level; `spanning`: also the whole world as one
+    group (k_in = ranks per host: every host's members share its link), for backends whose rings
+    are flat (gloo), where such a group crosses hosts once per ring step."""
     out = []
     g = 2
     while g <= local:
@@ -59,11 +61,13 @@ def group_sizes(world: int, local: int) -> list:
     nodes = world // local
     if nodes > 1:
         out.append((1, nodes, local))
+        if spanning and local > 1:
+            out.append((1, world, 1))
     return out
 
 
 def build_plan(*, world: int, local: int, device: str, quick: bool, max_bytes: int | None = None,
-               precisions=None, loaded_max: int | None = None) -> list:
+               precisions=None, loaded_max: int | None = None, loaded: bool = True) -> list:
     """The measurement items in the order every rank runs them."""
     cuda = device == "cuda"
     items = []
@@ -117,13 +121,15 @@ def build_plan(*, world: int, local: int, device: str, quick: bool, max_bytes: i
         items.append(dict(kind="overhead", layers=layers, dtype="float32", hidden=lh, seq=ls))
     hi = max_bytes or ((4 * MIB if cuda else 1 * MIB) if quick else 256 * MIB)
     sizes = byte_sizes(4 * KIB, hi, 4 if not quick else 16)
-    groups = group_sizes(world, local)
+    groups = group_sizes(world, local, spanning=not cuda)
     loaded_hi = min(hi, (4 * MIB if quick else 16 * MIB)) if loaded_max is None else min(hi, loaded_max)
-    for loaded in (False, True):
+    for loaded in ((False, True) if loaded else (False,)):
         for level, g, stride in groups:
             for op in COLLECTIVES:
                 if op == "send_recv" and any(x[0] == level and x[1] < g for x in groups):
                     continue     # pairs exchange alike in any group size: measured once per level
+                if op == "all_to_all" and level > 0 and stride == 1:
+                    continue     # the planner does not pool links for all-to-all (one per host is its case)
                 for nbytes in sizes:
                     if loaded and nbytes > loaded_hi:
                         continue

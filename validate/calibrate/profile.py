@@ -60,7 +60,8 @@ def build_profile(name: str, fits: dict, prov: dict, base=None) -> dict:
     who = (f"measured by validate calibrate on {prov['host']} {prov['date']}, torch {prov['torch']}, "
            f"backend {prov['backend']}, {prov['world']} ranks ({prov['ranks_per_host']} per host)")
     share = ("" if cuda else
-             f"; on a CPU the {prov['ranks_per_host']} ranks share {prov['cpu_cores']} cores "
+             f"; on a CPU the {prov.get('ranks_per_machine', prov['ranks_per_host'])} ranks of this "
+             f"machine share its {prov['cpu_cores']} cores "
              f"({prov['threads_per_rank']} thread each), so this is one rank's share with every rank busy")
     x = _Ctx(name, prov, _base_dict(base), bname, base, cuda, who, share)
     d = {"name": name,
@@ -142,7 +143,8 @@ def _gpu(x: _Ctx, fits: dict) -> tuple:
                                           "known here; 0")
     sb = shared_by(prov)
     if sb > 1:
-        gpu["shared_by"] = _num(sb, f"ranks per core: {prov['ranks_per_host']} ranks x "
+        gpu["shared_by"] = _num(sb, f"ranks per core: "
+                                    f"{prov.get('ranks_per_machine', prov['ranks_per_host'])} ranks x "
                                     f"{prov['threads_per_rank']} thread on {prov['cpu_cores']} cores "
                                     f"(os.cpu_count()); the rates above are one rank's share, {who}")
     return gpu, peaks, hbm_eff
@@ -177,7 +179,9 @@ def _network(x: _Ctx, fits: dict) -> list:
                          "(the extra time over the GEMMs alone)",
                "cpu": f"each costed as the CPU seconds a rank spends on it back to back (every thread, "
                       f"mean over ranks) x {shared_by(prov):.3g} ranks per core: on shared cores the "
-                      f"collective's copies displace the ranks' compute, its waits do not"}.get(
+                      f"collective's copies displace the ranks' compute, its waits do not"
+                      + ("; across hosts at least its wall time back to back (the link carries the "
+                         "bytes, not the cores)" if lv["level"] > 0 else "")}.get(
             cond, "timed back to back")
         src = (f"fitted jointly (weighted least squares on relative error) to {j['n']} collectives {how} "
                f"(all-reduce, all-gather, reduce-scatter, all-to-all, send/recv; groups of "
@@ -189,7 +193,8 @@ def _network(x: _Ctx, fits: dict) -> list:
                "bandwidth": _num(j["bandwidth_bytes_per_s"], "bus bandwidth per rank per direction, "
                                  + src + bw_note),
                "latency": _num(j["latency_s"], "seconds per ring step, " + src),
-               "algorithm": "ring",
+               # gloo runs one flat ring over a group's ranks; NCCL rings are hierarchical
+               "algorithm": "flat-ring" if prov["backend"] == "gloo" else "ring",
                "oversubscription": _num(1.0, "1.0: the fitted bandwidth already includes any "
                                              "contention of the measurement (every group at once)")}
         fitd = {}
