@@ -5,7 +5,6 @@ once (tests group their checks this way)."""
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 from planner.costmodel.elements import ElementBytes
 from planner.errors import PlannerError
@@ -70,6 +69,10 @@ def supported(spec: ModelSpec, layout: Layout):
         raise PlannerError(f"--sp needs the sequence per CP rank ({layout.seq_len // layout.cp}) "
                            f"divisible by --tp {layout.tp}")
     tp, pp, ep = layout.tp, layout.pp, layout.ep
+    if spec.kv_heads % tp:
+        raise PlannerError(f"--tp {tp} exceeds the {spec.kv_heads} KV heads: Megatron replicates KV heads "
+                           f"then, validate shards them and does not implement replication "
+                           f"(use --tp <= {spec.kv_heads} or --kv-heads {tp})")
     if spec.moe is not None and tp > 1:
         raise PlannerError("MoE layers with --tp > 1 are not implemented; "
                            "parallelise MoE models with --ep, --dp, --cp and --pp")
@@ -183,24 +186,33 @@ def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, 
 def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardware, stack,
                  reference, notes=()):
     """Under torchrun: this process is one rank; rank 0 returns the report, others None."""
+    runs = torchrun_layouts([(spec, lay)], steps=steps, timed_steps=timed_steps, dtype=dtype, seed=seed,
+                            timeout=timeout)
+    if runs is None:
+        return None
+    (cfg, per_rank), = runs
+    return _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes)
+
+
+def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0):
+    """launch_layouts under torchrun: this process is one rank of the launcher's world, which runs
+    every (ModelSpec, Layout) of `items` in turn. Rank 0 returns [(scenario dict, per-rank
+    results)], the others None."""
     import torch.distributed as dist
-    from .parallel import set_group_timeout
-    from .worker import device_for, run_scenario
-    supported(spec, lay)
+    from .worker import init_rank, run_scenario
     world = int(os.environ["WORLD_SIZE"])
-    if world != lay.gpus:
-        raise PlannerError(f"torchrun started {world} ranks (WORLD_SIZE) but the layout needs "
-                           f"tp*pp*dp*cp = {lay.gpus}; start {lay.gpus} ranks or change --gpus "
-                           f"and the degrees")
-    device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=timeout))
-    set_group_timeout(timeout)
-    cfg = scenario(spec, lay, steps, timed_steps, seed, dtype)
-    per_rank = run_scenario(cfg, device)
-    rep = None
-    if dist.get_rank() == 0:
-        rep = _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes)
+    for spec, lay in items:
+        supported(spec, lay)
+        if world != lay.gpus:
+            raise PlannerError(f"torchrun started {world} ranks (WORLD_SIZE) but the layout needs "
+                               f"tp*pp*dp*cp = {lay.gpus}; start {lay.gpus} ranks or change --gpus "
+                               f"and the degrees")
+    device = init_rank(timeout)
+    runs = []
+    for spec, lay in items:
+        cfg = scenario(spec, lay, steps, timed_steps, seed, dtype)
+        runs.append((cfg, run_scenario(cfg, device)))
+    rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()
-    return rep
+    return runs if rank == 0 else None

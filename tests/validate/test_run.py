@@ -226,6 +226,7 @@ SIZE = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "-
     (["--model", "llama-3-8b", "--gpus", "2", "--timeout", "-1"], "--timeout"),
     (["--model", "llama-3-8b", "--gpus", "2", "--hardware", "no-such-gpu"], "no-such-gpu"),
     (["--model", "llama-3-8b", "--gpus", "2", "--hidden", "36", "--heads", "4", "--kv-heads", "2"], "is odd"),
+    (["--model", "llama-3-8b", "--gpus", "4", "--tp", "4"], "KV heads"),     # planner: replicated; validate: not
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle, capsys):
     from validate.cli import main
