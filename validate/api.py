@@ -15,11 +15,24 @@ from planner.step import predict
 
 from .config import DTYPE_BYTES, scenario
 
-# (loss, gradients) relative tolerances of the match with the single-process reference. Adam
-# turns rounding differences in near-zero gradients into whole-step parameter differences, so
-# float32 gradients drift by ~1e-4 after a few steps; a layout that computes something else is
-# off by O(1).
-TOLERANCE = {"float64": (1e-9, 1e-8), "float32": (1e-4, 1e-2), "bfloat16": (3e-2, 1e-1)}
+# Tolerances of the match with the single-process reference, in units of the dtype's machine
+# epsilon (torch.finfo(dtype).eps): the same layout differs from the reference only by the order
+# of its sums (and its reductions' rounding), so errors scale with eps; a layout that computes
+# something else is off by O(1). Measured on tests/validate/test_run.py's 2-rank cases, 3 steps
+# (validate/README.md): loss <= 3.3 eps (fp32), 0.3 eps (bf16: the loss is computed in fp32);
+# step-0 gradients <= 10 eps (fp32), 3.5 eps (bf16); after Adam steps gradients drift further
+# (Adam's normalisation turns rounding in near-zero gradients into whole-step updates): up to
+# 1.1e4 eps in fp32, O(1) in bf16, where a comparison checks nothing and is not made.
+LOSS_EPS, GRAD0_EPS, GRAD_LATER_EPS = 16, 32, 2 ** 15
+
+
+def tolerance(dtype: str) -> tuple:
+    """(loss, step-0 gradients, later-step gradients or None) relative tolerances for a dtype."""
+    from .config import torch_dtype
+    import torch
+    eps = torch.finfo(torch_dtype(dtype)).eps
+    later = GRAD_LATER_EPS * eps
+    return LOSS_EPS * eps, GRAD0_EPS * eps, (later if later < 1 else None)
 
 
 # validate's implementation as a stack the planner models (planner/step.py counts a run with it):
@@ -170,7 +183,10 @@ def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, 
     ref_checks = []
     notes = list(notes)
     if reference:
-        ref_checks = compare(cfg, per_rank, ref or run_reference(cfg), TOLERANCE[dtype])
+        ref_checks = compare(cfg, per_rank, ref or run_reference(cfg), tolerance(dtype))
+        if tolerance(dtype)[2] is None and cfg["steps"] + cfg.get("timed_steps", 0) > 0:
+            notes.append(f"{dtype}: gradients are compared at step 0 only; after an Adam step rounding alone "
+                         f"moves them by O(1) from the reference (every step's loss is compared)")
     else:
         notes.append("no single-process reference run (--no-reference): losses and gradients not checked")
     pl = _plan(spec, lay, hardware, stack, dtype)

@@ -57,7 +57,7 @@ def build_parser():
     v.add_argument("--steps", type=_int_arg("--steps"), default=2, help="counted steps (after one warm-up)")
     v.add_argument("--timed-steps", type=_int_arg("--timed-steps", 0), default=2,
                    help="uninstrumented steps timed after the counted ones")
-    v.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    v.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
     v.add_argument("--seed", type=_int_arg("--seed", 0), default=1234)
     v.add_argument("--timeout", type=_float_arg("--timeout", 0.0, strict=True), default=600.0,
                    help="seconds for the whole run; a hung or dead rank ends it (default 600)")

@@ -55,20 +55,23 @@ class Init:
 # ---------------------------------------------------------------------------------------------
 # norms: save input + statistics only (Transformer Engine's fused norms)
 class _RMSNormFn(torch.autograd.Function):
+    # statistics in fp32 at least, saved for backward (Transformer Engine / Apex fused RMSNorm
+    # compute in fp32 under bf16; planner ElementBytes.stat)
     @staticmethod
     def forward(ctx, x, w, eps):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, w)
-        return x * rstd * w
+        return (xf * rstd).to(x.dtype) * w
 
     @staticmethod
     def backward(ctx, g):
         x, rstd, w = ctx.saved_tensors
-        xhat = x * rstd
-        gw = (g * xhat).sum(dim=tuple(range(g.dim() - 1)))
-        gxh = g * w
+        xhat = x.to(rstd.dtype) * rstd
+        gw = (g.to(rstd.dtype) * xhat).sum(dim=tuple(range(g.dim() - 1))).to(w.dtype)
+        gxh = g.to(rstd.dtype) * w.to(rstd.dtype)
         gx = rstd * (gxh - xhat * (gxh * xhat).mean(-1, keepdim=True))
-        return gx, gw, None
+        return gx.to(x.dtype), gw, None
 
 
 class Norm(nn.Module):

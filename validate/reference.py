@@ -58,8 +58,9 @@ def assemble(per_rank: list, step: int, ref_grads: dict):
 
 def compare(cfg: dict, per_rank: list, ref: dict, tol) -> list:
     """Checks: the loss of every step, and the gradients of every step the ranks reported.
-    tol: (loss, gradient) relative tolerances."""
-    rtol, gtol = tol
+    tol: (loss, step-0 gradient, later-step gradient or None) relative tolerances (api.tolerance);
+    None: later steps' gradients are not compared (their drift reaches O(1) in the dtype)."""
+    rtol, gtol0, gtol_later = tol
     checks = []
     steps = len(ref["losses"])
     for step in range(steps):
@@ -71,7 +72,8 @@ def compare(cfg: dict, per_rank: list, ref: dict, tol) -> list:
                            rel_err=rel, tol=rtol, ok=bool(rel <= rtol),
                            note="single-process reference loss vs the parallel run"))
     for step in range(steps):
-        if not any(r["grads"][step] for r in per_rank):
+        gtol = gtol0 if step == 0 else gtol_later
+        if gtol is None or not any(r["grads"][step] for r in per_rank):
             continue
         full, worst, missing = assemble(per_rank, step, ref["grads"][step])
         err = 0.0

@@ -23,8 +23,9 @@ def _merge(out, lse, o, l):
     """Combine two partial softmax results over disjoint key sets (log-sum-exp weights)."""
     if out is None:
         return o, l
+    acc = torch.promote_types(o.dtype, torch.float32)      # merged in fp32 at least, as TE's CP does
     new = torch.logaddexp(lse, l)
-    out = out * torch.exp(lse - new).unsqueeze(-1) + o * torch.exp(l - new).unsqueeze(-1)
+    out = out.to(acc) * torch.exp(lse - new).unsqueeze(-1) + o.to(acc) * torch.exp(l - new).unsqueeze(-1)
     return out, new
 
 
@@ -53,9 +54,9 @@ class RingAttention(torch.autograd.Function):
             else:
                 o, l = _flash_fwd(q[:, :, c:], kc, vc, False)
                 o2, l2 = _merge(out[:, :, c:], lse[:, :, c:], o, l)
-                out = torch.cat([out[:, :, :c], o2], 2)
+                out = torch.cat([out[:, :, :c].to(o2.dtype), o2], 2)
                 lse = torch.cat([lse[:, :, :c], l2], 2)
-        o_t = out.transpose(1, 2).contiguous()
+        o_t = out.transpose(1, 2).to(q.dtype).contiguous()
         ctx.save_for_backward(q, k, v, o_t, lse)
         ctx.cp = (cp_group, cp_rank, cp_size, ranks)
         return o_t

@@ -185,7 +185,9 @@ class _Rank:
         if self.tp_mesh is not None:
             # vocab-parallel cross entropy (microbatches() enters loss_parallel for the whole
             # step, as its backward must run inside it too)
-            logits = DTensor.from_local(out, self.tp_mesh, [Shard(-1)], run_check=False)
+            # in fp32 at least, as the reference and Megatron's vocab-parallel cross entropy
+            logits = DTensor.from_local(out.to(torch.promote_types(out.dtype, torch.float32)), self.tp_mesh,
+                                        [Shard(-1)], run_check=False)
             l = torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten(), reduction="sum")
             return l.to_local() / self.norm
         return cross_entropy_sum(out, tgt) / self.norm

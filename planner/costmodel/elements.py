@@ -30,6 +30,7 @@ class ElementBytes:
     def uniform(e: int, zero: int) -> "ElementBytes":
         """A run in one dtype of e bytes (validate on CPU): the optimizer holds an e-byte master
         copy and two moments (ZeRO 0-2, as Megatron's distributed optimizer), or only the two
-        moments when FSDP2's sharded parameters are the master copy (ZeRO 3)."""
-        return ElementBytes(act=e, stat=e, weight=e, grad=e, grad_reduce=e, param_gather=e,
+        moments when FSDP2's sharded parameters are the master copy (ZeRO 3). Statistics (norms,
+        softmax log-sum-exp, the loss) are fp32 at least, as PyTorch and TE compute them in bf16."""
+        return ElementBytes(act=e, stat=max(e, 4), weight=e, grad=e, grad_reduce=e, param_gather=e,
                             optimizer=(2 if zero == 3 else 3) * e)
