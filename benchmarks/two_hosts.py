@@ -16,7 +16,7 @@ and measure layouts that put TP, PP and DP inside and across the hosts.
 Root only (namespaces and tc). Everything it creates is removed on exit, on error and on Ctrl-C.
 The two hosts share this machine's cores; the link is the only thing between them that is slower
 than on one host, which is what a calibration across hosts has to find. --quick is the short
-version CI runs (a quick calibration and two layouts of a smaller model).
+version CI runs (2 ranks per host, a quick calibration and two layouts of a smaller model).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from planner.layout import Layout  # noqa: E402
 from planner.model_spec import ModelSpec  # noqa: E402
 
 NPROC = 4                                   # ranks per host; ranks 0-3 are h0, 4-7 h1
+NPROC_QUICK = 2                             # --quick: 2 per host (half the start-up on 2 cores)
 PASS_ERR = 0.20                             # issue 16: predictions within 20%
 TIE = 0.10                                  # measured step times this close are a tie (summarise)
 
@@ -48,25 +49,27 @@ def model(quick: bool) -> ModelSpec:
 
 
 def layouts(quick: bool) -> dict:
-    """Megatron's rank order tp-cp-ep-dp-pp over 2 x 4 ranks: tp4 stays inside a host, dp2 after
-    it crosses; pp2 is outermost and always crosses; tp8 and dp8 rings cross twice."""
+    """Megatron's rank order tp-cp-ep-dp-pp over 2 hosts of n ranks: TP of n stays inside a host
+    and DP of 2 after it crosses; PP of 2 is outermost and always crosses; tp8 and dp8 rings
+    cross twice."""
     seq, gb = (128, 8) if quick else (256, 8)
+    n = NPROC_QUICK if quick else NPROC
 
     def L(**k):
         return Layout(**dict(dict(micro_batch=1, global_batch=gb, seq_len=seq, zero=1), **k))
-    out = {"tp4 dp2": L(tp=4, dp=2), "dp4 pp2": L(dp=4, pp=2)}
+    out = {f"tp{n} dp2": L(tp=n, dp=2), f"dp{n} pp2": L(dp=n, pp=2)}
     if not quick:
         out.update({"tp8": L(tp=8), "dp8": L(dp=8), "tp2 dp2 pp2": L(tp=2, dp=2, pp=2)})
     return out
 
 
-def placement(lay: Layout) -> str:
+def placement(lay: Layout, nproc: int) -> str:
     """Which parallel dimensions stay inside a host and which cross, from the rank order."""
     inside, across = [], []
     stride = 1
     for name, n in (("TP", lay.tp), ("CP", lay.cp), ("DP", lay.dp), ("PP", lay.pp)):
         if n > 1:
-            (across if (n - 1) * stride >= NPROC else inside).append(name)
+            (across if (n - 1) * stride >= nproc else inside).append(name)
         stride *= n
     return (f"in: {'/'.join(inside) or '-'}").ljust(12) + f"across: {'/'.join(across) or '-'}"
 
@@ -84,7 +87,8 @@ def ranks_main(profile: str, out: str, quick: bool, timed_steps: int) -> int:
     for name, (cfg, per_rank) in zip(lays, runs):
         rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False, hardware=profile)
         st, tb = rep["step_time_s"], rep["time_breakdown"]
-        rows.append({"layout": name, "placement": placement(lays[name]), "measured_s": st["measured"],
+        rows.append({"layout": name, "placement": placement(lays[name], NPROC_QUICK if quick else NPROC),
+                     "measured_s": st["measured"],
                      "predicted_s": st["predicted"], "counts_ok": rep["ok"],
                      "predicted_terms_s": {k: v for k, v in (tb.get("predicted_s") or {}).items() if v > 0},
                      "measured_wait_s": ((tb.get("measured") or {}).get("mean_over_ranks") or {}).get(
@@ -125,6 +129,10 @@ def print_table(rows: list):
               + ", ".join(f"{k} {v:.3f}" for k, v in top))
 
 
+def nproc(a) -> int:
+    return NPROC_QUICK if a.quick else NPROC
+
+
 def rehearse(a, hosts, work: Path) -> list:
     profile = Path(a.profile) if a.profile else work / "two-hosts.toml"
     t0 = time.monotonic()
@@ -133,7 +141,7 @@ def rehearse(a, hosts, work: Path) -> list:
     # least their wall time); --quick skips what only the other fits would use
     cal += ["--quick", "--window", 0.05, "--collectives", "cpu"] if a.quick else ["--max-bytes", 16 * 2 ** 20]
     if not a.profile:
-        hosts.torchrun(cal, NPROC, work, a.timeout + 60, "calibrate")
+        hosts.torchrun(cal, nproc(a), work, a.timeout + 60, "calibrate")
     levels = network_levels(str(profile))
     if len(levels) != 2:
         raise RuntimeError(f"calibrate found {len(levels)} network level(s), expected 2 (inside a host, "
@@ -145,7 +153,7 @@ def rehearse(a, hosts, work: Path) -> list:
     t0 = time.monotonic()
     hosts.torchrun([Path(__file__).resolve(), "--ranks", "--profile", profile, "--rows", out,
                     "--timed-steps", a.timed_steps] + (["--quick"] if a.quick else []),
-                   NPROC, work, a.timeout, "layouts")
+                   nproc(a), work, a.timeout, "layouts")
     print(f"layouts ran in {time.monotonic() - t0:.0f} s")
     return json.loads(out.read_text())
 
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rate", default="1gbit", help="link rate each way, tc syntax (default 1gbit)")
     ap.add_argument("--qdisc", choices=("tbf", "htb"), default="tbf", help="shaping qdisc (default tbf)")
-    ap.add_argument("--quick", action="store_true", help="the short version (CI): quick calibration, 2 layouts")
+    ap.add_argument("--quick", action="store_true", help="the short version (CI): 2 ranks per host, quick calibration, 2 layouts")
     ap.add_argument("--timed-steps", type=int, help="uninstrumented timed steps per layout (default 2, 1 with --quick)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per torchrun (default 900)")
     ap.add_argument("--keep", metavar="DIR", help="keep the profile, rows and logs in DIR")
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         with netns.TwoHosts(a.rate, a.qdisc) as hosts:
-            print(hosts.describe() + f"; torchrun --nnodes 2 --nproc-per-node {NPROC}, gloo")
+            print(hosts.describe() + f"; torchrun --nnodes 2 --nproc-per-node {nproc(a)}, gloo")
             rows = rehearse(a, hosts, work)
     except netns.Interrupted as e:
         print(f"two_hosts: interrupted ({e}); namespaces and link removed", file=sys.stderr)
