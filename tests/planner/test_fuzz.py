@@ -135,7 +135,7 @@ def gen_argv(rng) -> list:
     return argv
 
 
-@fuzz_settings(1200)
+@fuzz_settings(800)
 @given(seeds)
 def _fuzz_cli(seed):
     _count("cli")
@@ -153,7 +153,7 @@ def _fuzz_cli(seed):
 
 def test_fuzz_cli_argv():
     _fuzz_cli()
-    assert RUNS["cli"] >= 1200
+    assert RUNS["cli"] >= 800
 
 
 # ---- native model files ----------------------------------------------------------------------
