@@ -11,7 +11,10 @@ and measure layouts that put TP, PP and DP inside and across the hosts.
 3. one more torchrun pair runs every layout below (this file's --ranks mode,
    validate.api.torchrun_layouts) and rank 0 predicts each layout's step time from the calibrated
    profile (validate/calibrate/predict.py) beside the measured one;
-4. prints one row per layout, then `two hosts: N layouts, median |err| X%, worst Y%, ranking ok|wrong`.
+4. prints one row per layout, then `two hosts: N layouts, median |err| X%, worst Y%, ranking ok|wrong`
+   (ranking ok: no two layouts measured more than 10% apart are predicted in the other order; closer
+   pairs are ties on this machine and are listed). Exit status 0 when every layout is within 20%,
+   the ranking is ok and every count check passed, else 1; 2 bad input; 130 interrupted.
 
 Root only (namespaces and tc). Everything it creates is removed on exit, on error and on Ctrl-C.
 The two hosts share this machine's cores; the link is the only thing between them that is slower
