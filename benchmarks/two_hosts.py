@@ -45,6 +45,10 @@ PASS_ERR = 0.20                             # issue 16: predictions within 20%
 TIE = 0.10                                  # measured step times this close are a tie (summarise)
 
 
+def ranks_per_host(quick: bool) -> int:
+    return NPROC_QUICK if quick else NPROC
+
+
 def model(quick: bool) -> ModelSpec:
     h = 256 if quick else 512
     return ModelSpec(name=f"two-hosts-{h}", layers=2 if quick else 4, hidden=h, heads=8, kv_heads=8, ffn_hidden=2 * h,
@@ -56,7 +60,7 @@ def layouts(quick: bool) -> dict:
     and DP of 2 after it crosses; PP of 2 is outermost and always crosses; tp8 and dp8 rings
     cross twice."""
     seq, gb = (128, 8) if quick else (256, 8)
-    n = NPROC_QUICK if quick else NPROC
+    n = ranks_per_host(quick)
 
     def L(**k):
         return Layout(**dict(dict(micro_batch=1, global_batch=gb, seq_len=seq, zero=1), **k))
@@ -79,18 +83,18 @@ def placement(lay: Layout, nproc: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # --ranks: one rank of the layouts' torchrun
-def ranks_main(profile: str, out: str, quick: bool, timed_steps: int) -> int:
+def ranks_main(profile: str, out: str, quick: bool, timed_steps: int, timeout: float) -> int:
     from validate import api
     spec, lays = model(quick), layouts(quick)
     runs = api.torchrun_layouts([(spec, lay) for lay in lays.values()], steps=1, timed_steps=timed_steps,
-                                timeout=900)
+                                timeout=timeout)
     if runs is None:
         return 0
     rows = []
     for name, (cfg, per_rank) in zip(lays, runs):
         rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False, hardware=profile)
         st, tb = rep["step_time_s"], rep["time_breakdown"]
-        rows.append({"layout": name, "placement": placement(lays[name], NPROC_QUICK if quick else NPROC),
+        rows.append({"layout": name, "placement": placement(lays[name], ranks_per_host(quick)),
                      "measured_s": st["measured"],
                      "predicted_s": st["predicted"], "counts_ok": rep["ok"],
                      "predicted_terms_s": {k: v for k, v in (tb.get("predicted_s") or {}).items() if v > 0},
@@ -132,10 +136,6 @@ def print_table(rows: list):
               + ", ".join(f"{k} {v:.3f}" for k, v in top))
 
 
-def nproc(a) -> int:
-    return NPROC_QUICK if a.quick else NPROC
-
-
 def rehearse(a, hosts, work: Path) -> list:
     profile = Path(a.profile) if a.profile else work / "two-hosts.toml"
     t0 = time.monotonic()
@@ -144,7 +144,7 @@ def rehearse(a, hosts, work: Path) -> list:
     # least their wall time); --quick skips what only the other fits would use
     cal += ["--quick", "--window", 0.05, "--collectives", "cpu"] if a.quick else ["--max-bytes", 16 * 2 ** 20]
     if not a.profile:
-        hosts.torchrun(cal, nproc(a), work, a.timeout + 60, "calibrate")
+        hosts.torchrun(cal, ranks_per_host(a.quick), work, a.timeout + 60, "calibrate")
     levels = network_levels(str(profile))
     if len(levels) != 2:
         raise RuntimeError(f"calibrate found {len(levels)} network level(s), expected 2 (inside a host, "
@@ -155,8 +155,8 @@ def rehearse(a, hosts, work: Path) -> list:
     out = work / "rows.json"
     t0 = time.monotonic()
     hosts.torchrun([Path(__file__).resolve(), "--ranks", "--profile", profile, "--rows", out,
-                    "--timed-steps", a.timed_steps] + (["--quick"] if a.quick else []),
-                   nproc(a), work, a.timeout, "layouts")
+                    "--timed-steps", a.timed_steps, "--timeout", a.timeout] + (["--quick"] if a.quick else []),
+                   ranks_per_host(a.quick), work, a.timeout, "layouts")
     print(f"layouts ran in {time.monotonic() - t0:.0f} s")
     return json.loads(out.read_text())
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.timed_steps = a.timed_steps or (1 if a.quick else 2)
     if a.ranks:
-        return ranks_main(a.profile, a.rows, a.quick, a.timed_steps)
+        return ranks_main(a.profile, a.rows, a.quick, a.timed_steps, a.timeout)
     import netns
     try:
         netns.parse_rate(a.rate)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         with netns.TwoHosts(a.rate, a.qdisc) as hosts:
-            print(hosts.describe() + f"; torchrun --nnodes 2 --nproc-per-node {nproc(a)}, gloo")
+            print(hosts.describe() + f"; torchrun --nnodes 2 --nproc-per-node {ranks_per_host(a.quick)}, gloo")
             rows = rehearse(a, hosts, work)
     except netns.Interrupted as e:
         print(f"two_hosts: interrupted ({e}); namespaces and link removed", file=sys.stderr)
