@@ -133,20 +133,22 @@ def korthikanti_layer_bytes(s, b, h, a, t, sp: bool, recompute: str):
     return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
 
 
-def model_state_bytes(params, dp_shard, zero, grad_bytes=4, weight_bytes=2, optimizer_bytes=12):
+def model_state_bytes(params, dp_shard, zero, grad_bytes=4, weight_bytes=2, optimizer_bytes=12, zero3_shard=None):
     """Weights, gradients and optimizer states per GPU (Rajbhandari et al. 2020 sec. 3.1/5.1):
     mixed-precision Adam keeps fp16/bf16 weights (2), gradients (2 in the paper; Megatron keeps
     fp32 main grads, 4) and K=12 bytes of fp32 master weight, momentum and variance. ZeRO-1
     shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights over
     the dp_shard ranks. ZeRO-1/2 shards are equal slices of the flat buffer padded to a multiple
     of the group (Megatron-Core param_and_grad_buffer.py; validate/parallel.py Bucket); FSDP2
-    (ZeRO-3) shards each parameter's first dimension (torch.chunk), unpadded on average."""
+    (ZeRO-3) shards each parameter's first dimension (torch.chunk) into padded chunks: zero3_shard,
+    the elements one rank allocates (costmodel/shapes.py; params / dp_shard when not given)."""
     zero = np.asarray(zero)
     g_ = np.maximum(dp_shard, 1)
     flat = np.where((zero == 1) | (zero == 2), np.ceil(params / g_) * g_, params)
-    w = params * weight_bytes / np.where(zero >= 3, dp_shard, 1)
-    g = np.where(zero >= 3, params, flat) * grad_bytes / np.where(zero >= 2, dp_shard, 1)
-    o = np.where(zero >= 3, params, flat) * optimizer_bytes / np.where(zero >= 1, dp_shard, 1)
+    z3 = params / g_ if zero3_shard is None else zero3_shard
+    w = np.where(zero >= 3, z3, params) * weight_bytes
+    g = np.where(zero >= 3, z3, flat / np.where(zero >= 2, g_, 1)) * grad_bytes
+    o = np.where(zero >= 3, z3, flat / np.where(zero >= 1, g_, 1)) * optimizer_bytes
     return w, g, o
 
 

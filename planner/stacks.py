@@ -118,6 +118,9 @@ class Stack:
     # ZeRO-3 parameters gathered at once, in elements (DeepSpeed stage3_max_live_parameters, 1e9);
     # inf: two layers (FSDP's current unit and its prefetch)
     zero3_max_live_params: float = float("inf")
+    # how ZeRO-3 pads each parameter for its shard group (costmodel/shapes.py): "dim0" FSDP2
+    # (torchtitan, Megatron-Core --use-torch-fsdp2), "unit" FSDP1's flat parameter, "numel" DeepSpeed
+    zero3_padding: str = "dim0"
     # the caching allocator's reserved bytes over allocated ones (fragmentation), fitted once per
     # stack over the reference runs that report reserved memory (benchmarks/memory.py --fit)
     allocator_overhead: float = 0.0
@@ -166,6 +169,7 @@ STACKS = {
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
         gemm=0.972,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
         elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",), cp_comms=(),
+        zero3_padding="unit",            # FSDP1 FULL_SHARD, one flat parameter per wrapped block
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
     "deepspeed": Stack(
         "deepspeed",
@@ -177,6 +181,7 @@ STACKS = {
         hybrid_shard=False,              # runtime/config.py: mics_shard_size rejected since 0.19.7
         cp_with_pp=False,                # no sequence axis in the pipeline grid
         zero3_max_live_params=1e9,       # docs: zero config stage3_max_live_parameters default
+        zero3_padding="numel",
         pooled_nics=False,
         source="Rajbhandari et al. 2020 sec. 5 (fp16 gradients)"),
 }

@@ -19,6 +19,7 @@ from .costmodel.compute import ATTN_BWD_FACTOR
 from .costmodel.elements import ElementBytes
 from .costmodel.footprint import model_states
 from .costmodel.knobs import LayerKnobs, StepKnobs
+from .costmodel.shapes import DIM0
 from .costmodel.state import dp_flows, stage_params
 from .layout import Layout, Recompute
 from .model_spec import ModelSpec
@@ -35,7 +36,10 @@ class RankCounts:
     moe_layers: list
     flops: dict = field(default_factory=dict)          # forward / backward / recompute
     attention_flops: dict = field(default_factory=dict)  # of which core attention
-    state: dict = field(default_factory=dict)          # weights / gradients / optimizer bytes
+    state: dict = field(default_factory=dict)          # weights / gradients / optimizer bytes (shard rank 0)
+    # ZeRO-3 under FSDP2: the optimizer bytes of each rank of the shard group (the last ranks
+    # hold fewer rows of each dim-0 chunk, costmodel/shapes.py); empty otherwise
+    optimizer_by_shard_rank: list = field(default_factory=list)
     params: dict = field(default_factory=dict)         # dense / expert elements
     collectives: dict = field(default_factory=dict)    # (label, kind) -> {"calls", "bytes"}
     activations: dict = field(default_factory=dict)    # layer -> bytes per micro-batch
@@ -89,11 +93,16 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     first, last = r == 0, r == L.pp - 1
     nmb = L.global_batch // (L.dp * L.micro_batch)
     _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last, st.stack.selective)
-    prm = stage_params(model, k, np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))]),
-                       np.array([first]), np.array([last]))
+    nl, nd_ = np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))])
+    shards, rule = (lt.groups.shard, lt.groups.eshard), st.stack.zero3_padding
+    prm = stage_params(model, k, nl, nd_, np.array([first]), np.array([last]), shards, rule)
     rc.params = {"dense": float(prm.dense[0]), "expert": float(prm.expert[0])}
     w, g, o = model_states(prm, lt.groups, k.zero, st.eb)
     rc.state = {"weights": float(w[0]), "gradients": float(g[0]), "optimizer": float(o[0])}
+    if L.zero == 3 and rule == DIM0:
+        rc.optimizer_by_shard_rank = [
+            float(model_states(stage_params(model, k, nl, nd_, np.array([first]), np.array([last]), shards, rule, i),
+                               lt.groups, k.zero, st.eb)[2][0]) for i in range(int(lt.groups.shard[0]))]
     _layer_collectives(rc, model, st.eb, lk, L, nmb, st.moe_imbalance, first, last)
     dp = dp_flows(model, lt.groups, k, st.stack, st.eb, prm, np.array([float(len(layers))]),
                   np.array([float(len(rc.moe_layers))]), np.array([first]), np.array([last]))

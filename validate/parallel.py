@@ -1,152 +1,21 @@
-"""Process groups in Megatron's rank order, tensor parallelism through PyTorch's parallel styles,
-and the data-parallel gradient reduction and optimizer (ZeRO 0-2 by hand in Megatron-Core's
-manner, ZeRO-3 through FSDP2's fully_shard).
-
-Rank order (megatron/core/parallel_state.py, order "tp-cp-ep-dp-pp"):
-    rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
-Expert layers re-split the tp*cp*dp ranks of a stage as etp (=1 here) x ep x edp, ep innermost.
-"""
+"""Tensor parallelism through PyTorch's parallel styles, and the data-parallel gradient
+reduction and optimizer (ZeRO 0-2 by hand in Megatron-Core's manner, ZeRO-3 through FSDP2's
+fully_shard); the groups and meshes they use come from groups.py."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .groups import Groups
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # torch < 2.4
     from torch.distributed._tensor import DTensor, Replicate, Shard
     from torch.distributed._tensor.placement_types import _Partial as Partial
-
-
-@dataclass
-class Topo:
-    world: int
-    rank: int
-    tp: int
-    cp: int
-    dp: int
-    pp: int
-    ep: int
-    vpp: int
-
-    def __post_init__(self):
-        r = self.rank
-        self.tp_r = r % self.tp
-        self.cp_r = (r // self.tp) % self.cp
-        self.dp_r = (r // (self.tp * self.cp)) % self.dp
-        self.pp_r = r // (self.tp * self.cp * self.dp)
-        inner = r % (self.tp * self.cp * self.dp)   # index inside the stage
-        self.ep_r = inner % self.ep
-        self.edp = self.tp * self.cp * self.dp // self.ep
-        self.edp_r = inner // self.ep
-
-    def rank_of(self, tp_r=None, cp_r=None, dp_r=None, pp_r=None):
-        tp_r = self.tp_r if tp_r is None else tp_r
-        cp_r = self.cp_r if cp_r is None else cp_r
-        dp_r = self.dp_r if dp_r is None else dp_r
-        pp_r = self.pp_r if pp_r is None else pp_r
-        return tp_r + self.tp * (cp_r + self.cp * (dp_r + self.dp * pp_r))
-
-    def coords(self) -> dict:
-        return dict(tp=self.tp_r, cp=self.cp_r, dp=self.dp_r, pp=self.pp_r, ep=self.ep_r,
-                    edp=self.edp_r)
-
-    def all_groups(self, tied_pp: bool) -> dict:
-        """label -> list of rank lists (every group of that kind, in a fixed order)."""
-        stage = self.tp * self.cp * self.dp
-        R = range(self.world)
-        out = {}
-
-        def by(key):
-            d = {}
-            for r in R:
-                d.setdefault(key(r), []).append(r)
-            return [v for _, v in sorted(d.items())]
-
-        def c(r):
-            return Topo(self.world, r, self.tp, self.cp, self.dp, self.pp, self.ep, self.vpp)
-        T = [c(r) for r in R]
-        if self.tp > 1:
-            out["tp"] = by(lambda r: (T[r].cp_r, T[r].dp_r, T[r].pp_r))
-        if self.cp > 1:
-            out["cp"] = by(lambda r: (T[r].tp_r, T[r].dp_r, T[r].pp_r))
-        if self.dp * self.cp > 1:
-            # the dense-gradient group is dp x cp (Megatron get_data_parallel_group(with_context_parallel=True))
-            out["dp"] = by(lambda r: (T[r].tp_r, T[r].pp_r))
-        if self.pp > 1:
-            out["pp"] = by(lambda r: r % stage)
-        if self.ep > 1:
-            out["ep"] = by(lambda r: (T[r].edp_r, T[r].pp_r))
-        if self.edp > 1:
-            # expert data-parallel group (Megatron get_expert_data_parallel_group); with ep = 1
-            # it holds the same ranks as dp but is its own group
-            out["edp"] = by(lambda r: (T[r].ep_r, T[r].pp_r))
-        if tied_pp and self.pp > 1:
-            out["embd"] = [[i, i + (self.pp - 1) * stage] for i in range(stage)]
-        return out
-
-
-_PG_CACHE = {}     # (label, ranks) -> ProcessGroup, shared by the scenarios of one launch
-_MESH_CACHE = {}   # (name, group name) -> DeviceMesh
-
-
-# dist.new_group's default timeout is the backend's (30 min for gloo and NCCL), not the one
-# init_process_group was given (torch/distributed/distributed_c10d.py _new_group_with_tag), so
-# every group validate makes takes the run's --timeout explicitly
-_GROUP_TIMEOUT = {"value": None}
-
-
-def set_group_timeout(seconds: float) -> None:
-    """The timeout every later new_group() gets (the run's --timeout)."""
-    from datetime import timedelta
-    _GROUP_TIMEOUT["value"] = timedelta(seconds=seconds)
-
-
-def new_group(ranks):
-    """dist.new_group with the run's timeout."""
-    return dist.new_group(ranks, timeout=_GROUP_TIMEOUT["value"])
-
-class Groups:
-    """This rank's process groups by label, created in the same order on every rank. Groups are
-    kept for the life of the process and reused by later scenarios with the same label and
-    ranks: DTensor caches sharding decisions that hold on to meshes, so a mesh's group must
-    outlive the scenario that made it."""
-
-    def __init__(self, topo: Topo, tied_pp: bool, labeler):
-        self.pg, self.ranks = {}, {}
-        for label, lists in topo.all_groups(tied_pp).items():
-            for ranks in lists:
-                key = (label, tuple(ranks))
-                if key not in _PG_CACHE:
-                    _PG_CACHE[key] = new_group(ranks)
-                g = _PG_CACHE[key]
-                if topo.rank in ranks:
-                    self.pg[label], self.ranks[label] = g, ranks
-                    labeler.add(label, g)
-        if "dp" not in self.pg:
-            self.ranks["dp"] = [topo.rank]
-        self.topo = topo
-
-    def get(self, label):
-        return self.pg.get(label)
-
-    def size(self, label):
-        return len(self.ranks.get(label, [0]))
-
-    def rank_in(self, label):
-        return self.ranks[label].index(self.topo.rank) if label in self.ranks else 0
-
-
-def mesh_1d(pg, device_type, name):
-    from torch.distributed.device_mesh import DeviceMesh
-    key = (name, pg.group_name)
-    if key not in _MESH_CACHE:
-        _MESH_CACHE[key] = DeviceMesh.from_group(pg, device_type, mesh_dim_names=(name,))
-    return _MESH_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +177,7 @@ class Bucket:
                  getattr(self, "grad_buffer_bytes", self.Np * e))
         return dict(weights=sum(local(p).numel() * local(p).element_size() for _, p in self.items),
                     gradients=grads,
-                    optimizer=o + self.master.numel() * e,   # master copy + Adam moments
-                    pad_bytes=0)   # the padded shard is predicted exactly (memory.model_state_bytes)
+                    optimizer=o + self.master.numel() * e)   # master copy + Adam moments
 
 
 class HandOptimizer:
@@ -461,8 +329,7 @@ class FSDPOptimizer:
         from torch.distributed.fsdp import fully_shard
         self.chunks = chunks
         self.groups = groups
-        g = groups.get("dp")
-        mesh = mesh_1d(g, device_type, "dp")
+        mesh = groups.mesh("dp")
         for ch in chunks:
             for blk in ch.layers.values():
                 fully_shard(blk, mesh=mesh)
@@ -497,18 +364,15 @@ class FSDPOptimizer:
         return out
 
     def state_bytes(self):
-        tot = {}
-        G = self.groups.size("dp")
-        for ch in self.chunks:
-            for p in ch.parameters():
-                lt = local(p)
-                e = lt.element_size()
-                add = {"weights": lt.numel() * e,
-                       "gradients": (local(p.grad).numel() * e if p.grad is not None else 0),
-                       "optimizer": sum(v.numel() * v.element_size()
-                                        for v in (local(x) for x in self.opt.state.get(p, {}).values()
-                                                  if isinstance(x, torch.Tensor)) if v.dim() > 0),
-                       "pad_bytes": abs(lt.numel() - p.numel() / G) * e}
-                for k, v in add.items():
-                    tot[("dense", k)] = tot.get(("dense", k), 0) + v
-        return tot
+        """What FSDP2 allocates: each parameter's padded dim-0 chunk (the local tensor is a view
+        of it, _fsdp_param.py _init_sharded_param), gradients in the padded reduce-scatter output
+        they are views of (_fsdp_collectives.py foreach_reduce), each storage counted once; Adam's
+        moments are shaped like the unpadded local rows."""
+        def storages(ts):
+            return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+        params = [p for ch in self.chunks for p in ch.parameters()]
+        moments = [local(x) for p in params for x in self.opt.state.get(p, {}).values()
+                   if isinstance(x, torch.Tensor) and x.dim() > 0]
+        return {("dense", "weights"): storages(local(p) for p in params),
+                ("dense", "gradients"): storages(local(p.grad) for p in params if p.grad is not None),
+                ("dense", "optimizer"): sum(v.numel() * v.element_size() for v in moments)}

@@ -20,7 +20,8 @@ from . import phases
 from .config import spec_from_dict, torch_dtype
 from .counters import ActivationMeter, CollectiveRecorder, GroupLabeler, PhaseFlopCounter
 from .model import Chunk, Ctx, Init, Rope, cp_positions, cross_entropy_sum
-from .parallel import FSDPOptimizer, Groups, HandOptimizer, Topo, apply_tp, mesh_1d, set_group_timeout
+from .groups import Groups, Topo, set_group_timeout
+from .parallel import FSDPOptimizer, HandOptimizer, apply_tp
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -142,7 +143,8 @@ class _Rank:
             raise RuntimeError(f"world size {world} does not match tp*pp*dp*cp = {tp * pp * dp * cp}")
         self.topo = topo = Topo(world, rank, tp, cp, dp, pp, ep, vpp)
         labeler = GroupLabeler()
-        self.groups = groups = Groups(topo, self.spec.tied_embeddings and pp > 1, labeler)
+        self.groups = groups = Groups(topo, self.spec.tied_embeddings and pp > 1, labeler, device.type,
+                                      moe=self.spec.moe is not None)
         dtype = torch_dtype(cfg["dtype"])
         self.rope = Rope(cp_positions(lay["seq_len"], cp, topo.cp_r), self.spec.head_dim, dtype, device)
         ctx = Ctx(self.spec, lay["recompute"], self.rope, cp=(groups.get("cp"), topo.cp_r, cp, groups.ranks.get("cp", [rank])),
@@ -153,7 +155,7 @@ class _Rank:
         self.chunks = [Chunk(self.spec, range(vs * per, (vs + 1) * per), vs == 0, vs == self.nv - 1, ctx, init)
                        for vs in self.my_vs]
         names = [ch.global_names() for ch in self.chunks]
-        self.tp_mesh = mesh_1d(groups.get("tp"), device.type, "tp") if tp > 1 else None
+        self.tp_mesh = groups.mesh("tp") if tp > 1 else None
         for ch in self.chunks if tp > 1 else ():
             apply_tp(ch, self.tp_mesh, lay["sp"])
         moe_names = {g for nm in names for g in nm.values() if ".experts." in g}

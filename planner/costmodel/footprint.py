@@ -62,8 +62,10 @@ def model_states(prm: StageParams, groups, zero, eb: ElementBytes) -> tuple:
     """(weights, gradients, optimizer) bytes of a rank's parameters, dense ones sharded over the
     ZeRO shard group and experts over the expert one (memory.model_state_bytes). With FSDP2's
     fp32 sharded parameters (eb.fsdp_master) ZeRO-3 weights are the master copy."""
-    w_d, g_d, o_d = M.model_state_bytes(prm.dense, groups.shard, zero, eb.grad, eb.weight, eb.optimizer)
-    w_e, g_e, o_e = M.model_state_bytes(prm.expert, groups.eshard, zero, eb.grad, eb.weight, eb.optimizer)
+    w_d, g_d, o_d = M.model_state_bytes(prm.dense, groups.shard, zero, eb.grad, eb.weight, eb.optimizer,
+                                        prm.shard_dense)
+    w_e, g_e, o_e = M.model_state_bytes(prm.expert, groups.eshard, zero, eb.grad, eb.weight, eb.optimizer,
+                                        prm.shard_expert)
     w, g, o = w_d + w_e, g_d + g_e, o_d + o_e
     if eb.fsdp_master:          # weights become the fp32 master: the optimizer keeps only its moments
         master = eb.fsdp_master / eb.weight * w

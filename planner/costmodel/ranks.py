@@ -75,7 +75,7 @@ def rank_terms(model, stack, eb: ElementBytes, groups, k: RankKnobs) -> RankTerm
     out = []
     for layers, ndense, first, last in spec:
         first, last = np.broadcast_to(first, layers.shape), np.broadcast_to(last, layers.shape)
-        prm = stage_params(model, k, layers, ndense, first, last)
+        prm = stage_params(model, k, layers, ndense, first, last, (groups.shard, groups.eshard), stack.zero3_padding)
         w, g, o = model_states(prm, groups, k.zero, eb)
         out.append(RankState(prm, dp_times(model, groups, k, stack, eb, prm, layers, layers - ndense, first, last),
                              w, g, o))

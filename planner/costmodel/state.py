@@ -4,11 +4,13 @@ each ZeRO stage, per step and per micro-batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from ..model_spec import ModelSpec
 from ..stacks import Stack
+from . import shapes as S
 from . import traffic as X
 from .elements import ElementBytes
 from .records import Record
@@ -24,6 +26,11 @@ class StageParams(Record):
     expert: np.ndarray         # routed experts, reduced over the expert data-parallel group
     root: np.ndarray           # of dense: embedding, final norm and output layer (FSDP's root unit)
     norms: np.ndarray          # of dense: norm weights (sequence-parallel: gradients all-reduced over TP)
+    # ZeRO-3: elements one rank of the shard group allocates, padded by the stack's rule (shapes.py);
+    # the group gathers shard x these
+    shard_dense: np.ndarray
+    shard_root: np.ndarray
+    shard_expert: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,12 @@ class LayerParams:
                            model.hidden * (2 if model.bias else 1))
 
 
-def stage_params(model: ModelSpec, k, layers, ndense, first, last) -> StageParams:
+def stage_params(model: ModelSpec, k, layers, ndense, first, last, shards=(1.0, 1.0), rule=S.DIM0,
+                 r=0) -> StageParams:
     """Parameters of a rank holding `layers` layers (`ndense` dense), the embedding if `first`
     and the final norm and output layer if `last`. With tied embeddings and pp > 1 the last stage
-    keeps its own copy of the embedding (Megatron-Core shared_embedding_or_output_weight)."""
+    keeps its own copy of the embedding (Megatron-Core shared_embedding_or_output_weight).
+    shards: the ZeRO-3 shard groups (dense, expert), r: the rank in them whose shard is counted."""
     p = LayerParams.of(model)
     nmoe = layers - ndense
     out_p = np.where(model.tied_embeddings & (k.pp > 1), model.embedding_params(), model.output_params())
@@ -65,7 +74,23 @@ def stage_params(model: ModelSpec, k, layers, ndense, first, last) -> StageParam
             + np.where(last, p.final_norm, 0.0))
     dense = (ndense * p.dense_shard + nmoe * p.moe_shard) / k.tp + ndense * p.dense_repl + nmoe * p.moe_repl + root
     norms = layers * model.norm_params() + np.where(last, p.final_norm, 0.0)
-    return StageParams(dense, nmoe * p.experts / (k.ep * k.etp), root, norms)
+    expert = nmoe * p.experts / (k.ep * k.etp)
+    return StageParams(dense, expert, root, norms, *_zero3_shards(model, k, ndense, nmoe, first, last, shards, rule, r))
+
+
+def _zero3_shards(model, k, ndense, nmoe, first, last, shards, rule, r):
+    """shapes.stage_elements on the ZeRO-3 rows only (zero elsewhere: no ZeRO-3 term reads them)."""
+    shape = np.broadcast(ndense, k.tp, k.zero).shape
+    rows = np.nonzero(np.broadcast_to(np.asarray(k.zero) == 3, shape))
+    out = [np.zeros(shape) for _ in range(3)]
+    if rows[0].size:
+        pick = lambda x: np.broadcast_to(np.asarray(x, dtype=float), shape)[rows]  # noqa: E731
+        sub = SimpleNamespace(tp=pick(k.tp), pp=pick(k.pp), ep=pick(k.ep), etp=pick(k.etp))
+        got = S.stage_elements(model, sub, pick(ndense), pick(nmoe), pick(first) > 0, pick(last) > 0,
+                               pick(shards[0]), pick(shards[1]), rule, r)
+        for o, g in zip(out, got):
+            o[rows] = g
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,14 +173,16 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     step.add((1, 2), g.shard > 1, "dp", "all_gather", bd, lambda: X.pad(pd, g.shard) * pg / bd, "shard_ag")
     step.add((1, 2), (g.eshard > 1) * (pe > 0), "edp", "all_gather", be, lambda: X.pad(pe, g.eshard) * pg / be,
              "eshard_ag")
-    mb_f.add((3,), 1.0, "dp", "all_gather", units + 1, lambda: pd * pg / (units + 1), "shard_ag")
-    mb_f.add((3,), 1.0, "edp", "all_gather", experts, lambda: pe * pg / np.maximum(nmoe, 1), "eshard_ag")
+    # ZeRO-3 moves the padded shards (shapes.py): shard x what one rank allocates
+    zd, zr, ze = prm.shard_dense * g.shard, prm.shard_root * g.shard, prm.shard_expert * g.eshard
+    mb_f.add((3,), 1.0, "dp", "all_gather", units + 1, lambda: zd * pg / (units + 1), "shard_ag")
+    mb_f.add((3,), 1.0, "edp", "all_gather", experts, lambda: ze * pg / np.maximum(nmoe, 1), "eshard_ag")
     regather = float(bool(stack.fsdp_regather_backward))
-    mb_b.add((3,), regather, "dp", "all_gather", units, lambda: (pd - prm.root) * pg / units, "shard_ag")
-    mb_b.add((3,), regather, "edp", "all_gather", experts, lambda: pe * pg / np.maximum(nmoe, 1), "eshard_ag")
-    mb_b.add((3,), 1.0, "dp", "reduce_scatter", units + 1, lambda: pd * gr / (units + 1), "shard_rs")
-    mb_b.add((3,), 1.0, "edp", "reduce_scatter", experts, lambda: pe * gr / np.maximum(nmoe, 1), "eshard_rs")
-    mb_b.add((3,), g.shard < g.dpcp, "dp", "all_reduce", 1.0, lambda: pd * gr / g.shard, "repl_ar")
+    mb_b.add((3,), regather, "dp", "all_gather", units, lambda: (zd - zr) * pg / units, "shard_ag")
+    mb_b.add((3,), regather, "edp", "all_gather", experts, lambda: ze * pg / np.maximum(nmoe, 1), "eshard_ag")
+    mb_b.add((3,), 1.0, "dp", "reduce_scatter", units + 1, lambda: zd * gr / (units + 1), "shard_rs")
+    mb_b.add((3,), 1.0, "edp", "reduce_scatter", experts, lambda: ze * gr / np.maximum(nmoe, 1), "eshard_rs")
+    mb_b.add((3,), g.shard < g.dpcp, "dp", "all_reduce", 1.0, lambda: prm.shard_dense * gr, "repl_ar")
     return DpFlows(step, mb_f, mb_b)
 
 

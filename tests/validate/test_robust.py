@@ -171,7 +171,7 @@ HANG_IN_SUBGROUP = """
 import os, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from validate.parallel import new_group, set_group_timeout
+from validate.groups import new_group, set_group_timeout
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
 set_group_timeout(3)
 g = new_group([0, 1])

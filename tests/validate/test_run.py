@@ -70,6 +70,11 @@ EIGHT = {
     **{f"dp4-cp2-zero{z}": (LLAMA, L(dp=4, cp=2, zero=z)) for z in (1, 3)},
 }
 
+# three ranks and sizes no power of two divides: the padding rules must be exact, not averaged
+ODD = ModelSpec(name="tiny-odd", layers=2, hidden=40, heads=4, kv_heads=2, ffn_hidden=100, vocab=131,
+                mlp="swiglu")
+THREE = {f"odd-dp3-zero{z}": (ODD, L(dp=3, zero=z, global_batch=3)) for z in (1, 3)}
+
 
 def _run(cases):
     t0 = time.perf_counter()
@@ -90,6 +95,11 @@ def two():
 @pytest.fixture(scope="module")
 def eight():
     return _run(EIGHT)
+
+
+@pytest.fixture(scope="module")
+def three():
+    return _run(THREE)
 
 
 def _failures(rep):
@@ -118,6 +128,22 @@ def test_combinations_on_eight_processes(eight, name):
     assert rep["world"] == 8
     assert rep["ok"], _failures(rep)
     assert _has(rep, "loss") and _has(rep, "gradients")
+
+
+def test_padding_is_exact_on_three_ranks(three):
+    """ZeRO-1 pads Megatron's flat buffer, FSDP2 each parameter's dim-0 chunk (131 vocab rows, 100
+    FFN rows, 40 hidden rows over 3 ranks): every state and collective byte count is exact, the
+    FSDP2 optimizer per shard rank (the last holds fewer rows). Before, ZeRO-1 failed its optimizer
+    bytes at dp3 and FSDP2's collective bytes needed a 1% allowance."""
+    for name in THREE:
+        rep = three[name][2]
+        assert rep["ok"], (name, _failures(rep))
+        for c in rep["checks"]:
+            if c["quantity"].startswith(("memory.", "collective.")):
+                assert c["tol"] <= 1e-9, c
+    opt = [c for c in three["odd-dp3-zero3"][2]["checks"] if c["quantity"] == "memory.optimizer_bytes"]
+    by = {c["shard_rank"]: c["measured"] for c in opt}
+    assert sorted(by) == [0, 1, 2] and by[2] < by[1] == by[0]
 
 
 def test_every_dimension_is_really_parallel(two, eight):

@@ -351,7 +351,8 @@ class Rank:
             # as validate's worker runs TP: parallel styles with SP, vocab-parallel loss
             from torch.distributed.tensor import DTensor, Shard
             from torch.distributed.tensor.parallel import loss_parallel
-            from ..parallel import apply_tp, mesh_1d
+            from ..groups import mesh_1d
+            from ..parallel import apply_tp
             g, _ = self._group(0, tp, 1)
             mesh = mesh_1d(g, self.device.type, "tp")
             apply_tp(model, mesh, True)
@@ -396,7 +397,7 @@ class Rank:
     def _group(self, level, size, stride):
         key = (size, stride)
         if key not in self.groups:
-            from ..parallel import new_group
+            from ..groups import new_group
             mine = None
             if stride == 1:
                 lists = [list(range(i, i + size)) for i in range(0, self.world, size)]
