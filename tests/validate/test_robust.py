@@ -171,10 +171,14 @@ HANG_IN_SUBGROUP = """
 import os, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from validate.groups import new_group, set_group_timeout
+from validate.counters import GroupLabeler
+from validate.groups import Groups, Topo, set_group_timeout
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
 set_group_timeout(3)
-g = new_group([0, 1])
+rank = int(os.environ["RANK"])
+# 4 ranks as tp2 x dp2: a mesh dim spanning the whole world would reuse the default group (and its
+# timeout); the tp dim's [0, 1] is a group of its own
+g = Groups(Topo(4, rank, 2, 1, 2, 1, 1, 1), False, GroupLabeler()).get("tp")
 if int(os.environ["RANK"]) == 1:
     time.sleep(25)          # a stalled peer
 try:
@@ -186,8 +190,8 @@ except Exception as e:
 
 
 def test_groups_honour_the_run_timeout_not_torchs_default(tmp_path):
-    """validate's groups (parallel.new_group) take the run's --timeout: dist.new_group's default
-    is the backend's 30 minutes, so under torchrun a stalled peer in a TP/DP/PP group hung the run
+    """validate's groups (the device mesh's dims, groups.Groups) take the run's --timeout:
+    dist.new_group's default is the backend's 30 minutes, so under torchrun a stalled peer in a TP/DP/PP group hung the run
     instead of ending it. Rank 0's collective must fail on the 3 s timeout, not complete when the
     stalled rank wakes after 25 s."""
     import socket
@@ -196,15 +200,16 @@ def test_groups_honour_the_run_timeout_not_torchs_default(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "4",
            "PYTHONPATH": str(ROOT)}
-    peer = subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    peers = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for r in (1, 2, 3)]
     try:
         r0 = subprocess.run([sys.executable, str(script)], env={**env, "RANK": "0"}, capture_output=True, text=True,
                             timeout=120)
     finally:
-        peer.kill()
-        peer.wait()
+        for peer in peers:
+            peer.kill()
+            peer.wait()
     assert r0.stdout.startswith("error"), (r0.stdout, r0.stderr[-1500:])
     assert "Timed out" in r0.stdout or "timeout" in r0.stdout.lower()
