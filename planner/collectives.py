@@ -48,6 +48,14 @@ def _level_terms(cluster: Cluster, size, stride, op=None):
     return out
 
 
+def gloo_rs_as_all_reduce(cluster: Cluster) -> bool:
+    """On gloo (flat-ring levels) a reduce-scatter costs an all-reduce of its input: measured
+    across two hosts, reduce_scatter_tensor took the all-reduce's time at 2 and at 8 ranks (and
+    twice the all-gather's), so it is timed with the all-reduce's traffic and steps
+    (validate/README.md, "Two hosts")."""
+    return any(lv.algorithm == "flat-ring" for lv in cluster.levels)
+
+
 def ring_bandwidth(cluster: Cluster, size, stride, op=None):
     """Per-rank bus bandwidth (bytes/s) a ring/tree collective of the group achieves."""
     bw = np.full(np.broadcast(np.asarray(size), np.asarray(stride)).shape, np.inf)
@@ -93,7 +101,12 @@ def all_gather(cluster, nbytes, size, stride, op="all_gather"):
 
 
 def reduce_scatter(cluster, nbytes, size, stride):
-    """Same traffic and steps as all-gather (Thakur 2005, sec. 4.3); its own fit when calibrated."""
+    """Same traffic and steps as all-gather (Thakur 2005, sec. 4.3); its own fit when calibrated;
+    an all-reduce's on gloo (gloo_rs_as_all_reduce)."""
+    if gloo_rs_as_all_reduce(cluster):
+        n = np.asarray(size, dtype=np.float64)
+        t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, "reduce_scatter")
+        return np.where(n > 1, t + _latency(cluster, size, stride, 2.0, "reduce_scatter"), 0.0)
     return all_gather(cluster, nbytes, size, stride, "reduce_scatter")
 
 
@@ -139,7 +152,7 @@ class Group:
     """A parallel group (size, stride) on a cluster with its bus bandwidth and per-step latencies
     computed once per collective, so that every collective on it is two multiply-adds."""
 
-    __slots__ = ("n", "bw", "lat", "cluster", "size", "stride")
+    __slots__ = ("n", "bw", "lat", "share", "cluster", "size", "stride")
 
     OPS = (("ar", "all_reduce", 2.0), ("ag", "all_gather", 1.0), ("rs", "reduce_scatter", 1.0))
 
@@ -149,12 +162,15 @@ class Group:
         size = np.asarray(size, dtype=np.float64)
         stride = np.broadcast_to(np.asarray(stride, dtype=np.float64), size.shape)
         per_op = any(lv.fits for lv in cluster.levels)     # else every op shares the level's pair
+        self.share = {key: share for key, _, share in self.OPS}
+        if gloo_rs_as_all_reduce(cluster):
+            self.share["rs"] = 2.0
         self.bw, self.lat = {}, {}
-        for key, op, steps in self.OPS:
+        for key, op, _ in self.OPS:
             o = op if per_op else None
             self.bw[key] = (ring_bandwidth(cluster, size, stride, o) + np.zeros_like(size)
                             if per_op or key == "ar" else self.bw["ar"])
-            self.lat[key] = _latency(cluster, size, stride, steps, o) + np.zeros_like(size)
+            self.lat[key] = _latency(cluster, size, stride, self.share[key], o) + np.zeros_like(size)
         if take is not None:
             size, stride = size[take], stride[take]
             self.bw = {k: v[take] for k, v in self.bw.items()}
@@ -166,13 +182,13 @@ class Group:
         return np.where(n > 1, share * (n - 1) / n * nbytes / self.bw[key] + self.lat[key], 0.0)
 
     def all_reduce(self, nbytes):
-        return self._time("ar", 2.0, nbytes)
+        return self._time("ar", self.share["ar"], nbytes)
 
     def all_gather(self, nbytes):
-        return self._time("ag", 1.0, nbytes)
+        return self._time("ag", self.share["ag"], nbytes)
 
     def reduce_scatter(self, nbytes):
-        return self._time("rs", 1.0, nbytes)
+        return self._time("rs", self.share["rs"], nbytes)
 
     def all_to_all(self, nbytes):
         return all_to_all(self.cluster, nbytes, self.size, self.stride)
@@ -183,9 +199,10 @@ class Group:
         n = self.n
         one = n <= 1
         out = {}
-        for key, _, share in self.OPS:
+        for key, _, _ in self.OPS:
             if key not in keys:
                 continue
+            share = self.share[key]
             out[f"a_{key}"] = np.where(one, 0.0, share * (n - 1) / n / self.bw[key])
             out[f"b_{key}"] = np.where(one, 0.0, self.lat[key])
         return out

@@ -54,7 +54,7 @@ def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
         out["attention"][key] = fit.fit_attention(pts, out["gemm"][key]["peak_flops"])
     out["memory"] = fit.fit_memory([(p["op"], p["bytes_moved"], p["seconds"]) for p in P["memory"]])
     out["overhead"] = fit.fit_overhead({p["layers"]: p["seconds"] for p in P["overhead"]})
-    out.update(_collective_fits(P, shared, collectives))
+    out.update(_collective_fits(P, shared, collectives, prov.get("backend") == "gloo"))
     return out
 
 
@@ -125,12 +125,13 @@ def _gemm_fits(P, prov, base) -> dict:
     return out
 
 
-def _collective_fits(P, shared, collectives) -> dict:
+def _collective_fits(P, shared, collectives, gloo=False) -> dict:
     """An alpha-beta fit per (level, op, group size) and the planner's two level parameters
-    fitted jointly over every op and group size of the level, per measuring condition."""
+    fitted jointly over every op and group size of the level, per measuring condition. gloo:
+    reduce-scatter fitted to the all-reduce's formula (planner/collectives.gloo_rs_as_all_reduce)."""
     by = {}
     for cond in sorted({bool(p.get("loaded")) for p in P["collective"]}):
-        by["loaded" if cond else "idle"] = _levels([p for p in P["collective"] if bool(p.get("loaded")) == cond])
+        by["loaded" if cond else "idle"] = _levels([p for p in P["collective"] if bool(p.get("loaded")) == cond], gloo)
     if shared > 1:
         # ranks sharing cores: a collective costs a training step the CPU its ranks spend on it
         # (every group at once: the mean rank's CPU seconds x ranks per core), not its wait. Across
@@ -139,7 +140,7 @@ def _collective_fits(P, shared, collectives) -> dict:
         cpu_pts = [dict(p, seconds=_cpu_cost(p, shared)) for p in P["collective"]
                    if not p.get("loaded") and p.get("cpu_s")]
         if cpu_pts:
-            by["cpu"] = _levels(cpu_pts)
+            by["cpu"] = _levels(cpu_pts, gloo)
     if collectives in (None, "auto"):
         collectives = "cpu" if "cpu" in by else "loaded"
     use = collectives if collectives in by else next(iter(by))
@@ -153,7 +154,7 @@ def _cpu_cost(p, shared) -> float:
     return max(cpu, p["seconds"] or 0.0) if p["level"] > 0 else cpu
 
 
-def _levels(points) -> list:
+def _levels(points, gloo=False) -> list:
     out = []
     levels = sorted({p["level"] for p in points})
     for lv in levels:
@@ -167,14 +168,14 @@ def _levels(points) -> list:
         for (op, g, pool), v in sorted(per.items()):
             if len(v) >= 2:
                 r = fit.fit_alpha_beta([x for x, _ in v], [y for _, y in v])
-                r.update(op=op, group=g, pool=pool, planner=fit.per_op_planner_params(op, g, r, pool))
+                r.update(op=op, group=g, pool=pool, planner=fit.per_op_planner_params(op, g, r, pool, gloo))
                 ab[f"{op}/{g}"] = r
-        joint = fit.fit_level([(p["op"], p["group"], p["bytes"], p["seconds"], p.get("pool", 1)) for p in pts])
+        joint = fit.fit_level([(p["op"], p["group"], p["bytes"], p["seconds"], p.get("pool", 1)) for p in pts], gloo)
         by_op = {}
         for op in dict.fromkeys(p["op"] for p in pts):
             sub = [(p["op"], p["group"], p["bytes"], p["seconds"], p.get("pool", 1)) for p in pts if p["op"] == op]
             if len(sub) >= 2:
-                by_op[op] = fit.fit_level(sub)
+                by_op[op] = fit.fit_level(sub, gloo)
         out.append({"level": lv, "groups": sorted({p["group"] for p in pts}),
                     "alpha_beta": ab, "joint": joint, "by_op": by_op,
                     "skipped": [p for p in points if p["level"] == lv

@@ -5,7 +5,8 @@
 - the planner's collective model for one network level: t = latency * steps(op, n) +
   bytes * traffic(op, n) / bandwidth (planner/collectives.py: ring all-reduce 2(n-1) steps and
   2(n-1)/n of the buffer, all-gather / reduce-scatter / all-to-all n-1 steps and (n-1)/n,
-  send/recv one step and the whole message), the same least squares in (latency, 1/bandwidth);
+  send/recv one step and the whole message): bandwidth from the largest messages' slope, latency
+  by the same least squares (fit_level);
 - GEMM efficiency: rate = peak * gemm_max * x / (x + gemm_half_dim), x = min(m, n, k)
   (planner/hardware.py Efficiency), least squares on log rate;
 - attention: forward + backward time = 3.5 * causal forward FLOPs / (peak * attention_max)
@@ -73,19 +74,52 @@ def planner_terms(op: str, n: int):
     raise ValueError(op)
 
 
-def fit_level(points) -> dict:
-    """One level's (latency, bandwidth) under the planner's collective formulas, fitted jointly
-    over points [(op, group size, bytes, seconds[, pool])]; residuals per op. `pool`: members of
-    the group inside one lower-level domain, whose links the planner pools at this level
-    (planner/collectives.ring_bandwidth: k_in x bandwidth); 1 when each host holds one member."""
-    rows, t, ops = [], [], []
+def level_terms(op: str, n: int, pool: int = 1, gloo: bool = False):
+    """(latency steps, share of the buffer per unit of the level's per-rank bandwidth) of the
+    planner's formula for a group of n with `pool` members per lower-level domain, whose links a
+    ring pools (planner/collectives.ring_bandwidth: k_in x bandwidth). On gloo a reduce-scatter
+    is timed as an all-reduce (planner/collectives.gloo_rs_as_all_reduce)."""
+    steps, share = planner_terms("all_reduce" if (gloo and op == "reduce_scatter") else op, n)
+    return steps, share / pool
+
+
+def _large_message_slope(A, t, series) -> float | None:
+    """Seconds per unit of planner traffic where bandwidth dominates: the median over series (op,
+    group, pool) of the slope between each one's two largest messages (Hockney 1994, 'The
+    communication challenge for MPP': the asymptotic rate from long messages). A least squares on
+    relative error over four decades of size is set by the small, latency-bound messages and read
+    the bandwidth of a 1 Gbit/s link 20% high for the 16 MiB collectives a training step moves."""
+    slopes = []
+    for key in dict.fromkeys(series):
+        idx = [i for i, k in enumerate(series) if k == key]
+        idx.sort(key=lambda i: A[i, 1])
+        if len(idx) >= 2 and A[idx[-1], 1] > A[idx[-2], 1]:
+            slopes.append((t[idx[-1]] - t[idx[-2]]) / (A[idx[-1], 1] - A[idx[-2], 1]))
+    slopes = [x for x in slopes if x > 0]
+    return float(np.median(slopes)) if slopes else None
+
+
+def fit_level(points, gloo: bool = False) -> dict:
+    """One level's (latency, bandwidth) under the planner's collective formulas over points
+    [(op, group size, bytes, seconds[, pool])]; residuals per op. `pool`: members of the group
+    inside one lower-level domain (level_terms); 1 when each host holds one member. Bandwidth from
+    the large messages (_large_message_slope), then latency by least squares on relative error
+    over every point; both by that least squares where no series has two sizes."""
+    rows, t, ops, series = [], [], [], []
     for op, n, S, sec, *pool in points:
-        steps, share = planner_terms(op, n)
-        rows.append((steps, S * share / (pool[0] if pool else 1)))
+        steps, share = level_terms(op, n, pool[0] if pool else 1, gloo)
+        rows.append((steps, S * share))
         t.append(sec)
         ops.append(op)
+        series.append((op, n, pool[0] if pool else 1))
     A, t = np.asarray(rows, dtype=float), np.asarray(t, dtype=float)
-    lat, inv_bw = _wls(A, t)
+    inv_bw = _large_message_slope(A, t, series)
+    if inv_bw is None:
+        lat, inv_bw = _wls(A, t)
+    else:
+        # min sum(((steps lat + x inv_bw - t) / t)^2) over lat >= 0
+        w2, r = 1.0 / t ** 2, t - A[:, 1] * inv_bw
+        lat = max(float(np.sum(w2 * A[:, 0] * r) / np.sum(w2 * A[:, 0] ** 2)), 0.0) if A[:, 0].any() else 0.0
     res = (A @ np.array([lat, inv_bw]) - t) / t
     per_op = {}
     for op in dict.fromkeys(ops):
@@ -96,12 +130,12 @@ def fit_level(points) -> dict:
             "residuals": [float(x) for x in res], "by_op": per_op, **_stats(res)}
 
 
-def per_op_planner_params(op: str, n: int, ab: dict, pool: int = 1) -> dict:
+def per_op_planner_params(op: str, n: int, ab: dict, pool: int = 1, gloo: bool = False) -> dict:
     """An op's own alpha-beta fit expressed as the planner's per-step latency and bandwidth (per
-    member link: a group pooling `pool` links per host reaches pool x that)."""
-    steps, share = planner_terms(op, n)
+    member link, level_terms)."""
+    steps, share = level_terms(op, n, pool, gloo)
     return {"latency_s": ab["alpha_s"] / steps if steps else 0.0,
-            "bandwidth_bytes_per_s": (share / ab["beta_s_per_byte"] / pool) if ab["beta_s_per_byte"] > 0
+            "bandwidth_bytes_per_s": (share / ab["beta_s_per_byte"]) if ab["beta_s_per_byte"] > 0
             else math.inf}
 
 

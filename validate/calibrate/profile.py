@@ -186,7 +186,8 @@ def _network(x: _Ctx, fits: dict) -> list:
         src = (f"fitted jointly (weighted least squares on relative error) to {j['n']} collectives {how} "
                f"(all-reduce, all-gather, reduce-scatter, all-to-all, send/recv; groups of "
                f"{', '.join(map(str, lv['groups']))} {where}, every group at once) under the planner's "
-               f"ring formulas, {who}; {resid}")
+               f"ring formulas{' (reduce-scatter with the all-reduce traffic gloo gives it)' if prov['backend'] == 'gloo' else ''}, "
+               f"{who}; {resid}")
         ent = {"name": lv_names.get(lv["level"], f"level{lv['level']}"),
                "domain": {"value": dom, "source": ("0 = whole cluster (outermost level)" if dom == 0 else
                                                    f"ranks per host in the calibration ({dom})")},
