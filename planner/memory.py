@@ -163,6 +163,8 @@ def gathered_inputs_bytes(m: ModelSpec, tokens, tp, sp, moe_layer, act=ACT_BYTES
     """What a stack that keeps the all-gathered input of each column-parallel linear under SP
     saves beyond the shard Megatron keeps (PyTorch ColwiseParallel after SequenceParallel, as
     torchtitan runs it; Megatron re-gathers in backward, tensor_parallel/layers.py
-    LinearWithGradAccumulationAndAsyncCommunication): QKV and fc1 inputs, the attention's only in
-    an MoE layer."""
-    return np.where(sp, (1 if moe_layer else 2) * (tokens - tokens / tp) * m.hidden * act, 0.0)
+    LinearWithGradAccumulationAndAsyncCommunication): QKV and fc1 inputs; in an MoE layer the
+    attention's, and the shared experts' whole gathered input (the router keeps the shard)."""
+    shared = bool(moe_layer and m.moe and m.moe.shared_experts)
+    extra = ((1 if moe_layer else 2) * (tokens - tokens / tp) + (tokens if shared else 0)) * m.hidden * act
+    return np.where(sp, extra, 0.0)

@@ -175,6 +175,10 @@ RULES: tuple = (
     Rule("ep_dense", ("ep",), lambda c, x: (x.model.moe is not None) | (c.ep == 1),
          lambda v, x: f"--ep {v['ep']} needs a mixture-of-experts model; {x.model.name} is dense",
          "Megatron-LM arguments.py: expert parallelism needs --num-experts"),
+    Rule("moe_tp_sp", ("tp", "sp"), lambda c, x: (x.model.moe is None) | (c.tp == 1) | np.asarray(c.sp, bool),
+         lambda v, x: f"--tp {v['tp']} with the experts of {x.model.name} needs --sp (sequence parallelism)",
+         "Megatron-Core moe/moe_layer.py MoELayer.forward: MoE with tensor parallelism and without "
+         "sequence parallelism raises in training"),
     Rule("etp_dense", ("etp",), lambda c, x: (x.model.moe is not None) | (c.etp == 1),
          lambda v, x: f"--etp {v['etp']} needs a mixture-of-experts model; {x.model.name} is dense",
          "Megatron-LM arguments.py: expert tensor parallelism needs --num-experts"),

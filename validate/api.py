@@ -87,9 +87,9 @@ def supported(spec: ModelSpec, layout: Layout):
         raise PlannerError(f"--tp {tp} exceeds the {spec.kv_heads} KV heads: Megatron replicates KV heads "
                            f"then, validate shards them and does not implement replication "
                            f"(use --tp <= {spec.kv_heads} or --kv-heads {tp})")
-    if spec.moe is not None and tp > 1:
-        raise PlannerError("MoE layers with --tp > 1 are not implemented; "
-                           "parallelise MoE models with --ep, --dp, --cp and --pp")
+    if spec.moe is not None and tp > 1 and not sp:
+        raise PlannerError(f"--tp {tp} with the experts of {spec.name} needs --sp (Megatron-Core's MoELayer "
+                           "refuses MoE with tensor parallelism and without sequence parallelism in training)")
     if layout.zero == 3 and (tp > 1 or pp > 1 or ep > 1):
         raise PlannerError("--zero 3 (FSDP2) is implemented with data and context "
                            "parallelism only (--tp, --pp and --ep must be 1)")

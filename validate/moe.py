@@ -46,11 +46,33 @@ class MoE(nn.Module):
                                      for i in range(m.shared_experts)])
 
     def forward(self, x):
+        from torch.distributed.tensor import DTensor
+        if isinstance(x, DTensor):
+            return self._forward_sp(x)
+        y = self._routed(x, torch.softmax(self.router(x), dim=-1))
+        for s in self.shared:
+            y = y + s(x)
+        return y
+
+    def _forward_sp(self, x):
+        """Under TP the block gets this rank's sequence shard (Megatron requires SP with MoE and TP,
+        moe_layer.py MoELayer.forward): the router, replicated over TP, scores the local tokens (its
+        gradient partial, all-reduced over tp with the norms': router.py sets sequence_parallel on
+        it); the routed experts (etp 1) take the local tokens over EP; the shared experts are split
+        over TP, input all-gathered and output reduce-scattered (shared_experts.py)."""
+        probs = torch.softmax(self.router(x), dim=-1).to_local()
+        out = self._routed(x.to_local(), probs)        # the block's residual stream is the local shard
+        for s in self.shared:
+            out = out + s(x)                           # RowwiseParallel hands back the local shard
+        return out
+
+    def _routed(self, x, probs):
+        """The routed experts' output for local tokens x [b, s, h] with router probabilities probs."""
         import torch.distributed as dist
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
+        probs = probs.reshape(-1, probs.shape[-1])
         E, k = self.experts_n, self.top_k
-        probs = torch.softmax(self.router(xt), dim=-1)
         topv, topi = torch.topk(probs, k, dim=-1)
         flat_e = topi.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
@@ -100,6 +122,4 @@ class MoE(nn.Module):
         # unpermute: probs * tokens, then scatter_add, which keeps only the index)
         w = topv.reshape(-1).index_select(0, order).unsqueeze(-1)
         y = torch.zeros_like(xt).scatter_add(0, tok[:, None].expand(-1, xt.shape[1]), ys * w)
-        for s in self.shared:
-            y = y + s(xt)
         return y.view(shape)

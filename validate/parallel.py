@@ -20,6 +20,17 @@ except ImportError:  # torch < 2.4
 
 # ---------------------------------------------------------------------------------------------
 # tensor parallel (+ sequence parallel) with torch.distributed.tensor.parallel styles
+def _mlp_plan(prefix, mlp, seq) -> dict:
+    """An MLP split over TP: its input gathered, fc1 (and the gate) column-parallel, fc2
+    row-parallel with its output reduced (-scattered under SP): Megatron's f and g."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+    plan = {prefix: PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w2": RowwiseParallel(output_layouts=seq)}
+    if mlp.gated:
+        plan[f"{prefix}.w3"] = ColwiseParallel()
+    return plan
+
+
 def apply_tp(chunk, tp_mesh, sp: bool):
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel,
@@ -37,17 +48,20 @@ def apply_tp(chunk, tp_mesh, sp: bool):
         # one conversion per block input, so Q/K/V (and gate/up) share one collective each way:
         # all-gather / reduce-scatter under SP, identity / all-reduce without (Megatron's f and g)
         plan[f"{p}.attn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
-        plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         for w in ("wq", "wk", "wv"):
             plan[f"{p}.attn.{w}"] = ColwiseParallel()
         plan[f"{p}.attn.wo"] = RowwiseParallel(output_layouts=seq)
         blk = chunk.layers[i]
         if blk.moe_layer:
-            raise NotImplementedError("MoE layers with --tp > 1")
-        plan[f"{p}.mlp.w1"] = ColwiseParallel()
-        if blk.mlp.gated:
-            plan[f"{p}.mlp.w3"] = ColwiseParallel()
-        plan[f"{p}.mlp.w2"] = RowwiseParallel(output_layouts=seq)
+            # sequence-parallel MoE (validate/moe.py MoE._forward_sp): router replicated, shared
+            # experts split like an MLP, routed experts whole (etp 1)
+            if not sp:
+                raise NotImplementedError("MoE layers with --tp > 1 need --sp")
+            plan[f"{p}.mlp.router"] = SequenceParallel()
+            for j, sh in enumerate(blk.mlp.shared):
+                plan.update(_mlp_plan(f"{p}.mlp.shared.{j}", sh, seq))
+            continue
+        plan.update(_mlp_plan(f"{p}.mlp", blk.mlp, seq))
     if chunk.last:
         if sp:
             plan["head.norm"] = SequenceParallel()

@@ -25,7 +25,7 @@ class StageParams(Record):
     dense: np.ndarray          # reduced over the dense data-parallel group (dp x cp)
     expert: np.ndarray         # routed experts, reduced over the expert data-parallel group
     root: np.ndarray           # of dense: embedding, final norm and output layer (FSDP's root unit)
-    norms: np.ndarray          # of dense: norm weights (sequence-parallel: gradients all-reduced over TP)
+    norms: np.ndarray          # of dense: norm and router weights (sequence-parallel: gradients all-reduced over TP)
     # ZeRO-3: elements one rank of the shard group allocates, padded by the stack's rule (shapes.py);
     # the group gathers shard x these
     shard_dense: np.ndarray
@@ -73,7 +73,10 @@ def stage_params(model: ModelSpec, k, layers, ndense, first, last, shards=(1.0, 
     root = ((np.where(first, model.embedding_params(), 0.0) + np.where(last, out_p, 0.0)) / k.tp
             + np.where(last, p.final_norm, 0.0))
     dense = (ndense * p.dense_shard + nmoe * p.moe_shard) / k.tp + ndense * p.dense_repl + nmoe * p.moe_repl + root
-    norms = layers * model.norm_params() + np.where(last, p.final_norm, 0.0)
+    # norms and, in MoE layers, the router: replicated over TP with sequence_parallel set, their
+    # gradients all-reduced over TP (Megatron-Core moe/router.py, finalize_model_grads)
+    router = model.hidden * model.moe.experts if model.moe else 0.0
+    norms = layers * model.norm_params() + nmoe * router + np.where(last, p.final_norm, 0.0)
     expert = nmoe * p.experts / (k.ep * k.etp)
     return StageParams(dense, expert, root, norms, *_zero3_shards(model, k, ndense, nmoe, first, last, shards, rule, r))
 

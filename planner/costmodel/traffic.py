@@ -42,8 +42,11 @@ def tp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, moe_layer: bool)
     """TP collectives of one layer and one pass: per pair an all-reduce, or under SP an all-gather
     + reduce-scatter (Korthikanti et al. 2022 sec. 4.2.2); Transformer Engine gathers fp8
     activations under fp8 (TE LayerNormLinear with sequence_parallel), reduces in 16 bits. An MoE
-    block's experts add a pair only with expert TP (etp > 1)."""
-    pairs = (1.0 + np.where(k.etp > 1, 1.0, 0.0)) if moe_layer else float(TP_PAIRS_DENSE)
+    block adds a pair for its shared experts, split over TP like an MLP (Megatron-Core
+    moe/shared_experts.py: input gathered, output reduce-scattered under SP), and one for the routed
+    experts only with expert TP (etp > 1)."""
+    shared = float(bool(model.moe and model.moe.shared_experts))
+    pairs = (1.0 + shared + np.where(k.etp > 1, 1.0, 0.0)) if moe_layer else float(TP_PAIRS_DENSE)
     pairs = pairs * (k.tp > 1)
     act = _act(model, k, eb)
     gathered = k.tokens * model.hidden * np.where(k.precision == Precision.FP8, 1.0, eb.act)

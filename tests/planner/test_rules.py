@@ -34,6 +34,7 @@ TABLE = [
     (LLAMA8, L(tp=2, sp=True, seq_len=4097), "megatron-core", "sp_seq", "divisible by --tp 2"),
     (LLAMA8, L(ep=2, dp=2), "megatron-core", "ep_dense", "needs a mixture-of-experts"),
     (MIXTRAL, L(ep=16, dp=16), "megatron-core", "ep_experts", "does not divide the 8 experts"),
+    (MIXTRAL, L(tp=2, ep=2, dp=4), "megatron-core", "moe_tp_sp", "needs --sp"),
     (MIXTRAL, L(tp=2, ep=4, dp=1), "megatron-core", "ep_group", "must divide tp x cp x dp"),
     (LLAMA8, L(dp=8, micro_batch=3, global_batch=64), "megatron-core", "batch_mb_dp", "micro-batch x dp = 24"),
     (LLAMA8, L(pp=4, first_stage_layers=30, last_stage_layers=3), "megatron-core", "stage_layers_total",

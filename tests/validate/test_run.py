@@ -61,6 +61,9 @@ EIGHT = {
     "tp2-pp2-dp2": (LLAMA, L(tp=2, pp=2, dp=2, sp=True)),
     "tp2-cp2-dp2": (LLAMA, L(tp=2, cp=2, dp=2, sp=True)),
     "ep2-dp4-pp2-moe": (MOE, L(pp=2, dp=4, ep=2, global_batch=8)),
+    # MoE under TP + SP (Megatron's layout): router replicated (its gradient in the TP norm
+    # all-reduce), shared experts split over TP, routed experts whole, EP across TP and DP ranks
+    "tp2-sp-ep4-dp4-moe": (MOE, L(tp=2, sp=True, dp=4, ep=4, global_batch=8)),
     # SP norm gradients of both model chunks in one TP all-reduce (ZeRO-1), per chunk and
     # micro-batch (ZeRO-2); the tied embedding reduced once after the drain
     "pp2-vpp2-tp2-dp2-sp": (LLAMA, L(tp=2, pp=2, vpp=2, dp=2, sp=True)),
@@ -158,6 +161,7 @@ def test_every_dimension_is_really_parallel(two, eight):
     assert {"tp", "pp", "dp"} <= groups(eight["tp2-pp2-dp2"][2])
     assert {"tp", "cp", "dp"} <= groups(eight["tp2-cp2-dp2"][2])
     assert {"ep", "edp", "pp", "dp"} <= groups(eight["ep2-dp4-pp2-moe"][2])
+    assert {"tp", "ep", "edp", "dp"} <= groups(eight["tp2-sp-ep4-dp4-moe"][2])
 
 
 def test_a_layout_computing_something_else_is_caught(two):
@@ -279,7 +283,7 @@ SIZE = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "-
     (["--model", "llama-3-8b", "--gpus", "two"], "--gpus"),
     (["--model", "llama-3-8b", "--gpus", "2", "--recompute", "sometimes"], "recompute"),
     (["--model", "deepseek-v3", "--gpus", "2"], "latent attention"),
-    (["--model", "mixtral-8x7b", "--gpus", "2", "--tp", "2"], "MoE layers with --tp"),
+    (["--model", "mixtral-8x7b", "--gpus", "2", "--tp", "2"], "needs --sp"),    # Megatron's MoELayer too
     (["--model", "llama-3-8b", "--gpus", "2", "--experts", "4"], "dense"),
     (["--model", "llama-3-8b", "--gpus", "2", "--timeout", "-1"], "--timeout"),
     (["--model", "llama-3-8b", "--gpus", "2", "--hardware", "no-such-gpu"], "no-such-gpu"),
