@@ -215,7 +215,7 @@ def test_predicted_collectives_balance_sent_and_received(model):
 def test_step_zero3_under_interleaving():
     """Found by the test above (with the older per-rank counts): an FSDP unit layout under the
     interleaved schedule."""
-    L = Layout(tp=2, pp=2, dp=4, vpp=2, schedule="interleaved", zero=3, global_batch=64, seq_len=4096)
+    L = Layout(tp=2, sp=True, pp=2, dp=4, vpp=2, schedule="interleaved", zero=3, global_batch=64, seq_len=4096)
     assert step_predict(MODELS["mixtral-8x22b"], L, STACKS["torchtitan"])
 
 
