@@ -154,7 +154,11 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     and last rank once per step after the pipeline drains, ZeRO-2 included (_allreduce_embedding_grads). Routed experts reduce over the expert group."""
     pd, pe, gr, pg = prm.dense, prm.expert, eb.grad_reduce, eb.param_gather
     bd = _buckets(pd, k.vpp, g.dpcp)
-    be = np.maximum(_buckets(pe, k.vpp, g.dpcp), 1.0)
+    # expert buffers only in the model chunks that hold an MoE layer: a rank's dense layers (the
+    # model's first ones) fill its first chunks, floor(dense / layers-per-chunk) of them wholly
+    vpp = np.maximum(k.vpp, 1)
+    moe_chunks = np.maximum(vpp - np.floor((layers - nmoe) * vpp / np.maximum(layers, 1)), 1.0)
+    be = np.maximum(_buckets(pe, moe_chunks, g.dpcp), 1.0)
     units = np.maximum(layers, 1.0)
     experts = (pe > 0) * nmoe
     masks = {}

@@ -60,7 +60,9 @@ TWO = {
 EIGHT = {
     "tp2-pp2-dp2": (LLAMA, L(tp=2, pp=2, dp=2, sp=True)),
     "tp2-cp2-dp2": (LLAMA, L(tp=2, cp=2, dp=2, sp=True)),
-    "ep2-dp4-pp2-moe": (MOE, L(pp=2, dp=4, ep=2, global_batch=8)),
+    # interleaved: rank 0's first chunk is the dense layer, so only one of its chunks has an
+    # expert buffer (the planner counted one per chunk: 2 expert all-reduces against 1)
+    "ep2-dp4-pp2-moe": (MOE, L(pp=2, vpp=2, schedule="interleaved", dp=4, ep=2, global_batch=8)),
     # MoE under TP + SP (Megatron's layout): router replicated (its gradient in the TP norm
     # all-reduce), shared experts split over TP, routed experts whole, EP across TP and DP ranks
     "tp2-sp-ep4-dp4-moe": (MOE, L(tp=2, sp=True, dp=4, ep=4, global_batch=8)),
