@@ -95,17 +95,28 @@ def _states(eb, stack, k: StepKnobs, rs):
     return weights, held, freed, rs.optimizer * copies, staged
 
 
-def rank_memory(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch,
-                inflight, first, last, unit=0.0) -> MemoryBreakdown:
-    """Memory of a rank holding `layers` layers (`ndense` dense) whose phase-4 state is `rs`
-    (ranks.RankState), with `inflight` micro-batches of activations
-    (schedules.inflight_microbatches), the embedding if `first`, logits if `last`. The peak is the
-    largest of these moments: the loss backward (every kept activation and the loss's tensors;
-    ZeRO-3 holds the last layer gathered), the first layer backward (a recomputed layer's full
-    activations instead of the loss's; ZeRO-3 gathers the next layer too), and the end of
-    backward where gradients freed between steps have all been made again, beside its largest
-    transient: a recomputed layer, the full-vocab embedding gradient, or FSDP2's reduce-scatter
-    of its largest unit (`unit` elements: a layer, or the root with the embedding and output)."""
+@dataclass(frozen=True)
+class _Moments:
+    """A rank's memory terms around its three peak moments (rank_memory)."""
+    weights: np.ndarray
+    held: np.ndarray
+    freed: np.ndarray
+    opt: np.ndarray
+    kept: np.ndarray
+    live: np.ndarray
+    logits: np.ndarray
+    gathered: np.ndarray
+    emb_grad: np.ndarray
+    buffers: np.ndarray
+    m_loss: np.ndarray
+    m_layer: np.ndarray
+    m_reduce: np.ndarray
+    m_end: np.ndarray
+
+
+def _moments(eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch, inflight, first, last,
+             unit) -> _Moments:
+    """The terms and the three moments of rank_memory (its docstring says which)."""
     a = lt.acts
     weights, held, freed, opt, staged = _states(eb, stack, k, rs)
     gathered = np.where((k.zero == 3) & ~staged, prefetch, 0.0)    # two layers (prefetch_bytes)
@@ -118,8 +129,6 @@ def rank_memory(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, lay
     # no-sync accumulation (FSDPParam.to_accumulated_grad_if_needed casts the unsharded gradient)
     vh = np.where(first & (stack.tp_embedding_grad_bytes > 0), a.emb_grad, 0.0)
     emb_grad = vh * (stack.tp_embedding_grad_bytes + eb.grad_reduce * np.where(staged, 1.0, 1.0 / k.tp))
-    m_loss = kept + logits + gathered / 2
-    m_layer = kept + live + gathered
     # under torchtitan's pipeline the sharded gradients appear only as the last micro-batch's
     # reduce-scatters free the unsharded ones: the held gradients are the larger
     freed = np.where(staged, 0.0, freed)
@@ -129,50 +138,79 @@ def rank_memory(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, lay
     reduce = np.where((k.zero == 3) & ~staged, stack.fsdp_reduce_bytes * big, 0.0)
     local = np.maximum(rs.params.dense + rs.params.expert, 1.0)
     m_reduce = freed * (1 - np.minimum(big / local, 1.0)) + reduce
-    m_end = np.maximum(freed + np.maximum(live, emb_grad) + gathered, m_reduce)
-    at_loss = (m_loss >= m_layer) & (m_loss >= m_end)
-    at_end = ~at_loss & (m_end > m_layer)
-    buffers = 2 * lt.comm.act_bytes             # TP/SP all-gather in/out buffers of one activation
-    weights = weights + np.where(at_loss, gathered / 2, gathered)
-    red = at_end & (m_reduce >= freed + np.maximum(live, emb_grad) + gathered)   # at FSDP2's last reduce
+    return _Moments(weights, held, freed, opt, kept, live, logits, gathered, emb_grad,
+                    2 * lt.comm.act_bytes,       # TP/SP all-gather in/out buffers of one activation
+                    m_loss=kept + logits + gathered / 2, m_layer=kept + live + gathered, m_reduce=m_reduce,
+                    m_end=np.maximum(freed + np.maximum(live, emb_grad) + gathered, m_reduce))
+
+
+def rank_memory(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch,
+                inflight, first, last, unit=0.0) -> MemoryBreakdown:
+    """Memory of a rank holding `layers` layers (`ndense` dense) whose phase-4 state is `rs`
+    (ranks.RankState), with `inflight` micro-batches of activations
+    (schedules.inflight_microbatches), the embedding if `first`, logits if `last`. The peak is the
+    largest of these moments: the loss backward (every kept activation and the loss's tensors;
+    ZeRO-3 holds the last layer gathered), the first layer backward (a recomputed layer's full
+    activations instead of the loss's; ZeRO-3 gathers the next layer too), and the end of
+    backward where gradients freed between steps have all been made again, beside its largest
+    transient: a recomputed layer, the full-vocab embedding gradient, or FSDP2's reduce-scatter
+    of its largest unit (`unit` elements: a layer, or the root with the embedding and output)."""
+    mo = _moments(eb, stack, lt, k, layers, ndense, rs, prefetch, inflight, first, last, unit)
+    gathered, live, emb_grad, freed = mo.gathered, mo.live, mo.emb_grad, mo.freed
+    at_loss = (mo.m_loss >= mo.m_layer) & (mo.m_loss >= mo.m_end)
+    at_end = ~at_loss & (mo.m_end > mo.m_layer)
+    weights = mo.weights + np.where(at_loss, gathered / 2, gathered)
+    red = at_end & (mo.m_reduce >= freed + np.maximum(live, emb_grad) + gathered)   # at FSDP2's last reduce
     emb = at_end & ~red & (emb_grad > live)
     weights = np.where(red, weights - gathered, weights)
-    grads = held + np.where(red, m_reduce, np.where(at_end, freed + np.where(emb, emb_grad, 0.0), 0.0))
-    acts = np.where(at_loss, kept, np.where(at_end, np.where(red | emb, 0.0, live), kept + live))
-    logits = np.where(at_loss, logits, 0.0)
-    allocated = weights + grads + opt + acts + logits + buffers
-    return MemoryBreakdown(weights=weights, gradients=grads, optimizer=opt, activations=acts, logits=logits,
-                           buffers=buffers, fragmentation=stack.allocator_overhead * allocated,
+    grads = mo.held + np.where(red, mo.m_reduce, np.where(at_end, freed + np.where(emb, emb_grad, 0.0), 0.0))
+    acts = np.where(at_loss, mo.kept, np.where(at_end, np.where(red | emb, 0.0, live), mo.kept + live))
+    logits = np.where(at_loss, mo.logits, 0.0)
+    allocated = weights + grads + mo.opt + acts + logits + mo.buffers
+    return MemoryBreakdown(weights=weights, gradients=grads, optimizer=mo.opt, activations=acts, logits=logits,
+                           buffers=mo.buffers, fragmentation=stack.allocator_overhead * allocated,
                            reserved=np.full(k.n, cluster.gpu.reserved_bytes))
 
 
-def rank_breakdowns(cluster, eb, stack, lt, k: StepKnobs, rt, detail: bool = True) -> list:
-    """[first, middle, last] pipeline rank's MemoryBreakdown and micro-batches in flight; only the
-    first where no candidate has a pipeline and no detail is asked."""
+def rank_total(cluster: Cluster, eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch,
+               inflight, first, last, unit=0.0) -> np.ndarray:
+    """rank_memory(...).total() without the breakdown (the search ranks on the peak alone): at each
+    moment everything but the moment's own terms is the same, so the allocated peak is that base
+    plus the largest moment."""
+    mo = _moments(eb, stack, lt, k, layers, ndense, rs, prefetch, inflight, first, last, unit)
+    allocated = (mo.weights + mo.held + mo.opt + mo.buffers
+                 + np.maximum(np.maximum(mo.m_loss, mo.m_layer), mo.m_end))
+    return allocated * (1 + stack.allocator_overhead) + cluster.gpu.reserved_bytes
+
+
+def rank_breakdowns(cluster, eb, stack, lt, k: StepKnobs, rt, detail: bool = True, of=rank_memory) -> list:
+    """[first, middle, last] pipeline rank's MemoryBreakdown (`of`=rank_total: its total) and
+    micro-batches in flight; only the first where no candidate has a pipeline and no detail is asked."""
     split = rt.split
     infl = S.inflight_microbatches(k.schedule, k.pp, k.vpp, k.micro_batches)
     u = rt.unit
-    mf = rank_memory(cluster, eb, stack, lt, k, split.first, split.dense_first, rt.first, rt.prefetch, infl, True,
-                     k.pp == 1, u)
+    mf = of(cluster, eb, stack, lt, k, split.first, split.dense_first, rt.first, rt.prefetch, infl, True, k.pp == 1, u)
     if k.single_rank and not detail:
         return [(mf, infl)]
     im, il = np.maximum(infl - 1, 1), np.minimum(infl, 1)
-    mm = rank_memory(cluster, eb, stack, lt, k, split.mid, split.dense_mid, rt.mid, rt.prefetch, im, False, False, u)
-    ml = rank_memory(cluster, eb, stack, lt, k, split.last, split.dense_last, rt.last, rt.prefetch, il, False, True, u)
+    mm = of(cluster, eb, stack, lt, k, split.mid, split.dense_mid, rt.mid, rt.prefetch, im, False, False, u)
+    ml = of(cluster, eb, stack, lt, k, split.last, split.dense_last, rt.last, rt.prefetch, il, False, True, u)
     return [(mf, infl), (mm, im), (ml, il)]
 
 
 def peak_memory(cluster, eb, stack, lt, k: StepKnobs, rt, detail: bool = True) -> tuple:
     """(breakdown of the rank with the largest total, its index 0 first / 1 middle / 2 last);
-    rt: ranks.RankTerms of the candidates. detail=False: (peak bytes, None)."""
+    rt: ranks.RankTerms of the candidates. detail=False: (peak bytes, None), from the totals alone."""
     pp = k.pp
+    if not detail:
+        ranks = rank_breakdowns(cluster, eb, stack, lt, k, rt, False, of=rank_total)
+        if len(ranks) == 1:
+            return ranks[0][0], None
+        (tf_, _), (tm_, _), (tl_, _) = ranks
+        return np.maximum(np.maximum(tf_, np.where(pp > 2, tm_, 0.0)), np.where(pp > 1, tl_, 0.0)), None
     ranks = rank_breakdowns(cluster, eb, stack, lt, k, rt, detail)
-    if len(ranks) == 1:
-        return ranks[0][0].total(), None
     (mf, _), (mm, _), (ml, _) = ranks
     tf_, tm_, tl_ = mf.total(), np.where(pp > 2, mm.total(), 0.0), np.where(pp > 1, ml.total(), 0.0)
-    if not detail:
-        return np.maximum(np.maximum(tf_, tm_), tl_), None
     which = np.where(tf_ >= tm_, np.where(tf_ >= tl_, 0, 2), np.where(tm_ >= tl_, 1, 2))
     m0, m1 = which == 0, which == 1
     pick = lambda a, b, c: np.where(m0, a, np.where(m1, b, c))  # noqa: E731
