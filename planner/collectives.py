@@ -86,11 +86,11 @@ def _latency(cluster: Cluster, size, stride, steps_factor: float, op=None):
     return lat + flat
 
 
-def all_reduce(cluster, nbytes, size, stride):
+def all_reduce(cluster, nbytes, size, stride, op="all_reduce"):
     """Ring all-reduce of an nbytes buffer: 2(n-1)/n * S / busbw + 2(n-1) alpha (Thakur 2005)."""
     n = np.asarray(size, dtype=np.float64)
-    t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, "all_reduce")
-    return np.where(n > 1, t + _latency(cluster, size, stride, 2.0, "all_reduce"), 0.0)
+    t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, op)
+    return np.where(n > 1, t + _latency(cluster, size, stride, 2.0, op), 0.0)
 
 
 def all_gather(cluster, nbytes, size, stride, op="all_gather"):
@@ -104,9 +104,7 @@ def reduce_scatter(cluster, nbytes, size, stride):
     """Same traffic and steps as all-gather (Thakur 2005, sec. 4.3); its own fit when calibrated;
     an all-reduce's on gloo (gloo_rs_as_all_reduce)."""
     if gloo_rs_as_all_reduce(cluster):
-        n = np.asarray(size, dtype=np.float64)
-        t = 2.0 * (n - 1) / n * nbytes / ring_bandwidth(cluster, size, stride, "reduce_scatter")
-        return np.where(n > 1, t + _latency(cluster, size, stride, 2.0, "reduce_scatter"), 0.0)
+        return all_reduce(cluster, nbytes, size, stride, "reduce_scatter")
     return all_gather(cluster, nbytes, size, stride, "reduce_scatter")
 
 

@@ -154,8 +154,10 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     and last rank once per step after the pipeline drains, ZeRO-2 included (_allreduce_embedding_grads). Routed experts reduce over the expert group."""
     pd, pe, gr, pg = prm.dense, prm.expert, eb.grad_reduce, eb.param_gather
     bd = _buckets(pd, k.vpp, g.dpcp)
-    # expert buffers only in the model chunks that hold an MoE layer: a rank's dense layers (the
-    # model's first ones) fill its first chunks, floor(dense / layers-per-chunk) of them wholly
+    # expert buffers only in the model chunks that hold an MoE layer (Megatron-Core wraps each model
+    # chunk in its own DistributedDataParallel, distributed/distributed_data_parallel.py, buffers
+    # per parameter kind): a rank's dense layers (the model's first) fill its first chunks,
+    # floor(dense / layers-per-chunk) of them wholly
     vpp = np.maximum(k.vpp, 1)
     moe_chunks = np.maximum(vpp - np.floor((layers - nmoe) * vpp / np.maximum(layers, 1)), 1.0)
     be = np.maximum(_buckets(pe, moe_chunks, g.dpcp), 1.0)
