@@ -10,6 +10,7 @@ them. What is valid is decided by rules.py alone; this module only decides what 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -196,16 +197,60 @@ def _classes(ctx: Context, fixed: dict):
             yield deg, pipe, pairs, lk, steps
 
 
-def iter_candidates(ctx: Context, fixed: dict, overlap: dict | None = None, chunk: int = 131072):
+@dataclass(frozen=True)
+class ClassTables:
+    """One class of degree rows made ready to enumerate (_classes): its tables, the rules' masks
+    on them, and where its rows sit in the layer and rank tables every class of one GPU count
+    shares (one table each, so the cost model computes phases 1-4 once per search, not per
+    class). count and iter_candidates both read it, so a search that counts first
+    (engine._check_space) does not build it twice."""
+    deg: dict
+    pipe: dict
+    pairs: tuple
+    lk: dict
+    steps: dict
+    table: dict                  # the shared layer table; this class's rows from layer_offset
+    layer_offset: int
+    ranks: dict                  # the shared rank table; this class's rows from rank_offset
+    rank_offset: int
+    rank_of: object
+    layer_ok: np.ndarray
+    pair_ok: np.ndarray          # [step row, pair]
+    mixed: list
+
+
+def prepare(ctx: Context, fixed: dict, overlap: dict | None = None) -> list:
+    """The ClassTables of every class of degree rows of ctx (empty classes left out)."""
+    parts = []
+    for deg, pipe, pairs, lk, steps in _classes(ctx, fixed):
+        table = _layer_table(ctx, fixed, overlap or {}, deg, lk)
+        ranks, rank_of = _rank_table(deg, pipe, pairs, lk, steps, fixed)
+        layer_ok, pair_ok, mixed = _masks(ctx, fixed, deg, pipe, lk, steps, pairs, table)
+        parts.append((deg, pipe, pairs, lk, steps, table, ranks, rank_of, layer_ok, np.stack(pair_ok), mixed))
+    if not parts:
+        return []
+    lo = np.cumsum([0] + [len(p[5]["tp"]) for p in parts])
+    ro = np.cumsum([0] + [len(p[6]["tp"]) for p in parts])
+    table = {k: np.concatenate([p[5][k] for p in parts]) for k in parts[0][5]}
+    ranks = {k: np.concatenate([p[6][k] + (lo[i] if k == "layer_row" else 0) for i, p in enumerate(parts)])
+             for k in parts[0][6]}
+    return [ClassTables(deg, pipe, pairs, lk, steps, table, int(lo[i]), ranks, int(ro[i]), rank_of, layer_ok, pair_ok,
+                        mixed)
+            for i, (deg, pipe, pairs, lk, steps, _, _, rank_of, layer_ok, pair_ok, mixed) in enumerate(parts)]
+
+
+def iter_candidates(ctx: Context, fixed: dict, overlap: dict | None = None, chunk: int = 131072,
+                    prepared: list | None = None):
     """Yield Candidates chunks of every valid layout of ctx.model on ctx.gpus.
 
     Per class of degree rows, the valid (degree row, pipeline knobs) pairs are found on that small
     table and crossed with the per-layer knobs (sp, precision, cp_comm) and the per-step knobs
     (recompute, zero) in chunks, masked by the rules decided on the layer and pair tables. Each
     chunk carries the table of distinct per-layer rows (degrees x per-layer knobs) and the table of
-    distinct per-rank rows (costmodel/ranks.py), and each candidate's index into them."""
-    for deg, pipe, pairs, lk, steps in _classes(ctx, fixed):
-        yield from _chunks(ctx, fixed, overlap or {}, deg, pipe, lk, steps, pairs, chunk)
+    distinct per-rank rows (costmodel/ranks.py), and each candidate's index into them.
+    `prepared`: prepare(ctx, fixed, overlap), where the caller has it already."""
+    for ct in (prepared if prepared is not None else prepare(ctx, fixed, overlap)):
+        yield from _chunks(ctx, fixed, overlap or {}, ct, chunk)
 
 
 def _rank_table(deg: dict, pipe: dict, pairs, lk: dict, steps: dict, fixed: dict) -> tuple:
@@ -254,27 +299,24 @@ def _masks(ctx: Context, fixed: dict, deg: dict, pipe: dict, lk: dict, steps: di
     return layer_ok, pair_ok, mixed
 
 
-def count(ctx: Context, fixed: dict) -> int:
+def count(ctx: Context, fixed: dict, prepared: list | None = None) -> int:
     """How many layouts iter_candidates yields, without making them (the rules' masks only)."""
+    prepared = prepared if prepared is not None else prepare(ctx, fixed)
     n = 0
-    for deg, pipe, pairs, lk, steps in _classes(ctx, fixed):
-        table = _layer_table(ctx, fixed, {}, deg, lk)
-        layer_ok, pair_ok, mixed = _masks(ctx, fixed, deg, pipe, lk, steps, pairs, table)
-        if mixed:
-            return sum(len(c) for c in iter_candidates(ctx, fixed))
-        per_deg = layer_ok.reshape(len(deg["tp"]), len(lk["sp"])).sum(axis=1)
-        n += int(sum(per_deg[pairs[0]][ok].sum() for ok in pair_ok))
+    for ct in prepared:
+        if ct.mixed:
+            return sum(len(c) for c in iter_candidates(ctx, fixed, prepared=prepared))
+        per_deg = ct.layer_ok.reshape(len(ct.deg["tp"]), len(ct.lk["sp"])).sum(axis=1)
+        n += int(sum(per_deg[ct.pairs[0]][ok].sum() for ok in ct.pair_ok))
     return n
 
 
-def _chunks(ctx, fixed, overlap, deg, pipe, lk, steps, pairs, chunk):
+def _chunks(ctx, fixed, overlap, ct: ClassTables, chunk):
     """Chunks of (degree row, pipeline knobs) pairs x per-layer knobs x per-step knobs, pair-major,
     masked by the rules decided on the layer and pair tables."""
-    di, pi, first, last = pairs
-    table = _layer_table(ctx, fixed, overlap, deg, lk)
-    ranks, rank_of = _rank_table(deg, pipe, pairs, lk, steps, fixed)
-    layer_ok, pair_ok, mixed = _masks(ctx, fixed, deg, pipe, lk, steps, pairs, table)
-    pair_ok = np.stack(pair_ok)                       # [step row, pair]
+    deg, pipe, lk, steps, rank_of = ct.deg, ct.pipe, ct.lk, ct.steps, ct.rank_of
+    di, pi, first, last = ct.pairs
+    layer_ok, pair_ok, mixed = ct.layer_ok, ct.pair_ok, ct.mixed
     nl, ns = len(lk["sp"]), len(steps["zero"])
     total = len(di) * nl * ns
     for start in range(0, total, chunk):
@@ -298,7 +340,8 @@ def _chunks(ctx, fixed, overlap, deg, pipe, lk, steps, pairs, chunk):
         cols["shard_group"] = np.full(n, fixed.get("shard_group") or 0, np.int64)
         for k in ("overlap_tp", "overlap_dp", "overlap_pp", "overlap_ep"):
             cols[k] = np.full(n, overlap.get(k, True), bool)
-        c = Candidates(cols, table, d * nl + lsel, ranks, rank_of(v, lsel, srow))
+        c = Candidates(cols, ct.table, ct.layer_offset + d * nl + lsel, ct.ranks,
+                       ct.rank_offset + rank_of(v, lsel, srow))
         if mixed:
             keep = rules.mask(cols, ctx, involving=tuple(k for r in mixed for k in r.knobs))
             c = c.take(np.nonzero(keep)[0])

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import pareto as P
 from . import rules
-from .candidates import count, degree_table, explain_empty, iter_candidates
+from .candidates import count, degree_table, explain_empty, iter_candidates, prepare
 from .costmodel import Evaluation, SearchCache, Settings, evaluate
 from .errors import PlannerError
 from .pareto import pareto_mask
@@ -67,7 +67,7 @@ class _Scan:
         q = self.q
         if self.evaluated + len(cands) > _budget(q):
             raise _too_many(q)
-        ev = evaluate(q.model, q.cluster, cands, q.stack, detail=False, cache=self.cache)
+        ev = evaluate(q.model, q.cluster, cands, q.stack, detail=False, cache=self.cache, fits_only=True)
         self.evaluated += len(cands)
         ok = ev.feasible
         nfeas = int(ok.sum())
@@ -103,10 +103,10 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
                    price, overlap, moe_imbalance, capacity_factor)
     if q.single:
         rules.check_fixed(q.context(q.counts[0]), q.fixed)
-    _check_space(q)
+    prepared = _check_space(q)
     scan = _Scan(q)
     for g in q.counts:
-        for cands in iter_candidates(q.context(g), q.fixed, q.overlap):
+        for cands in iter_candidates(q.context(g), q.fixed, q.overlap, prepared=prepared.get(g)):
             scan.add(cands)
     empty_reason = None
     if scan.evaluated == 0 and q.single:    # a fixed knob impossible on its own raises; a clash is said
@@ -115,22 +115,33 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
 
 
 def _result(q: Query, scan: _Scan, empty_reason, seconds) -> SearchResult:
-    """The kept candidates scored again with their breakdowns, as a SearchResult."""
-    def plans(cands, tokens):
-        ev = evaluate(q.model, q.cluster, cands, q.stack, q.moe_imbalance, q.capacity_factor)
-        moe = q.model.moe is not None
-        return [plan_from_eval(ev, cands, i, q.cluster, tokens, q.price, q.stack.name, moe) for i in range(len(cands))]
-
-    best = []
+    """The kept candidates (best, closest infeasible, Pareto front) scored again with their
+    breakdowns, in one evaluation, as a SearchResult."""
+    best = None
     if scan.best:
         sc, cands = _merge(scan.best, max(q.top, 1))
-        best = plans(cands.take(np.argsort(-sc, kind="stable")[:q.top]), q.tokens)
-    closest = plans(scan.closest[1], q.tokens)[0] if scan.closest is not None else None
+        best = cands.take(np.argsort(-sc, kind="stable")[:q.top])
+    closest = scan.closest[1] if scan.closest is not None else None
     front = P.reduce_fronts(scan.fronts, q.cluster, q.tokens, q.price) if scan.fronts else None
-    gpus = q.counts[0] if q.single else (best[0].gpus if best else q.counts[-1])
+    parts = [best, closest, front[0] if front is not None else None]
+    kept = [p for p in parts if p is not None and len(p)]
+    plans = [[] for _ in parts]
+    if kept:
+        allc = Candidates({k: np.concatenate([p.cols[k] for p in kept]) for k in kept[0].cols})
+        ev = evaluate(q.model, q.cluster, allc, q.stack, q.moe_imbalance, q.capacity_factor)
+        moe, start = q.model.moe is not None, 0
+        for j, p in enumerate(parts):
+            if p is None or not len(p):
+                continue
+            tokens = q.tokens if j < 2 else (q.tokens or 1e12)
+            plans[j] = [plan_from_eval(ev, allc, start + i, q.cluster, tokens, q.price, q.stack.name, moe)
+                        for i in range(len(p))]
+            start += len(p)
+    best_plans = plans[0]
+    gpus = q.counts[0] if q.single else (best_plans[0].gpus if best_plans else q.counts[-1])
     return SearchResult(model=q.model.name, hardware=q.cluster.name, gpus=gpus, evaluated=scan.evaluated,
-                        feasible=scan.feasible, search_seconds=seconds, plans=best, closest_infeasible=closest,
-                        pareto=plans(front[0], q.tokens or 1e12) if front is not None else [],
+                        feasible=scan.feasible, search_seconds=seconds, plans=best_plans,
+                        closest_infeasible=plans[1][0] if plans[1] else None, pareto=plans[2],
                         empty_reason=empty_reason, seq_len=q.seq_len, global_batch=q.global_batch,
                         stack=q.stack.name)
 
@@ -153,17 +164,20 @@ def _too_many(q: Query) -> PlannerError:
                         "--precision, --recompute, --zero fixed, or narrow --gpus")
 
 
-def _check_space(q: Query) -> None:
+def _check_space(q: Query) -> dict:
     """Refuse up front a search over more than MAX_LAYOUTS layouts. Where the space may be that
     large (a GPU range, or many degree rows) the layouts are counted first, from the rules' masks
-    without making them. (The search loop checks the same bound as it goes.)"""
+    without making them. (The search loop checks the same bound as it goes.) Returns the tables
+    it prepared to count ({GPU count: candidates.prepare(...)}), for the search to enumerate."""
     if q.single and len(degree_table(q.context(q.counts[0]), q.fixed)["tp"]) <= PRECOUNT_ROWS:
-        return
-    total = 0
+        return {}
+    total, prepared = 0, {}
     for g in q.counts:
-        total += count(q.context(g), q.fixed)
+        prepared[g] = prepare(q.context(g), q.fixed, q.overlap)
+        total += count(q.context(g), q.fixed, prepared[g])
         if total > _budget(q):
             raise _too_many(q)
+    return prepared
 
 
 __all__ = ["search", "evaluate_layout", "Plan", "SearchResult", "plan_from_eval", "default_global_batch", "pareto_mask",

@@ -86,27 +86,43 @@ class SearchCache(LayerCache):
 
 def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | None = None,
              moe_imbalance: float = 1.0, capacity_factor: float = 0.0, detail: bool = True,
-             cache: SearchCache | None = None) -> Evaluation:
+             cache: SearchCache | None = None, fits_only: bool = False) -> Evaluation:
     """Score every candidate. detail=False returns only what ranking needs; the search re-scores
-    the few it keeps with detail=True. `cache`: the search's SearchCache (same settings)."""
+    the few it keeps with detail=True. `cache`: the search's SearchCache (same settings).
+    fits_only (ranking only): memory first, then the step time of the candidates that fit (or are
+    tight) alone; the others get an infinite step time -- a search never ranks them on it."""
     stack = stack or STACKS["megatron-core"]
     cache = cache or SearchCache(Settings(model, cluster, stack, moe_imbalance, capacity_factor))
     lt = cache.for_candidates(c)
     rt = cache.ranks.for_candidates(c, cache, lt)
     k = StepKnobs.of(c)
-    shared = cluster.gpu.shared_by > 1
-    st = stages(lt, rt, k, shared, detail, model.moe is not None)
-    tb, _ = compose_step(lt, k, cluster, stack, rt.split, st, detail)
     mem, which = peak_memory(cluster, cache.settings.eb, stack, lt, k, rt, detail)
-    step, mem_total = (tb.total(), mem.total()) if detail else (tb, mem)
-    world = k.world
-    tokens_step = k.gb * k.s
+    mem_total = mem.total() if detail else mem
     hbm = cluster.gpu.hbm_bytes
-    ev = dict(step_time_s=step, tokens_per_s_per_gpu=tokens_step / step / world, memory_bytes=mem_total,
-              feasible=mem_total <= hbm * (1 + stack.memory_uncertainty), tight=mem_total > hbm, gpus=world)
+    fits = mem_total <= hbm * (1 + stack.memory_uncertainty)
+    ev = dict(memory_bytes=mem_total, feasible=fits, tight=mem_total > hbm, gpus=k.world)
+    if fits_only and not detail and not fits.all():
+        step = np.full(k.n, np.inf)
+        idx = np.flatnonzero(fits)
+        if len(idx):
+            step[idx] = _step(model, cluster, stack, c.take(idx), cache, False)[0]
+        return Evaluation(step_time_s=step, tokens_per_s_per_gpu=k.gb * k.s / step / k.world, **ev)
+    tb, st = _step(model, cluster, stack, c, cache, detail, lt, rt, k)
+    step = tb.total() if detail else tb
+    ev.update(step_time_s=step, tokens_per_s_per_gpu=k.gb * k.s / step / k.world)
     if not detail:
         return Evaluation(**ev)
     return Evaluation(**ev, detail=_headline(model, lt, k, st, tb, mem, which, step))
+
+
+def _step(model, cluster, stack, c, cache, detail, lt=None, rt=None, k=None) -> tuple:
+    """Phases 5-6 of candidates `c`: (TimeBreakdown, or step seconds where not detail; stages)."""
+    lt = lt if lt is not None else cache.for_candidates(c)
+    rt = rt if rt is not None else cache.ranks.for_candidates(c, cache, lt)
+    k = k if k is not None else StepKnobs.of(c)
+    st = stages(lt, rt, k, cluster.gpu.shared_by > 1, detail, model.moe is not None)
+    tb, _ = compose_step(lt, k, cluster, stack, rt.split, st, detail)
+    return tb, st
 
 
 def _headline(model, lt, k: StepKnobs, stages, tb, mem, which, step) -> Detail:

@@ -203,3 +203,26 @@ def test_the_search_peak_is_the_breakdown_total(name, stack, gpus):
         np.testing.assert_allclose(fast, full, rtol=1e-12)
         n += len(fast)
     assert n > 100
+
+
+@pytest.mark.parametrize("name,stack,gpus", [("llama-3-70b", "megatron-core", 64), ("deepseek-v3", "megatron-core", 256)])
+def test_fits_only_times_exactly_the_layouts_that_fit(name, stack, gpus):
+    """The search's ranking pass (fits_only) scores memory first and times only the layouts that
+    fit or are tight: the same step time as the full pass on those, infinite on the rest, and
+    the same memory and feasibility on all."""
+    from planner import rules
+    from planner.candidates import iter_candidates
+    from planner.stacks import STACKS
+    m, st = load_model(name), STACKS[stack]
+    ctx = rules.context_for(m, Layout(dp=gpus, global_batch=2 * gpus, micro_batch=1, seq_len=4096), st)
+    seen = 0
+    for c in itertools.islice(iter_candidates(ctx, {"gpus": [gpus]}, chunk=20000), 4):
+        full = evaluate(m, H100, c, st, detail=False)
+        fast = evaluate(m, H100, c, st, detail=False, fits_only=True)
+        np.testing.assert_array_equal(fast.feasible, full.feasible)
+        np.testing.assert_allclose(fast.memory_bytes, full.memory_bytes, rtol=1e-12)
+        ok = full.feasible
+        np.testing.assert_allclose(fast.step_time_s[ok], full.step_time_s[ok], rtol=1e-12)
+        assert np.all(np.isinf(fast.step_time_s[~ok])) and np.all(fast.tokens_per_s_per_gpu[~ok] == 0)
+        seen += bool(ok.any() and (~ok).any())
+    assert seen, "no chunk had both layouts that fit and layouts that do not"
