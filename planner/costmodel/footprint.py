@@ -14,7 +14,7 @@ from ..layout import Precision
 from ..model_spec import ModelSpec
 from .elements import ElementBytes
 from .knobs import StepKnobs, by_code
-from .records import Record
+from .records import Record, on
 from .state import LayerParams, StageParams
 
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "fragmentation",
@@ -81,16 +81,18 @@ def _by_recompute(acts, name, k: StepKnobs):
 
 
 def _states(eb, stack, k: StepKnobs, rs):
-    """(weights, gradients that persist, gradients freed between steps, optimizer) of a rank,
-    with fp8 weight caches and DualPipe's second copy; under torchtitan's pipeline FSDP2 keeps the
-    whole stage's weights gathered and its gradients unsharded in fp32."""
+    """(weights, gradients that persist, gradients freed between steps, optimizer, staged) of a
+    rank, with fp8 weight caches and DualPipe's second copy; under torchtitan's pipeline
+    (`staged`) FSDP2 keeps the whole stage's weights gathered and its gradients unsharded in
+    fp32. A term no candidate of this stack can have is the scalar 0 (no array operation)."""
     copies = S.weight_copies(k.schedule)
-    fp8 = np.where(k.precision == Precision.FP8, stack.fp8_weight_cache_bytes / eb.weight, 0.0)
-    staged = (k.zero == 3) & (k.pp > 1) & stack.fsdp_pp_unsharded
-    local = rs.params.dense + rs.params.expert
-    weights = rs.weights * (1 + fp8) * copies + np.where(staged, eb.param_gather * local, 0.0)
+    fp8 = stack.fp8_weight_cache_bytes / eb.weight
+    fp8 = on(k.precision == Precision.FP8, fp8) if fp8 else 0.0
+    staged = ((k.zero == 3) & (k.pp > 1)) if stack.fsdp_pp_unsharded else False
+    local = (rs.params.dense + rs.params.expert) if stack.fsdp_pp_unsharded else 0.0
+    weights = rs.weights * (1 + fp8) * copies + on(staged, eb.param_gather * local)
     grads = rs.gradients * copies
-    held = np.where(staged, eb.grad_reduce * local, 0.0) + (grads if stack.grads_persist else 0.0)
+    held = on(staged, eb.grad_reduce * local) + (grads if stack.grads_persist else 0.0)
     freed = 0.0 if stack.grads_persist else grads
     return weights, held, freed, rs.optimizer * copies, staged
 
@@ -119,25 +121,30 @@ def _moments(eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, pref
     """The terms and the three moments of rank_memory (its docstring says which)."""
     a = lt.acts
     weights, held, freed, opt, staged = _states(eb, stack, k, rs)
-    gathered = np.where((k.zero == 3) & ~staged, prefetch, 0.0)    # two layers (prefetch_bytes)
+    z3 = (k.zero == 3) if staged is False else (k.zero == 3) & ~staged
+    gathered = on(z3, prefetch)                     # two layers (prefetch_bytes)
     live = np.where(k.recompute > 0, a.live, 0.0)
     kept = (ndense * _by_recompute(a, "dense", k) + (layers - ndense) * _by_recompute(a, "moe", k)) * inflight
-    kept = kept + np.where(first, a.emb * inflight, 0.0)
-    logits = np.where(last, a.logits, 0.0)
+    kept = kept + on(first, a.emb * inflight)
+    logits = on(last, a.logits)
     # DTensor TP's full-vocab embedding gradient at the end of the first stage's backward
     # (bf16), and its fp32 copy for the reduction: the TP shard, or whole under the pipeline's
     # no-sync accumulation (FSDPParam.to_accumulated_grad_if_needed casts the unsharded gradient)
-    vh = np.where(first & (stack.tp_embedding_grad_bytes > 0), a.emb_grad, 0.0)
-    emb_grad = vh * (stack.tp_embedding_grad_bytes + eb.grad_reduce * np.where(staged, 1.0, 1.0 / k.tp))
+    emb_grad = 0.0
+    if stack.tp_embedding_grad_bytes > 0:
+        emb_grad = on(first, a.emb_grad) * (stack.tp_embedding_grad_bytes
+                                            + eb.grad_reduce * np.where(staged, 1.0, 1.0 / k.tp))
     # under torchtitan's pipeline the sharded gradients appear only as the last micro-batch's
     # reduce-scatters free the unsharded ones: the held gradients are the larger
-    freed = np.where(staged, 0.0, freed)
+    if staged is not False:
+        freed = np.where(staged, 0.0, freed)
     # FSDP2 reduces a unit's bf16 gradients from an fp32 copy (foreach_reduce, reduce_dtype fp32)
     # (the unit itself resharded, its sharded gradient not yet made: the root's share of `freed`)
-    big = np.maximum(unit, rs.params.root)
-    reduce = np.where((k.zero == 3) & ~staged, stack.fsdp_reduce_bytes * big, 0.0)
-    local = np.maximum(rs.params.dense + rs.params.expert, 1.0)
-    m_reduce = freed * (1 - np.minimum(big / local, 1.0)) + reduce
+    m_reduce = 0.0
+    if stack.fsdp_reduce_bytes or not isinstance(freed, float):
+        big = np.maximum(unit, rs.params.root)
+        local = np.maximum(rs.params.dense + rs.params.expert, 1.0)
+        m_reduce = freed * (1 - np.minimum(big / local, 1.0)) + on(z3, stack.fsdp_reduce_bytes * big)
     return _Moments(weights, held, freed, opt, kept, live, logits, gathered, emb_grad,
                     2 * lt.comm.act_bytes,       # TP/SP all-gather in/out buffers of one activation
                     m_loss=kept + logits + gathered / 2, m_layer=kept + live + gathered, m_reduce=m_reduce,

@@ -45,3 +45,11 @@ def full(n: int, *arrays):
     """Each array as a float64 array of n candidates (scalars and broadcastable arrays expanded)."""
     out = tuple(np.broadcast_to(np.asarray(a, dtype=np.float64), (n,)) for a in arrays)
     return out if len(out) != 1 else out[0]
+
+
+def on(where, x):
+    """x where `where` (a bool array, or one bool for every candidate), else 0 -- a bool skips
+    the array operation (the first and last rank are known without one)."""
+    if isinstance(where, (bool, np.bool_)):
+        return x if where else 0.0
+    return np.where(where, x, 0.0)

@@ -12,6 +12,7 @@ from ..model_spec import ModelSpec
 from .compute import ATTN_BWD_FACTOR
 from .knobs import StepKnobs, by_code
 from .records import Record
+from .records import on as _on
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,6 @@ class StageSums(Record):
     tf: np.ndarray             # forward share: compute + exposed forward communication
     flops: np.ndarray          # hardware FLOPs: fwd + bwd (flash backward 2.5x core) + recompute
     flops_rc: np.ndarray       # of which recompute
-
-
-def _on(where, x):
-    """x where `where` (a bool array, or a bool for every candidate), else 0."""
-    if isinstance(where, (bool, np.bool_)):
-        return x if where else 0.0
-    return np.where(where, x, 0.0)
 
 
 def _edges(lt, first, last) -> tuple:
