@@ -176,6 +176,8 @@ def _list(what: str) -> int:
 
 
 def main(argv=None) -> int:
+    from .heap import keep_temporaries_on_heap
+    keep_temporaries_on_heap()
     return guarded_main("plan", run, argv)
 
 
