@@ -213,3 +213,36 @@ def test_groups_honour_the_run_timeout_not_torchs_default(tmp_path):
             peer.wait()
     assert r0.stdout.startswith("error"), (r0.stdout, r0.stderr[-1500:])
     assert "Timed out" in r0.stdout or "timeout" in r0.stdout.lower()
+
+
+def test_forked_and_fresh_ranks_compute_the_same_run(monkeypatch):
+    """Ranks are forked from the launcher (torch imported once) unless that is unsafe (another
+    thread, a CUDA context) or VALIDATE_START=exec; a fresh interpreter per rank is the fallback.
+    Both start the same ranks: the same losses and counts, and every check passes."""
+    import validate.launch as L
+    assert L._can_fork()
+    forked = api.run_layouts([(TINY, DP2)], steps=2, dtype="float64", timeout=120)[0]
+    pids_forked = list(LAST_PIDS)
+    monkeypatch.setenv("VALIDATE_START", "exec")
+    assert not L._can_fork()
+    fresh = api.run_layouts([(TINY, DP2)], steps=2, dtype="float64", timeout=120)[0]
+    assert forked["ok"] and fresh["ok"]
+    key = lambda rep: [(c["quantity"], c.get("group", ""), c.get("kind", ""), c["measured"])  # noqa: E731
+                       for c in rep["checks"] if c["quantity"] != "step_time_s"]
+    assert len(key(forked)) > 5 and key(forked) == key(fresh)
+    assert _all_gone(pids_forked) and _all_gone(LAST_PIDS)
+
+
+def test_no_fork_beside_another_thread():
+    """A fork copies only the calling thread; a lock another thread holds would stay held in the
+    child, so ranks start afresh whenever this process runs more than one thread."""
+    import validate.launch as L
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        assert not L._can_fork()
+    finally:
+        stop.set()
+        t.join()
+    assert L._can_fork()
