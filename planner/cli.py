@@ -50,6 +50,9 @@ def build_parser() -> Parser:
                    help="busiest expert's load over the mean (1.0 = balanced)")
     x.add_argument("--capacity-factor", type=float_arg("--capacity-factor", 0.0), default=0.0,
                    help="expert capacity factor; tokens beyond it are dropped (0 = dropless)")
+    x.add_argument("--pad-to-capacity", action="store_true",
+                   help="with --capacity-factor: every expert's input padded to its capacity "
+                        "(Megatron --moe-pad-expert-input-to-capacity)")
     o = p.add_argument_group("objective and output")
     o.add_argument("--objective", choices=("throughput", "cost", "time"), default="throughput")
     o.add_argument("--tokens", help="training tokens, e.g. 2T or 300B: report time-to-train and cost")
@@ -111,7 +114,7 @@ def run(argv) -> int:
     res = search(model, cluster, a.gpus, seq_len=a.seq_len, global_batch=a.global_batch, fixed=fixed,
                  top=a.top, objective=a.objective, stack=stack, tokens=tokens, price=a.price,
                  overlap=_overlap(a.no_overlap), moe_imbalance=a.moe_imbalance,
-                 capacity_factor=a.capacity_factor)
+                 capacity_factor=a.capacity_factor, pad_to_capacity=a.pad_to_capacity)
     goodput = None
     if a.mtbf_hours:
         from .goodput import goodput_for
@@ -135,7 +138,8 @@ def run(argv) -> int:
     from . import report
     if a.emit:
         from .export import emit
-        text, launch = emit(res.best, model, a.emit, cluster=cluster, out=a.out)
+        text, launch = emit(res.best, model, a.emit, cluster=cluster, out=a.out, capacity_factor=a.capacity_factor,
+                            pad_to_capacity=a.pad_to_capacity)
         if a.out:
             from .atomic import atomic_write_text
             atomic_write_text(a.out, text)

@@ -61,7 +61,8 @@ class _Scan:
     def __init__(self, q: Query):
         self.q, self.evaluated, self.feasible = q, 0, 0
         self.best, self.closest, self.fronts = [], None, []
-        self.cache = SearchCache(Settings(q.model, q.cluster, q.stack, q.moe_imbalance, q.capacity_factor))
+        self.cache = SearchCache(Settings(q.model, q.cluster, q.stack, q.moe_imbalance, q.capacity_factor,
+                                          pad_to_capacity=q.pad_to_capacity))
 
     def add(self, cands: Candidates) -> None:
         q = self.q
@@ -95,12 +96,12 @@ def search(model: ModelSpec, cluster: Cluster, gpus, seq_len: int | None = None,
            global_batch: int | None = None, fixed: dict | None = None, top: int = 10,
            objective: str = "throughput", precisions=None, stack: Stack | str | None = None,
            tokens: float | None = None, price: float | None = None, overlap: dict | None = None,
-           moe_imbalance: float = 1.0, capacity_factor: float = 0.0) -> SearchResult:
+           moe_imbalance: float = 1.0, capacity_factor: float = 0.0, pad_to_capacity: bool = False) -> SearchResult:
     """Search every valid layout of `model` on `gpus` GPUs (an int, or a (lo, hi) range searched
     over its powers of two and multiples of the innermost domain) and return the best `top`."""
     t0 = time.perf_counter()
     q = make_query(model, cluster, gpus, seq_len, global_batch, fixed, top, objective, precisions, stack, tokens,
-                   price, overlap, moe_imbalance, capacity_factor)
+                   price, overlap, moe_imbalance, capacity_factor, pad_to_capacity)
     if q.single:
         rules.check_fixed(q.context(q.counts[0]), q.fixed)
     prepared = _check_space(q)
@@ -128,7 +129,8 @@ def _result(q: Query, scan: _Scan, empty_reason, seconds) -> SearchResult:
     plans = [[] for _ in parts]
     if kept:
         allc = Candidates({k: np.concatenate([p.cols[k] for p in kept]) for k in kept[0].cols})
-        ev = evaluate(q.model, q.cluster, allc, q.stack, q.moe_imbalance, q.capacity_factor)
+        ev = evaluate(q.model, q.cluster, allc, q.stack, q.moe_imbalance, q.capacity_factor,
+                      pad_to_capacity=q.pad_to_capacity)
         moe, start = q.model.moe is not None, 0
         for j, p in enumerate(parts):
             if p is None or not len(p):

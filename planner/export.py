@@ -55,6 +55,7 @@ MEGATRON_FLAGS = {
     "--expert-model-parallel-size": "int", "--expert-tensor-parallel-size": "int", "--num-experts": "int",
     "--moe-router-topk": "int", "--moe-ffn-hidden-size": "int", "--moe-shared-expert-intermediate-size": "int",
     "--moe-layer-freq": "str", "--moe-token-dispatcher-type": "str", "--moe-grouped-gemm": "flag",
+    "--moe-expert-capacity-factor": "float", "--moe-pad-expert-input-to-capacity": "flag",
     # mla (_add_mla_args)
     "--multi-latent-attention": "flag", "--q-lora-rank": "int", "--kv-lora-rank": "int",
     "--qk-head-dim": "int", "--qk-pos-emb-head-dim": "int", "--v-head-dim": "int",
@@ -131,11 +132,15 @@ class _Args(list):
         self.append((flag, value))
 
 
-def megatron_args(plan, model) -> list:
+def megatron_args(plan, model, capacity_factor: float = 0.0, pad_to_capacity: bool = False) -> list:
     """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS."""
     a = _Args()
     _megatron_parallel(a, plan.layout, model)
     _megatron_model(a, plan.layout, model)
+    if model.moe and capacity_factor:     # token dropping by the default "probs" policy
+        a.add("--moe-expert-capacity-factor", capacity_factor)
+        if pad_to_capacity:
+            a.add("--moe-pad-expert-input-to-capacity")
     _megatron_run(a, plan.layout, model)
     return list(a)
 
@@ -308,9 +313,9 @@ def _megatron_unexpressed(model) -> list:
     return out
 
 
-def _megatron(plan, model, cluster, out=None):
+def _megatron(plan, model, cluster, out=None, capacity_factor=0.0, pad_to_capacity=False):
     L = plan.layout
-    args = megatron_args(plan, model)
+    args = megatron_args(plan, model, capacity_factor, pad_to_capacity)
     body = []
     for flag, v in args:
         body.append(f"    {flag}" if v is None else f"    {flag} {shlex.quote(str(v))}")
@@ -435,16 +440,23 @@ def _deepspeed(plan, model, cluster, out=None):
 
 # ----------------------------------------------------------------------------------- public
 
-def emit(plan, model, fmt: str, cluster=None, out: str | None = None) -> tuple:
+def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_factor: float = 0.0,
+         pad_to_capacity: bool = False) -> tuple:
     """(configuration text, launch line) for `plan` in `fmt` (megatron, torchtitan, deepspeed);
-    `out`: the file the configuration is written to, which the launch line reads."""
+    `out`: the file the configuration is written to, which the launch line reads. An expert
+    capacity (the plan's --capacity-factor / --pad-to-capacity) is Megatron's alone: torchtitan's
+    and DeepSpeed's emitted MoE is dropless, so it is refused there."""
     if plan is None:
         raise PlannerError("no layout to export")
     if fmt not in FORMATS:
         raise PlannerError(f"unknown export format '{fmt}'; valid: {', '.join(FORMATS)}")
+    if capacity_factor and fmt != "megatron":
+        raise PlannerError(f"--capacity-factor cannot be expressed in a {fmt} configuration (its MoE is "
+                           "dropless); emit megatron, or plan without it")
+    if fmt == "megatron":
+        return _megatron(plan, model, cluster, out, capacity_factor, pad_to_capacity)
     from .export_torchtitan import torchtitan_emit
-    return {"megatron": _megatron, "torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster,
-                                                                                             out)
+    return {"torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster, out)
 
 
 __all__ = ["emit", "megatron_args", "deepspeed_config", "launch_line", "node_layout",

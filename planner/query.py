@@ -45,6 +45,7 @@ class Query:
     moe_imbalance: float = 1.0
     capacity_factor: float = 0.0
     gpus_text: str = ""
+    pad_to_capacity: bool = False    # experts padded to capacity (Megatron --moe-pad-expert-input-to-capacity)
 
     def context(self, gpus: int) -> Context:
         precisions = tuple(p for p in ("bf16", "fp8", "fp16") if p in self.cluster.gpu.peak_flops)
@@ -57,12 +58,15 @@ class Query:
 
 def make_query(model, cluster, gpus, seq_len=None, global_batch=None, fixed=None, top=10,
                objective="throughput", precisions=None, stack=None, tokens=None, price=None, overlap=None,
-               moe_imbalance=1.0, capacity_factor=0.0) -> Query:
+               moe_imbalance=1.0, capacity_factor=0.0, pad_to_capacity=False) -> Query:
     """Check every input (one-line PlannerError) and fill in the defaults."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     if objective not in OBJECTIVES:
         raise PlannerError(f"unknown objective '{objective}'; valid: {', '.join(OBJECTIVES)}")
     _check_inputs(model, seq_len, global_batch, fixed, top, tokens, price, moe_imbalance, capacity_factor)
+    if pad_to_capacity and not capacity_factor:
+        raise PlannerError("--pad-to-capacity pads each expert's input to its capacity and needs "
+                           "--capacity-factor > 0")
     stack = get_stack(stack) if isinstance(stack, str) else (stack or STACKS["megatron-core"])
     counts = gpu_counts(gpus, cluster)
     seq_len = seq_len or model.seq_len or DEFAULT_SEQ_LEN
@@ -72,7 +76,8 @@ def make_query(model, cluster, gpus, seq_len=None, global_batch=None, fixed=None
     fixed.setdefault("precision", list(precisions))
     return Query(model, cluster, stack, tuple(counts), seq_len, global_batch, fixed, dict(overlap or {}), top,
                  objective, tokens, price, moe_imbalance, capacity_factor,
-                 str(gpus) if isinstance(gpus, (int, np.integer)) else "-".join(map(str, gpus)))
+                 str(gpus) if isinstance(gpus, (int, np.integer)) else "-".join(map(str, gpus)),
+                 bool(pad_to_capacity))
 
 
 def _check_int(name: str, v, lo: int = 1, hi: int = MAX_INT) -> None:

@@ -71,14 +71,15 @@ def virtual_stages(model: ModelSpec, layout: Layout) -> list:
 
 
 def predict(model: ModelSpec, layout: Layout, stack: Stack | None = None, elements: ElementBytes | None = None,
-            cluster=None, moe_imbalance: float = 1.0) -> list:
+            cluster=None, moe_imbalance: float = 1.0, capacity_factor: float = 0.0,
+            pad_to_capacity: bool = False) -> list:
     """RankCounts of every pipeline rank (index = pp rank) of a valid layout."""
     stack = stack or STACKS["megatron-core"]
     rules.check_layout(layout, rules.context_for(model, layout, stack, cluster))
     if cluster is None:
         from .profiles import load_hardware
         cluster = load_hardware("h100-sxm")        # terms read here do not depend on the hardware
-    settings = Settings(model, cluster, stack, moe_imbalance, 0.0, elements)
+    settings = Settings(model, cluster, stack, moe_imbalance, capacity_factor, elements, pad_to_capacity)
     c = layout.to_candidates()
     lt = LayerCache(settings).for_candidates(c)
     lk, k = LayerKnobs.of(c.cols), StepKnobs.of(c)
@@ -103,7 +104,7 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
         rc.optimizer_by_shard_rank = [
             float(model_states(stage_params(model, k, nl, nd_, np.array([first]), np.array([last]), shards, rule, i),
                                lt.groups, k.zero, st.eb)[2][0]) for i in range(int(lt.groups.shard[0]))]
-    _layer_collectives(rc, model, st.eb, lk, L, nmb, st.moe_imbalance, first, last)
+    _layer_collectives(rc, model, st.eb, lk, L, nmb, st.routed_load(lk), first, last)
     dp = dp_flows(model, lt.groups, k, st.stack, st.eb, prm, np.array([float(len(layers))]),
                   np.array([float(len(rc.moe_layers))]), np.array([first]), np.array([last]))
     rc.add([f for f, _ in dp.per_step])

@@ -86,13 +86,14 @@ class SearchCache(LayerCache):
 
 def evaluate(model: ModelSpec, cluster: Cluster, c: Candidates, stack: Stack | None = None,
              moe_imbalance: float = 1.0, capacity_factor: float = 0.0, detail: bool = True,
-             cache: SearchCache | None = None, fits_only: bool = False) -> Evaluation:
+             cache: SearchCache | None = None, fits_only: bool = False, pad_to_capacity: bool = False) -> Evaluation:
     """Score every candidate. detail=False returns only what ranking needs; the search re-scores
     the few it keeps with detail=True. `cache`: the search's SearchCache (same settings).
     fits_only (ranking only): memory first, then the step time of the candidates that fit (or are
     tight) alone; the others get an infinite step time -- a search never ranks them on it."""
     stack = stack or STACKS["megatron-core"]
-    cache = cache or SearchCache(Settings(model, cluster, stack, moe_imbalance, capacity_factor))
+    cache = cache or SearchCache(Settings(model, cluster, stack, moe_imbalance, capacity_factor,
+                                          pad_to_capacity=pad_to_capacity))
     lt = cache.for_candidates(c)
     rt = cache.ranks.for_candidates(c, cache, lt)
     k = StepKnobs.of(c)

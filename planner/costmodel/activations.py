@@ -41,11 +41,11 @@ def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes):
     return np.where(dropped, kept, kept + extra), full_layer + extra
 
 
-def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_imbalance: float,
-                      capacity_factor: float, eb: ElementBytes) -> LayerActivations:
-    """Phase 3 over the rows of the layer table."""
+def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_load, eb: ElementBytes) -> LayerActivations:
+    """Phase 3 over the rows of the layer table; moe_load: routed tokens over the mean
+    (routing.routed_load)."""
     n, T, tp, sp = k.n, k.tokens, k.tp, k.sp
-    imb = moe_imbalance if not capacity_factor else min(moe_imbalance, capacity_factor)
+    imb = moe_load
     dense, moe = [], []
     for r in (0, 1, 2):
         rr = np.full(n, r)

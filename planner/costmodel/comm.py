@@ -98,14 +98,14 @@ def _cp(model, cluster, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns:
     return out
 
 
-def _ep(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns: bool, moe_imbalance):
+def _ep(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns: bool, moe_load):
     """(exposed EP all-to-all seconds per MoE layer and pass, token-count all-gather per forward).
     --overlap-moe-expert-parallel-comm runs one micro-batch's all-to-alls under another's attention
     and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1); what exceeds that compute, and a
     residual share as for TP, stays exposed."""
     if not model.moe:
         return np.zeros(k.n), np.zeros(k.n)
-    a2a, meta = X.ep_layer(model, k, eb, moe_imbalance, True)
+    a2a, meta = X.ep_layer(model, k, eb, moe_load, True)
     comm = a2a.calls * C.all_to_all(cluster, a2a.nbytes, k.ep, k.etp)
     ovl = k.overlap_ep & stack.ep_overlap & owns
     return (np.where(ovl, _exposed(comm, lc.t_attn_f + lc.t_moe_f), comm),
@@ -113,12 +113,13 @@ def _ep(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes
 
 
 def layer_comm(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, lc: LayerCompute,
-               moe_imbalance: float, eb: ElementBytes) -> LayerComm:
-    """Phase 2 over the rows of the layer table."""
+               moe_load, eb: ElementBytes) -> LayerComm:
+    """Phase 2 over the rows of the layer table; moe_load: routed tokens over the mean
+    (routing.routed_load: a capacity drops tokens before they are dispatched)."""
     owns = cluster.gpu.shared_by == 1
     tp_dense, tp_moe, tp_first, tp_last = _tp(model, cluster, stack, k, lc, eb, owns)
     cp_f, cp_b = _cp(model, cluster, k, lc, eb, owns)
-    ep_f, ep_meta = _ep(model, cluster, stack, k, lc, eb, owns, moe_imbalance)
+    ep_f, ep_meta = _ep(model, cluster, stack, k, lc, eb, owns, moe_load)
     # PP p2p: one activation per stage boundary, to the rank tp*cp*dp away
     t_p2p = np.where(k.pp > 1, C.p2p(cluster, X.p2p_bytes(model, k, eb), k.tp * k.cp * k.dp), 0.0)
     return LayerComm(*full(k.n, eb.act * k.tokens * model.hidden, tp_dense, tp_moe, tp_first, tp_last, cp_f,

@@ -118,14 +118,13 @@ def _mlp_time(model, g, tp, ffn, tokens):
             + g(fl / mm / tp, tokens, h, ffn / tp))
 
 
-def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, imbalance, capacity_factor):
+def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, load):
     """(forward time, weight-gradient GEMM time, forward GEMM FLOPs) of an MoE block on the rank
-    with the busiest experts."""
+    with the busiest experts; load: its routed tokens over the mean (routing.routed_load)."""
     mo, h, T, tp, ep, etp = model.moe, model.hidden, k.tokens, k.tp, k.ep, k.etp
     e = cluster.efficiency
-    imb = min(imbalance, capacity_factor) if capacity_factor > 0 else imbalance  # tokens over capacity
-    local = T / tp                                # are dropped (GShard, Lepikhin et al. 2020 sec. 2.2)
-    routed = local * mo.top_k * imb               # tokens through this rank's experts
+    local = T / tp
+    routed = local * mo.top_k * load              # tokens through this rank's experts
     tok_per_expert = routed * ep / mo.experts * etp
     fl_e = F.mlp_flops(model, routed, mo.expert_ffn_hidden)
     mm = model.mlp_matrices
@@ -161,9 +160,9 @@ def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs
     return common * stack.elementwise / hbm, dense
 
 
-def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, moe_imbalance: float,
-                  capacity_factor: float) -> LayerCompute:
-    """Phase 1 over the rows of the layer table."""
+def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, moe_load) -> LayerCompute:
+    """Phase 1 over the rows of the layer table; moe_load: routed tokens over the mean
+    (routing.routed_load)."""
     n, T, tp = k.n, k.tokens, k.tp
     peak = linear_peak(cluster, k.precision)
     g = lambda fl, mm, nn, kk: gemm_time(cluster, stack, fl, mm, nn, kk, peak)  # noqa: E731
@@ -173,7 +172,7 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     a = F.attention_gemm_flops(model, T)
     fl_attn_gemm = (a["attn_qkv"] + a["attn_out"]) / tp
     if model.moe:
-        t_moe_f, t_moe_w, fl_moe = _moe(model, cluster, stack, k, g, moe_imbalance, capacity_factor)
+        t_moe_f, t_moe_w, fl_moe = _moe(model, cluster, stack, k, g, moe_load)
     else:
         t_moe_f = t_moe_w = fl_moe = np.zeros(n)
     # fixed per-kernel launch/sync cost: what FLOP and byte counts miss for small layers

@@ -16,6 +16,7 @@ from .compute import LayerCompute, layer_compute
 from .elements import ElementBytes
 from .knobs import LAYER_COLS, LayerKnobs
 from .records import Record
+from .routing import routed_load
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class Settings:
     moe_imbalance: float = 1.0
     capacity_factor: float = 0.0
     elements: ElementBytes | None = None     # None: the stack's (ElementBytes.of_stack)
+    pad_to_capacity: bool = False            # with a capacity factor: experts padded to capacity
+
+    def routed_load(self, k):
+        """The busiest rank's routed token copies over the mean, per layer row (routing.py)."""
+        moe = self.model.moe
+        if moe is None:
+            return self.moe_imbalance
+        return routed_load(self.moe_imbalance, self.capacity_factor, self.pad_to_capacity, k.tokens / k.tp,
+                           moe.top_k, moe.experts)
 
     @property
     def eb(self) -> ElementBytes:
@@ -44,10 +54,10 @@ class Settings:
 def layer_terms(st: Settings, cols: dict) -> LayerTerms:
     """Phases 1-3 for the rows `cols` (LAYER_COLS)."""
     k = LayerKnobs.of(cols)
-    lc = layer_compute(st.model, st.cluster, st.stack, k, st.moe_imbalance, st.capacity_factor)
-    return LayerTerms(lc, layer_comm(st.model, st.cluster, st.stack, k, lc, st.moe_imbalance, st.eb),
-                      dp_groups(st.cluster, st.stack, k),
-                      layer_activations(st.model, st.stack, k, st.moe_imbalance, st.capacity_factor, st.eb))
+    load = st.routed_load(k)
+    lc = layer_compute(st.model, st.cluster, st.stack, k, load)
+    return LayerTerms(lc, layer_comm(st.model, st.cluster, st.stack, k, lc, load, st.eb),
+                      dp_groups(st.cluster, st.stack, k), layer_activations(st.model, st.stack, k, load, st.eb))
 
 
 class Gathered:

@@ -94,9 +94,9 @@ def cp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, backward: bool) 
             Flow("cp", "all_to_all", on * (cc == CpComm.A2A), qkvo)]
 
 
-def ep_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, imbalance: float, forward: bool) -> list:
+def ep_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, imbalance, forward: bool) -> list:
     """EP traffic of one MoE layer and one pass: dispatch + combine all-to-all of the routed token
-    copies (busiest rank: x imbalance), and in forward the all-gather of tokens per expert
+    copies (busiest rank: x its routed load, routing.routed_load), and in forward the all-gather of tokens per expert
     (Megatron-Core MoEAlltoAllTokenDispatcher)."""
     if not model.moe:
         return []

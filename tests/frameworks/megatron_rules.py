@@ -152,6 +152,11 @@ def check(argv: list, world: int) -> list:
             bad.append("P initialize_model_parallel: etp x ep x pp tiles the world")
         if etp != 1 and a.add_bias_linear:
             bad.append("T:2612 MoE with linear biases needs etp 1")
+    if a.moe_pad_expert_input_to_capacity and a.moe_expert_capacity_factor is None:
+        bad.append("T:1862 moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor")
+    if a.moe_expert_capacity_factor is not None and a.moe_router_load_balancing_type not in (
+            "aux_loss", "seq_aux_loss", "global_aux_loss", "none"):
+        bad.append("T:1836 a capacity factor needs aux_loss, seq_aux_loss, global_aux_loss or no load balancing")
     if a.recompute_granularity == "full" and (a.recompute_method is None or a.recompute_num_layers is None):
         bad.append("T:1901-1931 full recompute needs --recompute-method and --recompute-num-layers")
     if a.recompute_granularity == "selective" and a.recompute_num_layers is not None:

@@ -77,3 +77,19 @@ def test_the_mirrored_rules_reject_what_megatron_rejects(argv, world, rule):
             "--seq-length": "4096"}
     full = argv + [x for k, v in base.items() if k not in argv for x in (k, v)]
     assert any(b.startswith(rule) or rule in b for b in R.check(full, world))
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_an_expert_capacity_is_emitted_not_dropped(pad):
+    """A plan made with --capacity-factor (and --pad-to-capacity) is emitted with Megatron's own
+    flags, which its parser takes and its TransformerConfig rules accept."""
+    m, cl = load_model("mixtral-8x7b"), load_hardware("h100-sxm")
+    res = search(m, cl, 64, top=1, capacity_factor=1.25, pad_to_capacity=pad)
+    text, _ = emit(res.best, m, "megatron", cl, capacity_factor=1.25, pad_to_capacity=pad)
+    argv = R.emitted_args(text)
+    assert R.check(argv, 64) == []
+    a = R.parse(argv)
+    assert a.moe_expert_capacity_factor == 1.25 and a.moe_pad_expert_input_to_capacity is pad
+    # the mirrored rule: padding without a capacity is refused by Megatron
+    assert any("T:1862" in r for r in R.check([x for x in argv if x not in ("--moe-expert-capacity-factor", "1.25")]
+                                               + ["--moe-pad-expert-input-to-capacity"], 64))
