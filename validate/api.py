@@ -13,7 +13,7 @@ from planner.model_spec import ModelSpec
 from planner.stacks import Stack
 from planner.step import predict
 
-from .config import DTYPE_BYTES, scenario
+from .config import DTYPE_BYTES, routing_of, scenario
 
 # Tolerances of the match with the single-process reference, in units of the dtype's machine
 # epsilon (torch.finfo(dtype).eps): the same layout differs from the reference only by the order
@@ -46,9 +46,10 @@ RUN_STACK = Stack("validate", "validate/: eager PyTorch, DTensor TP, hand-writte
                   cp_comms=("p2p",), source="validate/model.py, validate/parallel.py")
 
 
-def counts(spec: ModelSpec, layout: Layout, dtype: str):
-    """The planner's per-rank step (planner/step.py) for this run's element sizes."""
-    return predict(spec, layout, RUN_STACK, element_bytes(dtype, layout.zero))
+def counts(spec: ModelSpec, layout: Layout, dtype: str, capacity_factor: float = 0.0, pad_to_capacity: bool = False):
+    """The planner's per-rank step (planner/step.py) for this run's element sizes and routing."""
+    return predict(spec, layout, RUN_STACK, element_bytes(dtype, layout.zero), capacity_factor=capacity_factor,
+                   pad_to_capacity=pad_to_capacity)
 
 
 def counted_flops(rank, layout: Layout) -> dict:
@@ -61,8 +62,16 @@ def counted_flops(rank, layout: Layout) -> dict:
     return {k: v + extra * rank.attention_flops.get(k, 0.0) for k, v in rank.flops.items()}
 
 
-def supported(spec: ModelSpec, layout: Layout):
+def supported(spec: ModelSpec, layout: Layout, capacity_factor: float = 0.0, pad_to_capacity: bool = False):
     """What validate implements; one-line PlannerError otherwise (checked before any rank starts)."""
+    if capacity_factor and spec.moe is None:
+        raise PlannerError(f"--capacity-factor needs a mixture-of-experts model; {spec.name} has no experts")
+    if capacity_factor and not pad_to_capacity:
+        raise PlannerError("--capacity-factor without --pad-to-capacity drops a number of tokens that depends "
+                           "on the routing, which the planner does not predict per rank; validate runs "
+                           "--pad-to-capacity, where every expert takes exactly its capacity")
+    if pad_to_capacity and not capacity_factor:
+        raise PlannerError("--pad-to-capacity needs --capacity-factor > 0")
     from planner import rules
     rules.check_layout(layout, rules.context_for(spec, layout, RUN_STACK))
     if spec.mla is not None:
@@ -144,7 +153,8 @@ def _plan(spec, layout, hardware, stack, dtype="float32"):
         return None
 
 
-def launch_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0):
+def launch_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0,
+                   capacity_factor=0.0, pad_to_capacity=False):
     """items: [(ModelSpec, Layout)] or [(ModelSpec, Layout, fault)] of one world size, run in
     one launch. Returns [(scenario dict, per-rank results)]."""
     from .launch import check_torch, launch
@@ -153,18 +163,19 @@ def launch_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234,
     if len(worlds) != 1:
         raise ValueError(f"one launch runs one world size, got {sorted(worlds)}")
     for it in items:
-        supported(it[0], it[1])
-    cfgs = [scenario(it[0], it[1], steps, timed_steps, seed, dtype,
-                     fault=it[2] if len(it) > 2 else None) for it in items]
+        supported(it[0], it[1], capacity_factor, pad_to_capacity)
+    cfgs = [scenario(it[0], it[1], steps, timed_steps, seed, dtype, fault=it[2] if len(it) > 2 else None,
+                     capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity) for it in items]
     results = launch(cfgs, worlds.pop(), timeout)
     return list(zip(cfgs, results))
 
 
 def run_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0,
-                hardware="h100-sxm", stack=None, reference=True, notes=()):
+                hardware="h100-sxm", stack=None, reference=True, notes=(), capacity_factor=0.0,
+                pad_to_capacity=False):
     """Launch `items` (one world size) and return one report dict per item."""
     runs = launch_layouts(items, steps=steps, timed_steps=timed_steps, dtype=dtype, seed=seed,
-                          timeout=timeout)
+                          timeout=timeout, capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity)
     return [report_for(cfg, it[0], it[1], per_rank, reference=reference, hardware=hardware,
                        stack=stack, notes=notes)
             for (cfg, per_rank), it in zip(runs, items)]
@@ -180,7 +191,7 @@ def report_for(cfg, spec, lay, per_rank, *, reference=True, hardware=None, stack
 def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, ref=None):
     from . import report
     from .reference import compare, run_reference
-    stages = counts(spec, lay, dtype)
+    stages = counts(spec, lay, dtype, *routing_of(cfg))
     ref_checks = []
     notes = list(notes)
     if reference:
@@ -202,17 +213,18 @@ def _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes, 
 
 
 def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardware, stack,
-                 reference, notes=()):
+                 reference, notes=(), capacity_factor=0.0, pad_to_capacity=False):
     """Under torchrun: this process is one rank; rank 0 returns the report, others None."""
     runs = torchrun_layouts([(spec, lay)], steps=steps, timed_steps=timed_steps, dtype=dtype, seed=seed,
-                            timeout=timeout)
+                            timeout=timeout, capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity)
     if runs is None:
         return None
     (cfg, per_rank), = runs
     return _report(cfg, spec, lay, per_rank, dtype, reference, hardware, stack, notes)
 
 
-def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0):
+def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0,
+                     capacity_factor=0.0, pad_to_capacity=False):
     """launch_layouts under torchrun: this process is one rank of the launcher's world, which runs
     every (ModelSpec, Layout) of `items` in turn. Rank 0 returns [(scenario dict, per-rank
     results)], the others None."""
@@ -220,7 +232,7 @@ def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=123
     from .worker import init_rank, run_scenario
     world = int(os.environ["WORLD_SIZE"])
     for spec, lay in items:
-        supported(spec, lay)
+        supported(spec, lay, capacity_factor, pad_to_capacity)
         if world != lay.gpus:
             raise PlannerError(f"torchrun started {world} ranks (WORLD_SIZE) but the layout needs "
                                f"tp*pp*dp*cp = {lay.gpus}; start {lay.gpus} ranks or change --gpus "
@@ -228,7 +240,8 @@ def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=123
     device = init_rank(timeout)
     runs = []
     for spec, lay in items:
-        cfg = scenario(spec, lay, steps, timed_steps, seed, dtype)
+        cfg = scenario(spec, lay, steps, timed_steps, seed, dtype, capacity_factor=capacity_factor,
+                       pad_to_capacity=pad_to_capacity)
         runs.append((cfg, run_scenario(cfg, device)))
     rank = dist.get_rank()
     dist.barrier()

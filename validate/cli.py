@@ -53,6 +53,11 @@ def build_parser():
     for k in ("layers", "hidden", "heads", "kv-heads", "ffn-hidden", "vocab", "experts", "top-k",
               "expert-ffn-hidden"):
         s.add_argument(f"--{k}", type=_int_arg(f"--{k}"))
+    x = p.add_argument_group("mixture of experts (as for plan)")
+    x.add_argument("--capacity-factor", type=_float_arg("--capacity-factor", 0.0), default=0.0,
+                   help="expert capacity factor (0 = dropless); validate runs it with --pad-to-capacity")
+    x.add_argument("--pad-to-capacity", action="store_true",
+                   help="every expert's input padded to its capacity (Megatron --moe-pad-expert-input-to-capacity)")
     v = p.add_argument_group("the run")
     v.add_argument("--steps", type=_int_arg("--steps"), default=2, help="counted steps (after one warm-up)")
     v.add_argument("--timed-steps", type=_int_arg("--timed-steps", 0), default=2,
@@ -170,7 +175,7 @@ def run(argv) -> int:
     from planner.profiles import load_hardware
     spec, notes = sized_model(a)
     lay = layout_from_args(a, spec)
-    api.supported(spec, lay)
+    api.supported(spec, lay, a.capacity_factor, a.pad_to_capacity)
     load_hardware(a.hardware)          # bad profile: refused before any rank starts
     if a.stack:
         from planner.stacks import get_stack
@@ -178,7 +183,7 @@ def run(argv) -> int:
     check_torch()
     kw = dict(steps=a.steps, timed_steps=a.timed_steps, dtype=a.dtype, seed=a.seed,
               timeout=a.timeout, hardware=a.hardware, stack=a.stack, reference=a.reference,
-              notes=notes)
+              notes=notes, capacity_factor=a.capacity_factor, pad_to_capacity=a.pad_to_capacity)
     try:
         if under_torchrun():
             rep = api.run_torchrun(spec, lay, **kw)

@@ -31,8 +31,17 @@ def torch_dtype(name: str):
 
 
 def scenario(spec: ModelSpec, layout, steps=1, timed_steps=0, seed=1234, dtype="float32",
-             check_all_grads=False, fault=None) -> dict:
-    return {"fault": fault,"model": spec_to_dict(spec),
+             check_all_grads=False, fault=None, capacity_factor=0.0, pad_to_capacity=False) -> dict:
+    """A run's JSON-able description; `routing`: the experts' capacity factor (0: dropless) and
+    whether their inputs are padded to it (planner --capacity-factor / --pad-to-capacity)."""
+    return {"fault": fault, "model": spec_to_dict(spec),
             "layout": {k: getattr(layout, k) for k in LAYOUT_KEYS},
             "steps": int(steps), "timed_steps": int(timed_steps), "seed": int(seed),
-            "dtype": dtype, "check_all_grads": bool(check_all_grads)}
+            "dtype": dtype, "check_all_grads": bool(check_all_grads),
+            "routing": {"capacity_factor": float(capacity_factor), "pad": bool(pad_to_capacity)}}
+
+
+def routing_of(cfg: dict) -> tuple:
+    """(capacity factor, pad) of a scenario (dropless where it predates routing)."""
+    r = cfg.get("routing") or {}
+    return float(r.get("capacity_factor", 0.0)), bool(r.get("pad", False))

@@ -189,6 +189,36 @@ class Ctx:
         self.rope = rope
         self.cp_group, self.cp_rank, self.cp_size, self.cp_ranks = cp
         self.ep_group, self.ep_rank, self.ep_size = ep
+        self.capacity_factor, self.pad_to_capacity = 0.0, False     # experts' capacity (moe.route)
+        self.calls = None       # reference: (rows, seq) -> token indices of each rank's router call
+
+    def router_calls(self, shape) -> list:
+        """Token indices (of the flattened [rows, seq]) of each router call an input of this shape
+        is routed in: a rank routes its micro-batch's tokens at once; the reference splits its
+        whole batch as the ranks did (reference_calls)."""
+        rows, seq = shape
+        return [torch.arange(rows * seq)] if self.calls is None else self.calls(rows, seq)
+
+
+def reference_calls(lay: dict):
+    """The router calls of a run with layout `lay`, as token indices of the reference's [gb, s]:
+    one per data-parallel rank, micro-batch, CP rank and (under SP) TP rank, each over that
+    rank's rows and positions in its own order, so a capacity drops what the ranks drop."""
+    dp, mb, cp = lay["dp"], lay["micro_batch"], lay["cp"]
+    tps = lay["tp"] if lay["sp"] and lay["tp"] > 1 else 1
+
+    def calls(rows: int, seq: int) -> list:
+        per, out = rows // dp, []
+        for d in range(dp):
+            for m in range(per // mb):
+                r = torch.arange(d * per + m * mb, d * per + (m + 1) * mb)
+                for c in range(cp):
+                    pos = cp_positions(seq, cp, c)
+                    n = len(pos) // tps
+                    for t in range(tps):
+                        out.append((r[:, None] * seq + pos[None, t * n:(t + 1) * n]).reshape(-1))
+        return out
+    return calls
 
 
 def cross_entropy_sum(logits, targets):

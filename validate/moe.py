@@ -29,6 +29,33 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(g, in_splits, out_splits, group), None, None, None
 
 
+def route(probs, top_k: int, capacity_factor: float, pad: bool, calls):
+    """(gates [T, E]: the top-k probabilities, 0 elsewhere; keep [T, E]: which token goes to which
+    expert). Dropless: the top-k. With a capacity factor, each router call (`calls`: the token
+    indices of each; one call per rank and micro-batch) keeps per expert at most
+    get_capacity(tokens x top_k, E, cf) tokens, those of highest probability; padded, exactly that
+    many, tokens not routed there filling up with weight 0 (Megatron-Core
+    moe_utils.topk_softmax_with_capacity, drop policy "probs")."""
+    import math
+    topv, topi = torch.topk(probs, top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, topi, topv)
+    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, topi, True)
+    if capacity_factor <= 0:
+        return gates, routed
+    keep = torch.zeros_like(routed)
+    E = probs.shape[1]
+    for idx in calls:
+        n = len(idx)
+        cap = math.ceil((n * top_k / E) * capacity_factor)      # moe_utils.get_capacity
+        if cap > n:
+            mask = torch.ones((n, E), dtype=torch.bool, device=probs.device)
+        else:
+            top = torch.topk(gates[idx], k=cap, dim=0, sorted=False).indices
+            mask = torch.zeros((n, E), dtype=torch.bool, device=probs.device).scatter(0, top, True)
+        keep[idx] = mask if pad else mask & routed[idx]
+    return gates, keep
+
+
 class MoE(nn.Module):
     def __init__(self, init: Init, name, spec, ctx):
         super().__init__()
@@ -72,11 +99,11 @@ class MoE(nn.Module):
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
         probs = probs.reshape(-1, probs.shape[-1])
-        E, k = self.experts_n, self.top_k
-        topv, topi = torch.topk(probs, k, dim=-1)
-        flat_e = topi.reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        tok = order // k
+        E = self.experts_n
+        gates, keep = route(probs, self.top_k, self.ctx.capacity_factor, self.ctx.pad_to_capacity,
+                            self.ctx.router_calls(shape[:-1]))
+        pairs = keep.t().nonzero()                               # (expert, token), expert-major
+        flat_e, tok = pairs[:, 0], pairs[:, 1]
         permuted = xt.index_select(0, tok)                       # token copies sorted by expert
         counts = torch.bincount(flat_e, minlength=E)
         ep, per = self.ctx.ep_size, E // self.ctx.ep_size
@@ -120,6 +147,6 @@ class MoE(nn.Module):
             ys = _AllToAll.apply(ys, in_splits, out_splits, self.ctx.ep_group)
         # weight by the routing probabilities and sum each token's k copies (Megatron moe_utils
         # unpermute: probs * tokens, then scatter_add, which keeps only the index)
-        w = topv.reshape(-1).index_select(0, order).unsqueeze(-1)
+        w = gates[tok, flat_e].unsqueeze(-1)
         y = torch.zeros_like(xt).scatter_add(0, tok[:, None].expand(-1, xt.shape[1]), ys * w)
         return y.view(shape)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .config import spec_from_dict, torch_dtype
-from .model import build_reference, cross_entropy_sum
+from .config import routing_of, spec_from_dict, torch_dtype
+from .model import build_reference, cross_entropy_sum, reference_calls
 from .worker import LR, make_data
 
 
@@ -18,6 +18,10 @@ def run_reference(cfg: dict) -> dict:
     dtype = torch_dtype(cfg["dtype"])
     total = 1 + cfg["steps"] + cfg.get("timed_steps", 0)
     model = build_reference(spec, s, cfg["seed"], dtype)
+    cf, pad = routing_of(cfg)
+    if cf > 0:                       # the ranks' router calls, each with its own capacity
+        model.ctx.capacity_factor, model.ctx.pad_to_capacity = cf, pad
+        model.ctx.calls = reference_calls(lay)
     names = model.global_names()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     data = make_data(spec.vocab, gb, s, total, cfg["seed"])

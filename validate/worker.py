@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.autograd.graph import saved_tensors_hooks
 
 from . import phases
-from .config import spec_from_dict, torch_dtype
+from .config import routing_of, spec_from_dict, torch_dtype
 from .counters import ActivationMeter, CollectiveRecorder, GroupLabeler, PhaseFlopCounter
 from .model import Chunk, Ctx, Init, Rope, cp_positions, cross_entropy_sum
 from .groups import Groups, Topo, set_group_timeout
@@ -149,6 +149,7 @@ class _Rank:
         self.rope = Rope(cp_positions(lay["seq_len"], cp, topo.cp_r), self.spec.head_dim, dtype, device)
         ctx = Ctx(self.spec, lay["recompute"], self.rope, cp=(groups.get("cp"), topo.cp_r, cp, groups.ranks.get("cp", [rank])),
                   ep=(groups.get("ep"), topo.ep_r, ep))
+        ctx.capacity_factor, ctx.pad_to_capacity = routing_of(cfg)
         self.nv, per = pp * vpp, self.spec.layers // (pp * vpp)
         self.my_vs = [topo.pp_r + v * pp for v in range(vpp)]
         init = Init(cfg["seed"], dtype, device)

@@ -13,6 +13,7 @@ import pytest
 import torch  # noqa: F401  (validate's tests run wherever the suite runs: torch is required)
 
 from planner.layout import Layout
+from planner.errors import PlannerError
 from planner.model_spec import ModelSpec, MoESpec
 from validate import api
 from validate.launch import RunFailed
@@ -324,3 +325,43 @@ def test_a_hung_rank_times_out_and_leaves_no_process():
     for pid in LAST_PIDS:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# experts padded to their capacity (Megatron --moe-pad-expert-input-to-capacity): cap =
+# ceil(16 tokens x top-2 / 4 experts x 0.75) = 6 of each router call's 8 mean, so tokens are dropped
+CAPACITY = {"dp2-ep2-moe-cf0.75": (MOE, L(dp=2, ep=2)), "tp2-sp-ep2-moe-cf0.75": (MOE, L(tp=2, sp=True, ep=2))}
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    runs = api.launch_layouts(list(CAPACITY.values()), steps=1, dtype="float64", timeout=240,
+                              capacity_factor=0.75, pad_to_capacity=True)
+    return {name: (cfg, per_rank) for name, (cfg, per_rank) in zip(CAPACITY, runs)}
+
+
+@pytest.mark.parametrize("name", list(CAPACITY))
+def test_experts_padded_to_capacity(capacity, name, monkeypatch):
+    """Dropped and padded tokens are counted exactly (FLOPs, all-to-all bytes, activations) and the
+    single-process reference drops what the ranks drop (its batch routed in the ranks' calls). The
+    checks can fail: a dropless prediction misses, and so does a reference routing its batch at once."""
+    import torch
+    import validate.api as A
+    import validate.reference as R
+    cfg, per_rank = capacity[name]
+    model, lay = CAPACITY[name]
+    rep = api.report_for(cfg, model, lay, per_rank, hardware="h100-sxm")
+    assert rep["ok"], _failures(rep)
+    counts = A.counts
+    monkeypatch.setattr(A, "counts", lambda spec, layout, dtype, cf=0.0, pad=False: counts(spec, layout, dtype))
+    missed = {c["quantity"] for c in api.report_for(cfg, model, lay, per_rank, hardware="h100-sxm")["checks"]
+              if not c["ok"]}
+    assert {"flops.forward", "collective.bytes"} <= missed, missed
+    monkeypatch.setattr(A, "counts", counts)
+    monkeypatch.setattr(R, "reference_calls", lambda lay: (lambda rows, seq: [torch.arange(rows * seq)]))
+    wrong = api.report_for(cfg, model, lay, per_rank, hardware="h100-sxm")
+    assert not wrong["ok"] and any(c["quantity"] == "loss" and not c["ok"] for c in wrong["checks"])
+
+
+def test_dropping_without_padding_is_refused_in_one_line():
+    with pytest.raises(PlannerError, match="without --pad-to-capacity drops a number of tokens"):
+        api.supported(MOE, L(dp=2, ep=2), capacity_factor=1.0)
