@@ -144,7 +144,7 @@ def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first
     rc.add(X.cp_layer(model, lk, eb, False), len(rc.layers) * (1 + (L.recompute != "none")) * nmb)
     rc.add(X.cp_layer(model, lk, eb, True), len(rc.layers) * nmb)
     rc.add(X.ep_layer(model, lk, eb, imb, True), nmoe * (1 + full) * nmb)
-    rc.add(X.ep_layer(model, lk, eb, imb, False)[:1], nmoe * nmb)
+    rc.add(X.ep_layer(model, lk, eb, imb, False), nmoe * nmb)
     if first:
         rc.add(X.tp_edges(model, lk, eb, True), nmb)
     if last:

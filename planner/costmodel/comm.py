@@ -105,8 +105,9 @@ def _ep(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes
     residual share as for TP, stays exposed."""
     if not model.moe:
         return np.zeros(k.n), np.zeros(k.n)
-    a2a, meta = X.ep_layer(model, k, eb, moe_load, True)
-    comm = a2a.calls * C.all_to_all(cluster, a2a.nbytes, k.ep, k.etp)
+    a2a, meta, *etp = X.ep_layer(model, k, eb, moe_load, True)
+    comm = (a2a.calls * C.all_to_all(cluster, a2a.nbytes, k.ep, k.etp)
+            + flows_time(C.Group(cluster, k.etp, 1.0), etp))         # expert TP: innermost of the expert mesh
     ovl = k.overlap_ep & stack.ep_overlap & owns
     return (np.where(ovl, _exposed(comm, lc.t_attn_f + lc.t_moe_f), comm),
             flows_time(C.Group(cluster, k.ep, k.etp), [meta]))

@@ -43,10 +43,10 @@ def tp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, moe_layer: bool)
     + reduce-scatter (Korthikanti et al. 2022 sec. 4.2.2); Transformer Engine gathers fp8
     activations under fp8 (TE LayerNormLinear with sequence_parallel), reduces in 16 bits. An MoE
     block adds a pair for its shared experts, split over TP like an MLP (Megatron-Core
-    moe/shared_experts.py: input gathered, output reduce-scattered under SP), and one for the routed
-    experts only with expert TP (etp > 1)."""
+    moe/shared_experts.py: input gathered, output reduce-scattered under SP); the routed experts'
+    own gather under expert TP is EP traffic (ep_layer)."""
     shared = float(bool(model.moe and model.moe.shared_experts))
-    pairs = (1.0 + shared + np.where(k.etp > 1, 1.0, 0.0)) if moe_layer else float(TP_PAIRS_DENSE)
+    pairs = (1.0 + shared) if moe_layer else float(TP_PAIRS_DENSE)
     pairs = pairs * (k.tp > 1)
     act = _act(model, k, eb)
     gathered = k.tokens * model.hidden * np.where(k.precision == Precision.FP8, 1.0, eb.act)
@@ -96,14 +96,19 @@ def cp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, backward: bool) 
 
 def ep_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, imbalance, forward: bool) -> list:
     """EP traffic of one MoE layer and one pass: dispatch + combine all-to-all of the routed token
-    copies (busiest rank: x its routed load, routing.routed_load), and in forward the all-gather of tokens per expert
-    (Megatron-Core MoEAlltoAllTokenDispatcher)."""
+    copies (busiest rank: x its routed load, routing.routed_load), in forward the all-gather of tokens per expert,
+    and under expert TP the gather of the tokens the etp group received and the reduce-scatter of
+    the experts' partial outputs, one each per pass (Megatron-Core MoEAlltoAllTokenDispatcher:
+    dispatch_postprocess gather_from_sequence_parallel_region over the expert-TP group,
+    combine_preprocess reduce_scatter_to_sequence_parallel_region; backward swaps the two). Sizes:
+    the all-to-all's buffer, the gather's output and the reduce-scatter's input."""
     if not model.moe:
         return []
-    on = (k.ep > 1).astype(float)
+    on, etp_on = (k.ep > 1).astype(float), (k.etp > 1).astype(float)
     nbytes = eb.act * (k.tokens / k.tp) * model.moe.top_k * imbalance * model.hidden
     return [Flow("ep", "all_to_all", 2 * on, nbytes),
-            Flow("ep", "all_gather", on * forward, k.ep * model.moe.experts * INDEX_BYTES)]
+            Flow("ep", "all_gather", on * forward, k.ep * model.moe.experts * INDEX_BYTES),
+            Flow("etp", "all_gather", etp_on, k.etp * nbytes), Flow("etp", "reduce_scatter", etp_on, k.etp * nbytes)]
 
 
 def pp_boundaries(rank: int, pp: int, vpp: int) -> tuple:

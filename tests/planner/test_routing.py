@@ -63,3 +63,20 @@ def test_a_capacity_is_refused_where_the_target_cannot_express_it(fmt):
     best = search(m, c, 64, top=1, capacity_factor=1.25).best
     with pytest.raises(PlannerError, match=f"--capacity-factor cannot be expressed in a {fmt} configuration"):
         emit(best, m, fmt, c, capacity_factor=1.25)
+
+
+def test_expert_tp_gathers_the_routed_copies_in_its_own_group():
+    """Under expert TP the dispatcher gathers the tokens its etp group received (top_k copies of
+    each local token, x the routed load) and reduce-scatters the experts' partial outputs, once
+    each per pass, in the etp group -- not one more full-activation pair in the TP group."""
+    m = load_model("mixtral-8x7b")
+    kw = dict(tp=2, sp=True, pp=1, dp=4, ep=2, micro_batch=1, global_batch=64, seq_len=4096, zero=1)
+    with_etp, without = (predict(m, Layout(etp=e, **kw))[0].collectives for e in (2, 1))
+    nmb, layers, hidden, act = 64 // 4, m.layers, m.hidden, 2.0
+    routed = act * (4096 / 2) * m.moe.top_k * hidden            # one rank's routed copies, bf16
+    for kind in ("all_gather", "reduce_scatter"):
+        got = with_etp[("etp", kind)]
+        assert got["calls"] == 2 * layers * nmb                  # forward and backward
+        assert got["bytes"] == pytest.approx(got["calls"] * 2 * routed, rel=1e-12)   # etp x routed
+        assert ("etp", kind) not in without
+        assert with_etp[("tp", kind)] == without[("tp", kind)]     # the TP group's traffic is the same
