@@ -58,9 +58,12 @@ def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act
     replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
     routed = local * e.top_k * imbalance
     # permuted expert inputs, expert activations, and the expert outputs the unpermute keeps for
-    # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps
+    # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps.
+    # Under expert TP fc1 keeps the input gathered over the etp group (etp x routed tokens,
+    # token_dispatcher dispatch_postprocess) and each rank runs those tokens on ffn/etp columns:
+    # its intermediates are routed x ffn, whatever etp (measured by validate: tests/validate)
     g = gated_tensors if m.gated else 2
-    experts = act * routed * (2 * m.hidden + e.expert_ffn_hidden * g / etp)
+    experts = act * routed * ((1 + etp) * m.hidden + e.expert_ffn_hidden * g)
     experts = experts + 8.0 * routed
     shared = (act * tokens * e.shared_experts * e.shared_expert_ffn_hidden * g / tp) if e.shared_experts else 0.0
     probs = stat * local * e.experts  # fp32 router logits/probabilities

@@ -85,8 +85,17 @@ def supported(spec: ModelSpec, layout: Layout, capacity_factor: float = 0.0, pad
     if spec.layers % (layout.pp * layout.vpp):
         raise PlannerError(f"the {spec.layers} layers of {spec.name} must split evenly over pp x vpp = "
                            f"{layout.pp * layout.vpp} stages")
-    if layout.etp != 1:
-        raise PlannerError("--etp other than 1 is not implemented")
+    if layout.etp > 1:
+        if not pad_to_capacity:
+            raise PlannerError(f"--etp {layout.etp} gathers the tokens each expert-TP rank received, a routing-"
+                               "dependent count that gloo's all-gather cannot take unevenly; run it with "
+                               "--capacity-factor F --pad-to-capacity (every rank then receives the same count)")
+        if spec.bias:
+            raise PlannerError("--etp > 1 with linear biases: Megatron-Core refuses it (MoE with expert TP "
+                               "needs add_bias_linear off)")
+        if spec.moe.expert_ffn_hidden % layout.etp:
+            raise PlannerError(f"--expert-ffn-hidden {spec.moe.expert_ffn_hidden} must be divisible by "
+                               f"--etp {layout.etp}")
     sp = layout.sp and layout.tp > 1
     if sp and (layout.seq_len // layout.cp) % layout.tp:
         raise PlannerError(f"--sp needs the sequence per CP rank ({layout.seq_len // layout.cp}) "
@@ -99,7 +108,7 @@ def supported(spec: ModelSpec, layout: Layout, capacity_factor: float = 0.0, pad
     if spec.moe is not None and tp > 1 and not sp:
         raise PlannerError(f"--tp {tp} with the experts of {spec.name} needs --sp (Megatron-Core's MoELayer "
                            "refuses MoE with tensor parallelism and without sequence parallelism in training)")
-    if layout.zero == 3 and (tp > 1 or pp > 1 or ep > 1):
+    if layout.zero == 3 and (tp > 1 or pp > 1 or ep > 1 or layout.etp > 1):
         raise PlannerError("--zero 3 (FSDP2) is implemented with data and context "
                            "parallelism only (--tp, --pp and --ep must be 1)")
     if layout.cp > 1 and _cuda():

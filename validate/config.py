@@ -9,7 +9,7 @@ from planner.model_spec import MLASpec, ModelSpec, MoESpec
 DTYPES = ("float32", "float64", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
 LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "vpp", "sp", "micro_batch", "global_batch", "seq_len",
-               "recompute", "zero")
+               "recompute", "zero", "etp")
 
 
 def spec_to_dict(spec: ModelSpec) -> dict:

@@ -1,10 +1,11 @@
 """Process groups and device meshes in Megatron's rank order: one multi-dimensional
 init_device_mesh with named dims (pp, dp, cp, tp) that every parallelism takes its groups from,
-expert dims (edp, ep) unflattened from its stage, and the run's --timeout on every group.
+expert dims (edp, ep, etp) unflattened from its stage, and the run's --timeout on every group.
 
 Rank order (megatron/core/parallel_state.py, order "tp-cp-ep-dp-pp"):
     rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
-Expert layers re-split the tp*cp*dp ranks of a stage as etp (=1 here) x ep x edp, ep innermost.
+Expert layers re-split the tp*cp*dp ranks of a stage as etp x ep x edp, etp innermost
+(initialize_model_parallel's expert rank generator, order "tp-ep-dp" with tp = etp).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Topo:
     pp: int
     ep: int
     vpp: int
+    etp: int = 1
 
     def __post_init__(self):
         r = self.rank
@@ -32,9 +34,10 @@ class Topo:
         self.dp_r = (r // (self.tp * self.cp)) % self.dp
         self.pp_r = r // (self.tp * self.cp * self.dp)
         inner = r % (self.tp * self.cp * self.dp)   # index inside the stage
-        self.ep_r = inner % self.ep
-        self.edp = self.tp * self.cp * self.dp // self.ep
-        self.edp_r = inner // self.ep
+        self.etp_r = inner % self.etp
+        self.ep_r = (inner // self.etp) % self.ep
+        self.edp = self.tp * self.cp * self.dp // (self.ep * self.etp)
+        self.edp_r = inner // (self.ep * self.etp)
 
     def rank_of(self, tp_r=None, cp_r=None, dp_r=None, pp_r=None):
         tp_r = self.tp_r if tp_r is None else tp_r
@@ -45,7 +48,7 @@ class Topo:
 
     def coords(self) -> dict:
         return dict(tp=self.tp_r, cp=self.cp_r, dp=self.dp_r, pp=self.pp_r, ep=self.ep_r,
-                    edp=self.edp_r)
+                    etp=self.etp_r, edp=self.edp_r)
 
     def all_groups(self, tied_pp: bool) -> dict:
         """label -> list of rank lists (every group of that kind, in a fixed order)."""
@@ -60,7 +63,7 @@ class Topo:
             return [v for _, v in sorted(d.items())]
 
         def c(r):
-            return Topo(self.world, r, self.tp, self.cp, self.dp, self.pp, self.ep, self.vpp)
+            return Topo(self.world, r, self.tp, self.cp, self.dp, self.pp, self.ep, self.vpp, self.etp)
         T = [c(r) for r in R]
         if self.tp > 1:
             out["tp"] = by(lambda r: (T[r].cp_r, T[r].dp_r, T[r].pp_r))
@@ -72,11 +75,13 @@ class Topo:
         if self.pp > 1:
             out["pp"] = by(lambda r: r % stage)
         if self.ep > 1:
-            out["ep"] = by(lambda r: (T[r].edp_r, T[r].pp_r))
+            out["ep"] = by(lambda r: (T[r].edp_r, T[r].etp_r, T[r].pp_r))
+        if self.etp > 1:
+            out["etp"] = by(lambda r: (T[r].edp_r, T[r].ep_r, T[r].pp_r))
         if self.edp > 1:
             # expert data-parallel group (Megatron get_expert_data_parallel_group); with ep = 1
             # it holds the same ranks as dp but is its own group
-            out["edp"] = by(lambda r: (T[r].ep_r, T[r].pp_r))
+            out["edp"] = by(lambda r: (T[r].ep_r, T[r].etp_r, T[r].pp_r))
         if tied_pp and self.pp > 1:
             out["embd"] = [[i, i + (self.pp - 1) * stage] for i in range(stage)]
         return out
@@ -125,7 +130,7 @@ class Meshes:
     ParallelDims.build_mesh does (torchtitan/distributed/parallel_dims.py)."""
     dense: object | None    # (pp, dp, cp, tp) as init_device_mesh built it
     dp: object | None       # dp x cp flattened: the dense-gradient group (Megatron's data-parallel group with CP)
-    expert: object | None   # (edp, ep), the stage's dp x cp x tp unflattened, ep innermost
+    expert: object | None   # (edp, ep, etp), the stage's dp x cp x tp unflattened, etp innermost
 
 
 def build_meshes(topo: Topo, device_type: str, moe: bool) -> Meshes:
@@ -145,7 +150,7 @@ def build_meshes(topo: Topo, device_type: str, moe: bool) -> Meshes:
     else:
         dp = dense[dpn]._flatten("dp_cp", backend_override=_backend_config()) if dpn else None
     expert = None
-    edims = [(n, s) for n, s in (("edp", topo.edp), ("ep", topo.ep)) if s > 1]
+    edims = [(n, s) for n, s in (("edp", topo.edp), ("ep", topo.ep), ("etp", topo.etp)) if s > 1]
     sn = tuple(n for n in ("dp", "cp", "tp") if n in names)
     if moe and edims:
         stage = dense[sn]._flatten("stage", backend_override=_backend_config()) if len(sn) > 1 else dense[sn]
@@ -165,7 +170,8 @@ class Groups:
     on to meshes, so a mesh must outlive the scenario that made it."""
 
     def __init__(self, topo: Topo, tied_pp: bool, labeler, device_type: str = "cpu", moe: bool = False):
-        key = (topo.world, topo.pp, topo.dp, topo.cp, topo.tp, topo.ep if moe else 0, device_type)
+        key = (topo.world, topo.pp, topo.dp, topo.cp, topo.tp, topo.ep if moe else 0, topo.etp if moe else 0,
+               device_type)
         if key not in _MESHES:
             _MESHES[key] = build_meshes(topo, device_type, moe)
         self.meshes = m = _MESHES[key]
@@ -206,9 +212,9 @@ class Groups:
         return self.pg.get(label)
 
     def mesh(self, label):
-        """The 1-D mesh of a parallel dim (tp, dp) for DTensor and FSDP2."""
+        """The 1-D mesh of a parallel dim (tp, dp; etp: the experts') for DTensor and FSDP2."""
         m = self.meshes
-        return m.dp if label == "dp" else m.dense[label]
+        return m.dp if label == "dp" else m.expert[label] if label == "etp" else m.dense[label]
 
     def size(self, label):
         return len(self.ranks.get(label, [0]))

@@ -190,6 +190,7 @@ class Ctx:
         self.cp_group, self.cp_rank, self.cp_size, self.cp_ranks = cp
         self.ep_group, self.ep_rank, self.ep_size = ep
         self.capacity_factor, self.pad_to_capacity = 0.0, False     # experts' capacity (moe.route)
+        self.etp_group, self.etp_size, self.etp_mesh = None, 1, None  # expert TP (moe.ExpertShard)
         self.calls = None       # reference: (rows, seq) -> token indices of each rank's router call
 
     def router_calls(self, shape) -> list:

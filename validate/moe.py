@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import MLP, Init
+from .layers import MLP, Init, _act, _GatedFn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,6 +27,77 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, g):
         out_splits, in_splits, group = ctx.meta
         return _AllToAll.apply(g, in_splits, out_splits, group), None, None, None
+
+
+class _GatherEtp(torch.autograd.Function):
+    """The routed tokens of every expert-TP rank, in rank order; backward reduce-scatters (Megatron
+    gather_from_sequence_parallel_region over the expert-TP group, equal sizes here)."""
+
+    @staticmethod
+    def forward(ctx, x, group, n):
+        import torch.distributed as dist
+        ctx.meta = (group, n)
+        out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        group, n = ctx.meta
+        return _ReduceScatterEtp.apply(g, group, n), None, None
+
+
+class _ReduceScatterEtp(torch.autograd.Function):
+    """Each expert-TP rank's tokens, summed over the ranks' partial outputs; backward gathers
+    (Megatron reduce_scatter_to_sequence_parallel_region over the expert-TP group)."""
+
+    @staticmethod
+    def forward(ctx, x, group, n):
+        import torch.distributed as dist
+        ctx.meta = (group, n)
+        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        group, n = ctx.meta
+        return _GatherEtp.apply(g, group, n), None, None
+
+
+class _Weight(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight = w
+
+
+class ExpertShard(nn.Module):
+    """A routed expert split over expert TP (Megatron's grouped linear fc1 column-parallel, fc2
+    row-parallel over the expert-TP group): w1 and w3 by output rows, w2 by input columns, each a
+    DTensor shard on the etp mesh cut from the same full weight the reference holds; the output
+    is this rank's partial sum."""
+
+    def __init__(self, init: Init, name, hidden, ffn, kind, mesh):
+        super().__init__()
+        from torch.distributed.tensor import DTensor, Shard
+        full = MLP(init, name, hidden, ffn, kind, False)
+        n, r = mesh.size(), mesh.get_local_rank()
+        part = ffn // n
+        self.kind, self.gated = kind, full.gated
+
+        def shard(w, dim):
+            piece = w.detach().narrow(dim, r * part, part).clone()
+            return nn.Parameter(DTensor.from_local(piece, mesh, [Shard(dim)], run_check=False))
+        self.w1 = _Weight(shard(full.w1.weight, 0))
+        if self.gated:
+            self.w3 = _Weight(shard(full.w3.weight, 0))
+        self.w2 = _Weight(shard(full.w2.weight, 1))
+
+    def forward(self, x):
+        import torch.nn.functional as F
+        h = F.linear(x, self.w1.weight.to_local())
+        y = _GatedFn.apply(h, F.linear(x, self.w3.weight.to_local()), self.kind) if self.gated else _act(self.kind, h)
+        return F.linear(y, self.w2.weight.to_local())
 
 
 def route(probs, top_k: int, capacity_factor: float, pad: bool, calls):
@@ -65,9 +136,15 @@ class MoE(nn.Module):
         self.router = init.linear(f"{name}.router", spec.hidden, m.experts, False)
         per = m.experts // ctx.ep_size
         self.local = list(range(ctx.ep_rank * per, (ctx.ep_rank + 1) * per))
-        self.experts = nn.ModuleDict({str(e): MLP(init, f"{name}.experts.{e}", spec.hidden,
-                                                  m.expert_ffn_hidden, spec.mlp, spec.bias)
-                                      for e in self.local})
+        self.etp = ctx.etp_size
+        if self.etp > 1:
+            self.experts = nn.ModuleDict({str(e): ExpertShard(init, f"{name}.experts.{e}", spec.hidden,
+                                                              m.expert_ffn_hidden, spec.mlp, ctx.etp_mesh)
+                                          for e in self.local})
+        else:
+            self.experts = nn.ModuleDict({str(e): MLP(init, f"{name}.experts.{e}", spec.hidden,
+                                                      m.expert_ffn_hidden, spec.mlp, spec.bias)
+                                          for e in self.local})
         self.shared = nn.ModuleList([MLP(init, f"{name}.shared.{i}", spec.hidden,
                                          m.shared_expert_ffn_hidden, spec.mlp, spec.bias)
                                      for i in range(m.shared_experts)])
@@ -134,12 +211,7 @@ class MoE(nn.Module):
         else:
             local_counts = counts.tolist()
             xs = permuted
-        outs, p0 = [], 0
-        for j, e in enumerate(self.local):
-            cnt = local_counts[j]
-            outs.append(self.experts[str(e)](xs[p0:p0 + cnt]))
-            p0 += cnt
-        ys = torch.cat(outs, 0)
+        ys = self._experts(xs, local_counts)
         if ep > 1:
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(len(perm))
@@ -150,3 +222,23 @@ class MoE(nn.Module):
         w = gates[tok, flat_e].unsqueeze(-1)
         y = torch.zeros_like(xt).scatter_add(0, tok[:, None].expand(-1, xt.shape[1]), ys * w)
         return y.view(shape)
+
+    def _experts(self, xs, local_counts):
+        """The local experts' outputs for xs (tokens sorted by local expert, local_counts each). Under
+        expert TP every rank of the etp group takes all of the group's tokens (equal counts: experts
+        padded to capacity), computes its shard, and the partial outputs are reduce-scattered back."""
+        if self.etp == 1:
+            outs, p0 = [], 0
+            for j, e in enumerate(self.local):
+                cnt = local_counts[j]
+                outs.append(self.experts[str(e)](xs[p0:p0 + cnt]))
+                p0 += cnt
+            return torch.cat(outs, 0)
+        n, h, t = xs.shape[0], xs.shape[-1], self.etp
+        g = _GatherEtp.apply(xs, self.ctx.etp_group, t).view(t, n, h)
+        outs, p0 = [], 0
+        for j, e in enumerate(self.local):
+            cnt = local_counts[j]
+            outs.append(self.experts[str(e)](g[:, p0:p0 + cnt].reshape(t * cnt, h)).view(t, cnt, h))
+            p0 += cnt
+        return _ReduceScatterEtp.apply(torch.cat(outs, 1).reshape(t * n, h), self.ctx.etp_group, t)

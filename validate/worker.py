@@ -21,7 +21,7 @@ from .config import routing_of, spec_from_dict, torch_dtype
 from .counters import ActivationMeter, CollectiveRecorder, GroupLabeler, PhaseFlopCounter
 from .model import Chunk, Ctx, Init, Rope, cp_positions, cross_entropy_sum
 from .groups import Groups, Topo, set_group_timeout
-from .parallel import FSDPOptimizer, HandOptimizer, apply_tp
+from .parallel import FSDPOptimizer, HandOptimizer, apply_tp, local
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -141,7 +141,7 @@ class _Rank:
         tp, pp, dp, cp, ep, vpp = (lay[k] for k in ("tp", "pp", "dp", "cp", "ep", "vpp"))
         if world != tp * pp * dp * cp:
             raise RuntimeError(f"world size {world} does not match tp*pp*dp*cp = {tp * pp * dp * cp}")
-        self.topo = topo = Topo(world, rank, tp, cp, dp, pp, ep, vpp)
+        self.topo = topo = Topo(world, rank, tp, cp, dp, pp, ep, vpp, lay["etp"])
         labeler = GroupLabeler()
         self.groups = groups = Groups(topo, self.spec.tied_embeddings and pp > 1, labeler, device.type,
                                       moe=self.spec.moe is not None)
@@ -150,6 +150,8 @@ class _Rank:
         ctx = Ctx(self.spec, lay["recompute"], self.rope, cp=(groups.get("cp"), topo.cp_r, cp, groups.ranks.get("cp", [rank])),
                   ep=(groups.get("ep"), topo.ep_r, ep))
         ctx.capacity_factor, ctx.pad_to_capacity = routing_of(cfg)
+        if lay["etp"] > 1:
+            ctx.etp_group, ctx.etp_size, ctx.etp_mesh = groups.get("etp"), lay["etp"], groups.mesh("etp")
         self.nv, per = pp * vpp, self.spec.layers // (pp * vpp)
         self.my_vs = [topo.pp_r + v * pp for v in range(vpp)]
         init = Init(cfg["seed"], dtype, device)
@@ -163,7 +165,11 @@ class _Rank:
         self.opt = (FSDPOptimizer(self.chunks, names, groups, LR, device.type, moe_names) if lay["zero"] == 3 else
                     HandOptimizer(self.chunks, names, groups, lay["zero"], LR, dtype, moe_names))
         self.flop, self.rec = PhaseFlopCounter(), CollectiveRecorder(labeler)
-        self.meter = ActivationMeter([t.untyped_storage().data_ptr() for t in self.rope.tensors()])
+        # weights are not activations: a parameter's local shard (an expert-TP DTensor's, used by
+        # F.linear after to_local()) is no Parameter, so its storage is excluded by address
+        self.meter = ActivationMeter([t.untyped_storage().data_ptr() for t in self.rope.tensors()]
+                                     + [local(p).untyped_storage().data_ptr()
+                                        for ch in self.chunks for p in ch.parameters()])
         for ch in self.chunks:
             for blk in ch.layers.values():
                 self.meter.attach(blk)

@@ -80,3 +80,16 @@ def test_expert_tp_gathers_the_routed_copies_in_its_own_group():
         assert got["bytes"] == pytest.approx(got["calls"] * 2 * routed, rel=1e-12)   # etp x routed
         assert ("etp", kind) not in without
         assert with_etp[("tp", kind)] == without[("tp", kind)]     # the TP group's traffic is the same
+
+
+def test_expert_tp_keeps_the_gathered_input_not_a_smaller_intermediate():
+    """fc1 keeps the input gathered over the etp group (etp x the routed tokens) and each rank's
+    intermediates are etp x routed tokens on ffn/etp columns: the same as without expert TP. So
+    expert TP adds (etp - 1) x routed x hidden; it does not divide the intermediates (validate's
+    tests/validate/test_run.py::test_expert_tensor_parallel measures it)."""
+    from planner.memory import moe_activation_bytes
+    m = load_model("mixtral-8x7b")
+    one, two, four = (moe_activation_bytes(m, 4096, 2, True, etp=e) for e in (1, 2, 4))
+    routed = 4096 / 2 * m.moe.top_k
+    assert two - one == pytest.approx(2.0 * routed * m.hidden, rel=1e-12)
+    assert four - one == pytest.approx(3 * 2.0 * routed * m.hidden, rel=1e-12)

@@ -2,6 +2,7 @@
 degree 2 and of combinations on 8 processes; each must pass every count check and match the
 single-process reference's losses and gradients. Layouts of one world size share one launch of
 the ranks (process start-up is the dominant cost on a small machine)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -332,11 +333,16 @@ def test_a_hung_rank_times_out_and_leaves_no_process():
 CAPACITY = {"dp2-ep2-moe-cf0.75": (MOE, L(dp=2, ep=2)), "tp2-sp-ep2-moe-cf0.75": (MOE, L(tp=2, sp=True, ep=2))}
 
 
+def _launch_padded(cases, cf):
+    """{name: (scenario, per-rank results)} of one launch with experts padded to capacity cf."""
+    runs = api.launch_layouts(list(cases.values()), steps=1, dtype="float64", timeout=240,
+                              capacity_factor=cf, pad_to_capacity=True)
+    return dict(zip(cases, runs))
+
+
 @pytest.fixture(scope="module")
 def capacity():
-    runs = api.launch_layouts(list(CAPACITY.values()), steps=1, dtype="float64", timeout=240,
-                              capacity_factor=0.75, pad_to_capacity=True)
-    return {name: (cfg, per_rank) for name, (cfg, per_rank) in zip(CAPACITY, runs)}
+    return _launch_padded(CAPACITY, 0.75)
 
 
 @pytest.mark.parametrize("name", list(CAPACITY))
@@ -365,3 +371,36 @@ def test_experts_padded_to_capacity(capacity, name, monkeypatch):
 def test_dropping_without_padding_is_refused_in_one_line():
     with pytest.raises(PlannerError, match="without --pad-to-capacity drops a number of tokens"):
         api.supported(MOE, L(dp=2, ep=2), capacity_factor=1.0)
+
+
+# expert TP: the etp group gathers the tokens its ranks received and reduce-scatters the experts'
+# partial outputs; counts are even only with experts padded to capacity (gloo has no uneven all-gather)
+MOE_NB = dataclasses.replace(MOE, bias=False)       # Megatron refuses expert TP with linear biases
+ETP = {"dp4-ep2-etp2": (MOE_NB, L(dp=4, ep=2, etp=2, global_batch=8)),
+       "tp2-sp-dp2-ep2-etp2": (MOE_NB, L(tp=2, sp=True, dp=2, ep=2, etp=2, global_batch=8))}
+
+
+@pytest.fixture(scope="module")
+def etp():
+    return _launch_padded(ETP, 1.0)
+
+
+@pytest.mark.parametrize("name", list(ETP))
+def test_expert_tensor_parallel(etp, name):
+    """Experts split over expert TP (fc1 by rows, fc2 by columns, DTensor shards on the etp mesh):
+    losses and gradients match the single-process reference, and the etp group's gather and
+    reduce-scatter, the expert activations (the gathered input kept by fc1) and FLOPs are the
+    planner's, exactly per rank."""
+    cfg, per_rank = etp[name]
+    model, lay = ETP[name]
+    rep = api.report_for(cfg, model, lay, per_rank, hardware="h100-sxm")
+    assert rep["ok"], _failures(rep)
+    got = {(c["quantity"], c.get("group_label"), c.get("kind")) for c in rep["checks"] if c["predicted"]}
+    assert {("collective.bytes", "etp", "all_gather"), ("collective.bytes", "etp", "reduce_scatter")} <= got
+
+
+def test_expert_tp_is_refused_where_gloo_cannot_run_it():
+    with pytest.raises(PlannerError, match="--etp 2 gathers .* --pad-to-capacity"):
+        api.supported(MOE_NB, L(dp=4, ep=2, etp=2, global_batch=8))
+    with pytest.raises(PlannerError, match="linear biases"):
+        api.supported(dataclasses.replace(MOE, bias=True), L(dp=4, ep=2, etp=2, global_batch=8), 1.0, True)
