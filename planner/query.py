@@ -104,6 +104,9 @@ def _check_inputs(model, seq_len, global_batch, fixed, top, tokens, price, moe_i
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
                               or not math.isfinite(v) or v < lo):
             raise PlannerError(f"{name} must be a finite number >= {lo:g}, got {v!r}")
+    for name, v, neutral in (("--moe-imbalance", moe_imbalance, 1.0), ("--capacity-factor", capacity_factor, 0.0)):
+        if model.moe is None and v is not None and v != neutral:
+            raise PlannerError(f"{name} applies to mixture-of-experts models; {model.name} has no experts")
     if model.moe and moe_imbalance > model.moe.experts / model.moe.top_k:
         # all tokens on one expert: load experts/top_k times the mean, the most there can be
         raise PlannerError(f"--moe-imbalance {moe_imbalance:g} is more than {model.name} allows: at most "

@@ -123,6 +123,9 @@ BAD = [
     ("top-too-large", M + ["--top", str(10 ** 6)], "--top must be between 1 and 10,000"),
     ("moe-imbalance-impossible", ["--model", "mixtral-8x7b", "--gpus", "16", "--moe-imbalance", "5"],
      "at most experts / top_k = 4"),
+    # routing flags on a dense model would be silently ignored
+    ("capacity-dense", M + ["--capacity-factor", "1.25"], "--capacity-factor applies to mixture-of-experts models"),
+    ("imbalance-dense", M + ["--moe-imbalance", "1.5"], "--moe-imbalance applies to mixture-of-experts models"),
     # ---- --gpus ranges and --tokens
     ("gpus-range-reversed", ["--model", "gpt-20b", "--gpus", "64-8"], "LO <= HI"),
     ("gpus-range-open", ["--model", "gpt-20b", "--gpus", "8-"], "--gpus must be an integer, got ''"),
