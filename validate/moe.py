@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import MLP, Init, _act, _GatedFn
 
@@ -29,40 +30,25 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(g, in_splits, out_splits, group), None, None, None
 
 
-class _GatherEtp(torch.autograd.Function):
-    """The routed tokens of every expert-TP rank, in rank order; backward reduce-scatters (Megatron
-    gather_from_sequence_parallel_region over the expert-TP group, equal sizes here)."""
+class _EtpCollective(torch.autograd.Function):
+    """gather=True: the routed tokens of every expert-TP rank, in rank order (Megatron
+    gather_from_sequence_parallel_region over the expert-TP group, equal sizes here); False: each
+    rank's tokens summed over the ranks' partial outputs (reduce_scatter_to_sequence_parallel_region).
+    Each one's backward is the other."""
 
     @staticmethod
-    def forward(ctx, x, group, n):
+    def forward(ctx, x, group, n, gather):
         import torch.distributed as dist
-        ctx.meta = (group, n)
-        out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        ctx.meta = (group, n, gather)
+        rows = x.shape[0] * n if gather else x.shape[0] // n
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        (dist.all_gather_into_tensor if gather else dist.reduce_scatter_tensor)(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        group, n = ctx.meta
-        return _ReduceScatterEtp.apply(g, group, n), None, None
-
-
-class _ReduceScatterEtp(torch.autograd.Function):
-    """Each expert-TP rank's tokens, summed over the ranks' partial outputs; backward gathers
-    (Megatron reduce_scatter_to_sequence_parallel_region over the expert-TP group)."""
-
-    @staticmethod
-    def forward(ctx, x, group, n):
-        import torch.distributed as dist
-        ctx.meta = (group, n)
-        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        group, n = ctx.meta
-        return _GatherEtp.apply(g, group, n), None, None
+        group, n, gather = ctx.meta
+        return _EtpCollective.apply(g, group, n, not gather), None, None, None
 
 
 class _Weight(nn.Module):
@@ -94,7 +80,6 @@ class ExpertShard(nn.Module):
         self.w2 = _Weight(shard(full.w2.weight, 1))
 
     def forward(self, x):
-        import torch.nn.functional as F
         h = F.linear(x, self.w1.weight.to_local())
         y = _GatedFn.apply(h, F.linear(x, self.w3.weight.to_local()), self.kind) if self.gated else _act(self.kind, h)
         return F.linear(y, self.w2.weight.to_local())
@@ -235,10 +220,10 @@ class MoE(nn.Module):
                 p0 += cnt
             return torch.cat(outs, 0)
         n, h, t = xs.shape[0], xs.shape[-1], self.etp
-        g = _GatherEtp.apply(xs, self.ctx.etp_group, t).view(t, n, h)
+        g = _EtpCollective.apply(xs, self.ctx.etp_group, t, True).view(t, n, h)
         outs, p0 = [], 0
         for j, e in enumerate(self.local):
             cnt = local_counts[j]
             outs.append(self.experts[str(e)](g[:, p0:p0 + cnt].reshape(t * cnt, h)).view(t, cnt, h))
             p0 += cnt
-        return _ReduceScatterEtp.apply(torch.cat(outs, 1).reshape(t * n, h), self.ctx.etp_group, t)
+        return _EtpCollective.apply(torch.cat(outs, 1).reshape(t * n, h), self.ctx.etp_group, t, False)
