@@ -16,8 +16,9 @@ MMAP_THRESHOLD = 64 << 20        # above any chunk's array (131,072 candidates x
 TRIM_THRESHOLD = 256 << 20       # free heap kept before it is returned to the system
 
 
-def keep_temporaries_on_heap() -> bool:
-    """Set the two thresholds where the C library is glibc; True where it did."""
+def keep_temporaries_on_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Set the two thresholds where the C library is glibc; True where it did. validate's CPU
+    ranks call it too (validate/worker.py init_rank), with thresholds above their largest buffer."""
     import os
     import sys
     if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_") \
@@ -29,4 +30,4 @@ def keep_temporaries_on_heap() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))

@@ -369,12 +369,28 @@ def worker_main(config_path: str, out_path: str):
     finish_rank(results, out_path)
 
 
+HOST_MMAP_THRESHOLD = 1 << 30     # above any buffer of a model validate runs on a CPU
+HOST_TRIM_THRESHOLD = 2 << 30
+
+
+def keep_host_buffers() -> bool:
+    """A CPU rank reuses its freed buffers instead of faulting them in again every step, as the
+    CUDA caching allocator does on a GPU (torch's CPU allocator is glibc malloc: a block above the
+    mmap threshold -- the flat gradient and parameter buffers of ZeRO, gloo's staging copies -- is
+    a fresh mmap each step, its pages zeroed by the kernel). Measured on 8 ranks over 2 cores, dp8
+    ZeRO-1 at hidden 512: main-thread CPU per step 0.61 -> 0.54 s. Calibration runs under it too."""
+    from planner.heap import keep_temporaries_on_heap
+    return keep_temporaries_on_heap(HOST_MMAP_THRESHOLD, HOST_TRIM_THRESHOLD)
+
+
 def init_rank(timeout_s: float):
     """This spawned rank's device and process group (NCCL on a GPU, gloo on a CPU); collectives
     give up after timeout_s, so a dead peer ends the run with an error instead of a hang."""
     from datetime import timedelta
     rank = int(os.environ["RANK"])
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)))
+    if device.type == "cpu":
+        keep_host_buffers()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     set_group_timeout(timeout_s)
