@@ -75,3 +75,15 @@ def test_bad_rate_is_one_line_exit_2(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert err.startswith("two_hosts: error: --rate 'fast'") and err.count("\n") == 1
+
+
+def test_a_step_is_its_slowest_rank_and_a_layout_its_fastest_step():
+    """The rehearsal's measured time: per timed step the slowest rank (the step ends when it
+    does), and of those steps the fastest (the least disturbed by the machine's other load)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("two_hosts_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    per_rank = [{"timed_times": [3.0, 2.0, 2.6]}, {"timed_times": [2.5, 2.2, 4.0]}]
+    assert mod.step_times(per_rank) == [3.0, 2.2, 4.0]
+    assert min(mod.step_times(per_rank)) == 2.2
