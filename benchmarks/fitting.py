@@ -176,6 +176,26 @@ def fit(rows, start: dict | None = None, iters: int = 150, step: float = 0.08, l
     x, _ = nelder_mead(f, [p0[k] for k in names], iters, step, log)
     p = dict(p0)
     p.update({k: float(np.clip(v, LOWER[k], UPPER[k])) for k, v in zip(names, x)})
+    return without_unseen(p, names)
+
+
+def without_unseen(p: dict, names) -> dict:
+    """The parameters no training run identifies, set from the fitted ones or to neutral -- never
+    left at their start, the shipped values, which were fitted to every run (in a leave-one-source-
+    out fold that would hand the left-out source its own fit). A GPU generation without a run
+    reaches the mean fraction of its peak that the fitted generations reach; a stack without a run
+    is as efficient as Megatron-Core (1.0: its modelled mechanisms -- eager elementwise kernels, no
+    TP overlap -- stay in planner/stacks.py); without an MoE run, grouped GEMMs are as efficient
+    as dense ones (1.0)."""
+    p, names = dict(p), set(names)
+    fitted = [f for f in ("ampere", "hopper", "blackwell") if f"{f}.gemm16" in names]
+    for fam in ("ampere", "hopper", "blackwell"):
+        if fam not in fitted and fitted:
+            for k in ("gemm16", "attn"):
+                p[f"{fam}.{k}"] = float(np.mean([p[f"{g}.{k}"] for g in fitted]))
+    for k in PARAMS:
+        if k not in names and (k == "grouped_gemm" or k.split(".")[0] in ("torchtitan", "llm-foundry")):
+            p[k] = 1.0
     return p
 
 
