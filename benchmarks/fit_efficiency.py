@@ -51,9 +51,9 @@ def write(p: dict) -> None:
     st = ROOT / "planner" / "stacks.py"
     t = st.read_text()
     t = re.sub(r"kernel_overhead_s: float = [0-9.e-]+", f"kernel_overhead_s: float = {p['kernel_overhead_us'] * 1e-5:.2e}", t)
-    t = re.sub(r"gemm=[0-9.]+, attention=[0-9.]+,   # fitted \(benchmarks/fit_efficiency.py, 14 torchtitan runs\)",
-               f"gemm={p['torchtitan.gemm']:.3f}, attention={p['torchtitan.attention']:.3f},   "
-               f"# fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)", t)
+    t = re.sub(r"gemm=[0-9.]+,( +)# fitted \(benchmarks/fit_efficiency.py, 14 torchtitan runs\)",
+               lambda m: f"gemm={p['torchtitan.gemm']:.3f},{m.group(1)}# fitted (benchmarks/fit_efficiency.py, "
+                         f"14 torchtitan runs)", t)
     t = re.sub(r"gemm=[0-9.]+,( +)# fitted \(benchmarks/fit_efficiency.py, 11 llm-foundry runs\)",
                lambda m: f"gemm={p['llm-foundry.gemm']:.3f},{m.group(1)}# fitted (benchmarks/fit_efficiency.py, "
                          f"11 llm-foundry runs)", t)

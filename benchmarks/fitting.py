@@ -40,7 +40,7 @@ from published import inputs_of, read_runs, source_of  # noqa: E402
 FAMILY = {"a100-sxm-40gb": "ampere", "a100-sxm-80gb": "ampere", "h100-sxm": "hopper", "h100-sxm-96gb": "hopper",
           "h200-sxm": "hopper", "h800-sxm": "hopper", "b200": "blackwell", "gb200-nvl72": "blackwell"}
 PARAMS = ["ampere.gemm16", "ampere.attn", "hopper.gemm16", "hopper.attn", "blackwell.gemm16",
-          "blackwell.attn", "grouped_gemm", "torchtitan.gemm", "torchtitan.attention", "llm-foundry.gemm",
+          "blackwell.attn", "grouped_gemm", "torchtitan.gemm", "llm-foundry.gemm",
           "kernel_overhead_us"]
 # gemm_half_dim is assumed (hwprofiles), not fitted: fitted jointly it stays at 96 (refit loss
 # 0.107 at 96, 0.109 at 400, 0.128 at 1000, 0.205 at 2000; benchmarks/accuracy.py note of 2026-12-01)
@@ -92,7 +92,7 @@ def current() -> dict:
         e = load_hardware(name).efficiency
         p[f"{fam}.gemm16"], p[f"{fam}.attn"] = e.gemm_max["bf16"], e.attention_max
     p["grouped_gemm"] = load_hardware("h100-sxm").efficiency.grouped_gemm
-    p["torchtitan.gemm"], p["torchtitan.attention"] = S.STACKS["torchtitan"].gemm, S.STACKS["torchtitan"].attention
+    p["torchtitan.gemm"] = S.STACKS["torchtitan"].gemm
     p["llm-foundry.gemm"] = S.STACKS["llm-foundry"].gemm
     p["kernel_overhead_us"] = S.STACKS["megatron-core"].kernel_overhead_s * 1e5   # units of 10 us
     return p
@@ -110,8 +110,7 @@ def applied(p: dict) -> tuple:
             c.efficiency, gemm_max=gm, attention_max=p[f"{fam}.attn"], grouped_gemm=p["grouped_gemm"]))
     ko = p["kernel_overhead_us"] * 1e-5
     stacks = {n: dataclasses.replace(s, kernel_overhead_s=ko) for n, s in S.STACKS.items()}
-    stacks["torchtitan"] = dataclasses.replace(stacks["torchtitan"], gemm=p["torchtitan.gemm"],
-                                               attention=p["torchtitan.attention"])
+    stacks["torchtitan"] = dataclasses.replace(stacks["torchtitan"], gemm=p["torchtitan.gemm"])
     stacks["llm-foundry"] = dataclasses.replace(stacks["llm-foundry"], gemm=p["llm-foundry.gemm"])
     return clusters, stacks
 

@@ -108,6 +108,9 @@ class Efficiency:
     hbm: float = 0.8                # achievable fraction of HBM bandwidth for elementwise kernels
     network: float = 0.85           # achievable fraction of link bandwidth (NCCL busbw / line rate)
     grouped_gemm: float = 1.0       # MoE grouped-GEMM efficiency relative to a dense GEMM of the same shape
+    # fraction of the bf16 peak PyTorch SDPA's flash backend (FlashAttention-2) reaches on this GPU,
+    # where it is below attention_max (stacks whose attention_kernel is "sdpa"); None: no lower
+    sdpa_attention: float | None = None
     source: str = "planner default (benchmarks/fit_efficiency.py)"
     # measured by `python -m validate calibrate` (absent from datasheet profiles):
     attention_by_precision: dict = field(default_factory=dict)   # precision -> fraction of its own peak

@@ -126,7 +126,7 @@ def _efficiency(e, w: str, origin: str) -> Efficiency:
             raise PlannerError(f"{ew}.gemm_max.{_show(prec, 40)}: unknown precision; valid: {', '.join(PRECISIONS)}")
         gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
     kw = {}
-    for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm", "optimizer"):
+    for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm", "optimizer", "sdpa_attention"):
         if key in e:
             kw[key] = _num(e, key, ew)
     ab = {}

@@ -38,10 +38,14 @@ class Stack:
     tp_overlap: bool = True       # can overlap TP collectives with GEMMs (TE userbuffers)
     ep_overlap: bool = True       # can overlap the EP all-to-all with another micro-batch's compute
     flash_attention: bool = True  # fused attention (FlashAttention / cuDNN); False: scores materialised
+    # which fused attention kernel: "te" = Transformer Engine's (cuDNN fused attention, FlashAttention-3
+    # class on Hopper: the profile's attention_max); "sdpa" = PyTorch scaled_dot_product_attention's
+    # flash backend, FlashAttention-2 (capped at the profile's sdpa_attention)
+    attention_kernel: str = "te"
     sp_keeps_gathered_inputs: bool = False   # SP keeps the all-gathered input of column-parallel
                                   # linears for backward (PyTorch ColwiseParallel); Megatron re-gathers
     step_overhead_s: float = 0.0  # fixed per-step host overhead
-    kernel_overhead_s: float = 4.12e-06   # launch + sync gap per kernel, fitted once over all runs
+    kernel_overhead_s: float = 4.97e-06   # launch + sync gap per kernel, fitted once over all runs
                                      # (benchmarks/fit_efficiency.py; CUDA launch latency is ~3-5 us)
     tp_layer_overhead_s: float = 0.0    # host seconds per TP-sharded layer forward (backward 2x) beyond
                                      # its kernels: DTensor dispatch of eager TP (validate calibrate
@@ -148,7 +152,8 @@ STACKS = {
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
-        gemm=0.823, attention=0.270,   # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
+        gemm=0.679,                    # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
+        attention_kernel="sdpa",       # F.scaled_dot_product_attention (torchtitan models/llama/model.py, 2024)
         elementwise=2.0, tp_overlap=False, ep_overlap=False, zero_stages=(0, 3),
         schedules=("1f1b", "interleaved", "zbv"),   # torch.distributed.pipelining schedules with one
                                                     # stage per rank, or V / interleaved stages

@@ -81,6 +81,16 @@ def linear_peak(cluster: Cluster, prec) -> tuple:
                      np.where(fp16, e.gemm_max.get("fp16", e.gemm_max["bf16"]), e.gemm_max["bf16"])))
 
 
+def attention_efficiency(e, stack: Stack) -> float:
+    """Fused attention's fraction of the bf16 peak: the profile's (Transformer Engine / cuDNN), or
+    FlashAttention-2's where the stack runs SDPA and the GPU gives it less (Shah et al. 2024,
+    FlashAttention-3, sec. 1: FlashAttention-2 reaches 35% of the H100's peak), times the stack's factor."""
+    eff = e.attention_max
+    if stack.attention_kernel == "sdpa" and e.sdpa_attention is not None:
+        eff = min(eff, e.sdpa_attention)
+    return eff * stack.attention
+
+
 def _attention(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g):
     """(t_attn_gemm, core FLOPs, t_core_f, t_core_b) of one layer."""
     tp, cp, b, s, T = k.tp, k.cp, k.b, k.s, k.tokens
@@ -94,7 +104,7 @@ def _attention(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, 
     core = F.attention_core_flops(model, b * s, s, causal=True) / (tp * cp) * F.mean_attended(model, s)
     attn_peak = cluster.gpu.peak_flops.get("bf16")
     if stack.flash_attention:
-        t_f = core / (attn_peak * e.attention_max * stack.attention)
+        t_f = core / (attn_peak * attention_efficiency(e, stack))
         return t_gemm, core, t_f, ATTN_BWD_FACTOR * t_f
     # unfused attention (Megatron-LM 2021): QK^T and AV as batched GEMMs over the full s x s
     # (no causal skipping), each with the head dimension as one GEMM side, plus the fused

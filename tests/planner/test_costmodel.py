@@ -226,3 +226,19 @@ def test_fits_only_times_exactly_the_layouts_that_fit(name, stack, gpus):
         assert np.all(np.isinf(fast.step_time_s[~ok])) and np.all(fast.tokens_per_s_per_gpu[~ok] == 0)
         seen += bool(ok.any() and (~ok).any())
     assert seen, "no chunk had both layouts that fit and layouts that do not"
+
+
+def test_sdpa_attention_is_flash_attention_2_where_the_gpu_gives_it_less():
+    """torchtitan calls PyTorch SDPA (FlashAttention-2): on Hopper it is held to the profile's
+    sdpa_attention (35%, FlashAttention-3 paper) while Transformer Engine's kernel reaches
+    attention_max; on Ampere, where no cap is given, both reach attention_max."""
+    import dataclasses
+    from planner.costmodel.compute import attention_efficiency
+    from planner.stacks import STACKS
+    tt, mc = dataclasses.replace(STACKS["torchtitan"], gemm=1.0), STACKS["megatron-core"]
+    e = H100.efficiency
+    assert e.sdpa_attention == 0.35 < e.attention_max
+    assert attention_efficiency(e, tt) == 0.35 * tt.attention
+    assert attention_efficiency(e, mc) == e.attention_max
+    a100 = load_hardware("a100-sxm-80gb").efficiency
+    assert a100.sdpa_attention is None and attention_efficiency(a100, tt) == a100.attention_max * tt.attention
