@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qdisc", choices=("tbf", "htb"), default="tbf", help="shaping qdisc (default tbf)")
     ap.add_argument("--quick", action="store_true", help="the short version (CI): 2 ranks per host, quick calibration, 2 layouts")
     ap.add_argument("--timed-steps", type=int, help="uninstrumented timed steps per layout, the fastest taken "
-                    "(default 5, 2 with --quick)")
+                    "(default 5, 1 with --quick)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per torchrun (default 900)")
     ap.add_argument("--keep", metavar="DIR", help="keep the profile, rows and logs in DIR")
     ap.add_argument("--out", help="write the rows and the summary as JSON")
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", help="a profile calibrated across these two hosts before: skip calibrating")
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    a.timed_steps = a.timed_steps or (2 if a.quick else 5)
+    a.timed_steps = a.timed_steps or (1 if a.quick else 5)
     if a.ranks:
         return ranks_main(a.profile, a.rows, a.quick, a.timed_steps, a.timeout)
     import netns
