@@ -1,7 +1,7 @@
 """Predict every published run and compare with its measured tokens/s per GPU.
 
     python benchmarks/accuracy.py [--csv PATH] [--format table|csv]
-    python benchmarks/accuracy.py --cross-validate [--jobs 2] [--iters 150] [--write-ranges]
+    python benchmarks/accuracy.py --cross-validate [--jobs 2] [--iters 150] [--start shipped|neutral] [--write-ranges]
 
 Each run's stated layout is fixed; unstated knobs are searched (benchmarks/published.py). Plain
 mode prints a row per run and a summary with the shipped parameters (fitted on these same runs):
@@ -68,7 +68,7 @@ def cross_validated(a) -> None:
     meas = np.array([r.measured for r in rows])
     fitted = fitting.predict(fitting.current(), rows)
     cv, fits = crossval.cross_validate(rows, a.iters, a.jobs, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                       csv_path=a.csv)
+                                       csv_path=a.csv, start=a.start)
     ef, ec = crossval.errors(fitted, meas), crossval.errors(cv, meas)
     df = pd.DataFrame([dict(row_id=r.row_id, model=r.model.name[:22], gpu=r.hardware, n=r.inputs.gpus, stack=r.stack,
                             source=r.source[:28], measured=m, predicted=f, err=f / m - 1, cv_predicted=c,
@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--cross-validate", action="store_true", help="leave-one-source-out refits (minutes)")
     ap.add_argument("--iters", type=int, default=150, help="Nelder-Mead iterations per fold")
     ap.add_argument("--jobs", type=int, default=2, help="folds fitted at once")
+    ap.add_argument("--start", choices=("shipped", "neutral"), default="shipped",
+                    help="each fold's starting parameters: the shipped fit, or the planner's data-free defaults")
     ap.add_argument("--write-ranges", action="store_true", help="rewrite planner/uncertainty.py's TABLE")
     a = ap.parse_args(argv)
     if a.cross_validate:

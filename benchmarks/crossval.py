@@ -26,10 +26,11 @@ def _fold(args):
     return src, p, fitting.predict(p, test)
 
 
-def cross_validate(rows, iters=150, jobs=2, log=None, csv_path=None) -> tuple:
+def cross_validate(rows, iters=150, jobs=2, log=None, csv_path=None, start: str = "shipped") -> tuple:
     """(cross-validated predictions in row order, {source: parameters}); each fold in its own
-    process reloads the runs (csv_path) and fits without one source."""
-    start = fitting.current()
+    process reloads the runs (csv_path) and fits without one source, starting from the shipped
+    values (fitted to every run: faster to converge) or from fitting.neutral() (no run's influence)."""
+    start = fitting.current() if start == "shipped" else fitting.neutral()
     sources = sorted({r.source for r in rows})
     pred = np.full(len(rows), np.nan)
     fits = {}

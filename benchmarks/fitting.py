@@ -98,6 +98,20 @@ def current() -> dict:
     return p
 
 
+def neutral() -> dict:
+    """A start that no published run has touched: the planner's defaults (planner/hardware.py
+    Efficiency: GEMM 0.75, flash attention 0.55 of peak), grouped GEMMs and stacks as Megatron-Core's
+    (1.0), 4.3 us per kernel (CUDA launch latency is ~3-5 us). A fold started here owes nothing to
+    the shipped fit, which saw every source."""
+    from planner.hardware import Efficiency
+    e = Efficiency()
+    p = {f"{fam}.{k}": v for fam in ("ampere", "hopper", "blackwell")
+         for k, v in (("gemm16", e.gemm_max["bf16"]), ("attn", e.attention_max))}
+    p.update({k: 1.0 for k in PARAMS if k.split(".")[0] in ("torchtitan", "llm-foundry") or k == "grouped_gemm"})
+    p["kernel_overhead_us"] = 0.43
+    return p
+
+
 def applied(p: dict) -> tuple:
     """({hardware name: Cluster}, {stack name: Stack}) with the parameters set."""
     clusters = {}

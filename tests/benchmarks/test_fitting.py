@@ -25,3 +25,11 @@ def test_parameters_no_training_run_identifies_are_not_left_at_the_shipped_fit()
 def test_with_every_parameter_identified_nothing_changes():
     p = fitting.current()
     assert fitting.without_unseen(p, fitting.PARAMS) == p
+
+
+def test_the_neutral_start_is_the_planners_defaults_not_a_fit():
+    from planner.hardware import Efficiency
+    p = fitting.neutral()
+    assert set(p) == set(fitting.PARAMS)
+    assert p["hopper.gemm16"] == Efficiency().gemm_max["bf16"] and p["blackwell.attn"] == Efficiency().attention_max
+    assert p["torchtitan.gemm"] == p["llm-foundry.gemm"] == p["grouped_gemm"] == 1.0
