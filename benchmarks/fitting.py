@@ -48,7 +48,10 @@ PARAMS = ["ampere.gemm16", "ampere.attn", "hopper.gemm16", "hopper.attn", "black
 # PFLOP/s fp8 vs ~0.7-0.8 PFLOP/s bf16): tied, not fitted (left free the fit makes fp8 2.5x bf16)
 FP8_RATIO = 0.9
 CAP = math.log(1.65)
-UPPER = {k: (1.5 if k.split(".")[0] in ("torchtitan", "llm-foundry") else 5.0 if k == "kernel_overhead_us"
+FAMILIES = tuple(dict.fromkeys(FAMILY.values()))      # ampere, hopper, blackwell
+FITTED_STACKS = ("torchtitan", "llm-foundry")
+FACTORS = [k for k in PARAMS if k.split(".")[0] in FITTED_STACKS or k == "grouped_gemm"]   # neutral at 1.0
+UPPER = {k: (1.5 if k.split(".")[0] in FITTED_STACKS else 5.0 if k == "kernel_overhead_us"
              else 1.0) for k in PARAMS}
 LOWER = {k: (0.0 if k == "kernel_overhead_us" else 0.05) for k in PARAMS}
 
@@ -105,9 +108,8 @@ def neutral() -> dict:
     the shipped fit, which saw every source."""
     from planner.hardware import Efficiency
     e = Efficiency()
-    p = {f"{fam}.{k}": v for fam in ("ampere", "hopper", "blackwell")
-         for k, v in (("gemm16", e.gemm_max["bf16"]), ("attn", e.attention_max))}
-    p.update({k: 1.0 for k in PARAMS if k.split(".")[0] in ("torchtitan", "llm-foundry") or k == "grouped_gemm"})
+    p = {f"{fam}.{k}": v for fam in FAMILIES for k, v in (("gemm16", e.gemm_max["bf16"]), ("attn", e.attention_max))}
+    p.update({k: 1.0 for k in FACTORS})
     p["kernel_overhead_us"] = 0.43
     return p
 
@@ -166,9 +168,9 @@ def identified(rows) -> list:
     keep = []
     for k in PARAMS:
         head = k.split(".")[0]
-        if head in ("ampere", "hopper", "blackwell") and head not in fams:
+        if head in FAMILIES and head not in fams:
             continue
-        if head in ("torchtitan", "llm-foundry") and head not in stacks:
+        if head in FITTED_STACKS and head not in stacks:
             continue
         if k == "grouped_gemm" and not moe:
             continue
@@ -201,14 +203,12 @@ def without_unseen(p: dict, names) -> dict:
     TP overlap -- stay in planner/stacks.py); without an MoE run, grouped GEMMs are as efficient
     as dense ones (1.0)."""
     p, names = dict(p), set(names)
-    fitted = [f for f in ("ampere", "hopper", "blackwell") if f"{f}.gemm16" in names]
-    for fam in ("ampere", "hopper", "blackwell"):
+    fitted = [f for f in FAMILIES if f"{f}.gemm16" in names]
+    for fam in FAMILIES:
         if fam not in fitted and fitted:
             for k in ("gemm16", "attn"):
                 p[f"{fam}.{k}"] = float(np.mean([p[f"{g}.{k}"] for g in fitted]))
-    for k in PARAMS:
-        if k not in names and (k == "grouped_gemm" or k.split(".")[0] in ("torchtitan", "llm-foundry")):
-            p[k] = 1.0
+    p.update({k: 1.0 for k in FACTORS if k not in names})
     return p
 
 
