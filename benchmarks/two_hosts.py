@@ -11,7 +11,15 @@ and measure layouts that put TP, PP and DP inside and across the hosts.
 3. one more torchrun pair runs every layout below (this file's --ranks mode,
    validate.api.torchrun_layouts) and rank 0 predicts each layout's step time from the calibrated
    profile (validate/calibrate/predict.py) beside the measured one (the fastest of --timed-steps
-   uninstrumented steps, see step_times; the mean is printed beside it);
+   uninstrumented steps, see step_times; the mean is printed beside it). Before each layout and
+   after the last, every rank re-measures three of the calibration's own items (the largest GEMM,
+   copy and one-layer step, validate/calibrate/speed.py): the machine's speed now over its speed
+   at calibration. The prediction judged is the profile's at that speed (the mean of the probes
+   before and after the layout; the tc-shaped link is not rescaled); the prediction at the
+   calibration's own speed is printed beside it. Why: the two 'hosts' share two virtual cores
+   whose share of the physical machine moved by 15-35% between a calibration and the layouts run
+   minutes later (runs 9 and 10, README of validate/); without the probe the rehearsal tested
+   that drift as much as the cost model;
 4. prints one row per layout, then `two hosts: N layouts, median |err| X%, worst Y%, ranking ok|wrong`
    (ranking ok: no two layouts measured more than 10% apart are predicted in the other order; closer
    pairs are ties on this machine and are listed). Exit status 0 when every layout is within 20%,
@@ -85,20 +93,35 @@ def placement(lay: Layout, nproc: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # --ranks: one rank of the layouts' torchrun
 def ranks_main(profile: str, out: str, quick: bool, timed_steps: int, timeout: float) -> int:
+    import torch.distributed as dist
+    from planner.profiles import load_hardware
     from validate import api
+    from validate.calibrate.speed import at_speed, load_points, measure_speed
     spec, lays = model(quick), layouts(quick)
+    points, speeds = load_points(profile), []
+
+    def beside(i, device):          # the machine's speed against the calibration, every rank at once
+        speeds.append(measure_speed(points, device))
+        dist.barrier()
     runs = api.torchrun_layouts([(spec, lay) for lay in lays.values()], steps=1, timed_steps=timed_steps,
-                                timeout=timeout)
+                                timeout=timeout, beside=beside)
     if runs is None:
         return 0
+    cluster = load_hardware(profile)
+    link = (cluster.levels[-1].name,)     # the tc-shaped link: its rate is not the cores'
     rows = []
-    for name, (cfg, per_rank) in zip(lays, runs):
-        rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False, hardware=profile)
-        st, tb = rep["step_time_s"], rep["time_breakdown"]
+    for i, (name, (cfg, per_rank)) in enumerate(zip(lays, runs)):
+        speed = (speeds[i][0] * speeds[i + 1][0]) ** 0.5      # probes before and after the layout
+        rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False, hardware=cluster)
+        now = api.report_for(cfg, spec, lays[name], per_rank, reference=False,
+                             hardware=at_speed(cluster, speed, link))
+        st, tb = now["step_time_s"], now["time_breakdown"]
         steps = step_times(per_rank)
         rows.append({"layout": name, "placement": placement(lays[name], ranks_per_host(quick)),
                      "measured_s": min(steps), "mean_s": st["measured"], "steps_s": steps,
-                     "predicted_s": st["predicted"], "counts_ok": rep["ok"],
+                     "predicted_s": st["predicted"], "speed": speed, "speed_probes": speeds[i:i + 2],
+                     "predicted_at_calibration_s": rep["step_time_s"]["predicted"],
+                     "counts_ok": rep["ok"] and now["ok"],
                      "predicted_terms_s": {k: v for k, v in (tb.get("predicted_s") or {}).items() if v > 0},
                      **{f"measured_{k[:-2]}_s": ((tb.get("measured") or {}).get("mean_over_ranks") or {}).get(k)
                         for k in ("comm_wait_s", "cpu_s", "process_cpu_s")}})
@@ -137,15 +160,19 @@ def summarise(rows: list) -> tuple:
 
 
 def print_table(rows: list):
-    hdr = (f"{'layout':12s} {'placement':26s} {'measured s':>10s} {'(mean)':>7s} {'predicted s':>11s} {'error':>7s} "
-           f"{'counts':>6s}  largest predicted terms")
+    hdr = (f"{'layout':12s} {'placement':26s} {'measured s':>10s} {'(mean)':>7s} {'speed':>5s} {'predicted s':>11s} "
+           f"{'error':>7s} {'(at cal.)':>9s} {'counts':>6s}  largest predicted terms")
     print(hdr)
     print("-" * len(hdr))
     for r in sorted(rows, key=lambda r: r["measured_s"]):
         top = sorted(r["predicted_terms_s"].items(), key=lambda kv: -kv[1])[:3]
-        print(f"{r['layout']:12s} {r['placement']:26s} {r['measured_s']:10.3f} {r['mean_s']:7.3f} {r['predicted_s']:11.3f} "
-              f"{100 * (r['predicted_s'] / r['measured_s'] - 1):+6.1f}% {'ok' if r['counts_ok'] else 'FAIL':>6s}  "
-              + ", ".join(f"{k} {v:.3f}" for k, v in top))
+        print(f"{r['layout']:12s} {r['placement']:26s} {r['measured_s']:10.3f} {r['mean_s']:7.3f} {r['speed']:5.2f} "
+              f"{r['predicted_s']:11.3f} {100 * (r['predicted_s'] / r['measured_s'] - 1):+6.1f}% "
+              f"{100 * (r['predicted_at_calibration_s'] / r['measured_s'] - 1):+8.1f}% "
+              f"{'ok' if r['counts_ok'] else 'FAIL':>6s}  " + ", ".join(f"{k} {v:.3f}" for k, v in top))
+    print("speed: the machine's time for three of the calibration's own items (largest GEMM, copy, one-layer "
+          "step) now over then, probed before and after the layout (validate/calibrate/speed.py); predicted s "
+          "is at that speed (the tc-shaped link unscaled), (at cal.) the error at the calibration's speed")
 
 
 def rehearse(a, hosts, work: Path) -> list:

@@ -150,10 +150,11 @@ def _plan(spec, layout, hardware, stack, dtype="float32"):
     if hardware is None:
         return None
     try:
+        from planner.hardware import Cluster
         from planner.profiles import load_hardware
         from planner.stacks import get_stack
         from .calibrate.predict import predict
-        cluster = load_hardware(hardware)
+        cluster = hardware if isinstance(hardware, Cluster) else load_hardware(hardware)
         p, notes = predict(spec, layout, cluster, get_stack(stack) if stack else None, dtype)
         return p, cluster.name, notes
     except PlannerError:
@@ -233,10 +234,11 @@ def run_torchrun(spec, lay, *, steps, timed_steps, dtype, seed, timeout, hardwar
 
 
 def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=1234, timeout=300.0,
-                     capacity_factor=0.0, pad_to_capacity=False):
+                     capacity_factor=0.0, pad_to_capacity=False, beside=None):
     """launch_layouts under torchrun: this process is one rank of the launcher's world, which runs
     every (ModelSpec, Layout) of `items` in turn. Rank 0 returns [(scenario dict, per-rank
-    results)], the others None."""
+    results)], the others None. beside(i, device), if given, runs on every rank before layout i
+    and once more after the last (i = len(items)): a measurement to take beside each run."""
     import torch.distributed as dist
     from .worker import init_rank, run_scenario
     world = int(os.environ["WORLD_SIZE"])
@@ -248,10 +250,14 @@ def torchrun_layouts(items, *, steps=1, timed_steps=0, dtype="float32", seed=123
                                f"and the degrees")
     device = init_rank(timeout)
     runs = []
-    for spec, lay in items:
+    for i, (spec, lay) in enumerate(items):
+        if beside is not None:
+            beside(i, device)
         cfg = scenario(spec, lay, steps, timed_steps, seed, dtype, capacity_factor=capacity_factor,
                        pad_to_capacity=pad_to_capacity)
         runs.append((cfg, run_scenario(cfg, device)))
+    if beside is not None:
+        beside(len(items), device)
     rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()

@@ -48,6 +48,9 @@ def test_short_rehearsal_calibrates_two_levels_and_ranks_the_layouts(tmp_path):
     res = json.loads(out.read_text())
     assert {r["layout"] for r in res["rows"]} == {"tp2 dp2", "dp2 pp2"}
     assert all(r["counts_ok"] for r in res["rows"]), res["rows"]
+    # the machine's speed was probed before and after each layout (validate/calibrate/speed.py)
+    assert all(r["speed"] > 0 and len(r["speed_probes"]) == 2 and r["predicted_at_calibration_s"] > 0
+               for r in res["rows"]), res["rows"]
     # the two step times are seconds apart (DTensor TP's host cost; PP across the link is cheap)
     assert res["ranking_ok"], stdout
     assert not _namespaces_of(p.pid)

@@ -178,9 +178,8 @@ def quick(tmp_path_factory):
 
 
 def test_calibrate_quick_end_to_end(quick):
-    out, p, took = quick
+    out, p, _ = quick
     assert p.returncode == 0, p.stderr[-3000:]
-    assert took < 120, took
     assert "calibrate [" in p.stderr                          # the progress bar, on stderr
     assert "wrote" in p.stdout and "gemm fp32" in p.stdout
     c = load_hardware(str(out))

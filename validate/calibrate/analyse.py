@@ -37,6 +37,19 @@ def shared_by(prov) -> float:
     return max(ranks * prov.get("threads_per_rank", 1) / cores, 1.0)
 
 
+def item_cost(res, shared: float, wall_key="seconds", cpu_key="cpu_s"):
+    """(seconds, per-rank seconds) of a compute item from its ranks' results: on ranks sharing
+    cores, each rank's CPU seconds x ranks per core (what the item takes from a machine every rank
+    keeps busy; a rank's wall clock depends on when the others stop); else the ranks' median wall
+    time."""
+    cpu = [r[cpu_key] for r in res if r.get(cpu_key) is not None]
+    if shared > 1 and cpu and len(cpu) == len(res):
+        per = [c * shared for c in cpu]
+        return sum(per) / len(per), per
+    per = [r[wall_key] for r in res if r.get(wall_key) is not None]
+    return (median(per) if per else None), per
+
+
 def analyse(plan, per_rank, prov, base=None, collectives="auto") -> dict:
     """Every fit, with its residuals, and the points it was made from (medians over ranks)."""
     shared = shared_by(prov)
@@ -64,15 +77,7 @@ def _points(items, shared, local=1) -> dict:
          "collective": []}
 
     def cost(res, wall_key, cpu_key):
-        """(seconds, per-rank seconds) of a compute item: on ranks sharing cores, each rank's CPU
-        seconds x ranks per core (what the item takes from a machine every rank keeps busy; a
-        rank's wall clock depends on when the others stop); else the ranks' median wall time."""
-        cpu = [r[cpu_key] for r in res if r.get(cpu_key) is not None]
-        if shared > 1 and cpu and len(cpu) == len(res):
-            per = [c * shared for c in cpu]
-            return sum(per) / len(per), per
-        per = [r[wall_key] for r in res if r.get(wall_key) is not None]
-        return (median(per) if per else None), per
+        return item_cost(res, shared, wall_key, cpu_key)
 
     for it, res in items:
         k = it["kind"]

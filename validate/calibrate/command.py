@@ -255,6 +255,7 @@ def run(a) -> int:
     prov = provenance("cuda" if cuda else "cpu", world, local, threads, got["machines"])
     prov["seconds"] = round(time.monotonic() - t0, 1)
     prov["quick"] = bool(a.quick)
+    prov["window"] = window          # validate/calibrate/speed.py re-measures items with it
     return finish(a, plan, per_rank, prov, base)
 
 
