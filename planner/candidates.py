@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rules
+from .arrays import distinct
 from .errors import PlannerError
 from .layout import CP_COMM, RECOMPUTE, SCHEDULES, Candidates
 from .rules import Context, divisors
@@ -82,7 +83,7 @@ def degree_table(ctx: Context, fixed: dict) -> dict:
     # GPUs, hence gcd(experts, gpus), without enumerating the divisors of a huge expert count;
     # expert TP is searched at 1 and at the layout's TP (Megatron's default ETP = TP)
     ep_ax = _axis(ctx, fixed, "ep", divisors(math.gcd(m.moe.experts, ctx.gpus)) if m.moe else [1])
-    etp_ax = _axis(ctx, fixed, "etp", np.unique(np.concatenate([[1], d])) if m.moe else [1])
+    etp_ax = _axis(ctx, fixed, "etp", distinct(np.concatenate([[1], d])) if m.moe else [1])
     i, ep, etp = _cross(ctx, np.arange(len(t["tp"])), ep_ax, etp_ax)
     t = {k: v[i] for k, v in t.items()}
     t.update(ep=ep, etp=etp)
@@ -188,7 +189,7 @@ def _classes(ctx: Context, fixed: dict):
         return
     cls = (deg_all["pp"] > 1) * 4 + (deg_all["cp"] > 1) * 2 + (deg_all["tp"] > 1)
     steps = knob_table(ctx, fixed, _STEP_KNOBS, _DEFAULTS, {})
-    for key in np.unique(cls):
+    for key in distinct(cls):
         deg = {k: v[cls == key] for k, v in deg_all.items()}
         pipe = pipe_table(ctx, fixed, bool(key & 4))
         pairs = _pairs(ctx, deg, pipe, fixed)
@@ -392,7 +393,7 @@ def explain_empty(ctx: Context, fixed: dict) -> str | None:
         k, seen, rows = alone, set(), 0
         for c in iter_candidates(ctx, free):
             col = c.cols[k]
-            seen.update(SCHEDULES[int(x)] if k == "schedule" else int(x) for x in np.unique(col))
+            seen.update(SCHEDULES[int(x)] if k == "schedule" else int(x) for x in distinct(col))
             rows += len(col)
             if rows > 4_000_000:
                 break

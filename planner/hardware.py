@@ -209,9 +209,10 @@ def _domain_sizes_cached(levels: tuple) -> tuple:
 
 
 def _cache_path(levels: tuple):
-    import hashlib
+    """The sizes are a function of the levels' domains alone (topology_graph reads nothing else
+    that shapes a domain), so the domains name the file."""
     import os
-    key = hashlib.sha256(repr([(lv.name, lv.domain) for lv in levels]).encode()).hexdigest()[:16]
+    key = "-".join(str(lv.domain) for lv in levels)
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "dtplanner", f"domains-{key}.json")
 

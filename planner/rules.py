@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from .arrays import distinct
 from .errors import PlannerError
 from .layout import INT_KNOBS, Layout, Candidates, CpComm, Schedule
 from .model_spec import ModelSpec
@@ -453,7 +454,7 @@ def divisors(n: int) -> np.ndarray:
         raise PlannerError(f"cannot enumerate the divisors of {n}: expected 1 to {1 << 40}")
     small = np.arange(1, math.isqrt(n) + 1, dtype=np.int64)
     small = small[n % small == 0]
-    return np.unique(np.concatenate([small, n // small]))
+    return distinct(np.concatenate([small, n // small]))
 
 
 def listing(values, most: int = 24) -> str:

@@ -15,7 +15,6 @@ peak per GPU over pipeline ranks. step.py reads the same phases for one layout, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from ..stacks import STACKS, Stack
 from .footprint import MEMORY_TERMS, MemoryBreakdown, peak_memory
 from .knobs import LAYER_COLS, StepKnobs
 from .pipeline import TIME_TERMS, TimeBreakdown, compose_step, make_stage
-from .records import Record
+from .records import Record, record
 from .stages import stage_sums
 from .ranks import RankCache
 from .terms import LayerCache, Settings
@@ -36,7 +35,7 @@ __all__ = ["evaluate", "Evaluation", "Detail", "TimeBreakdown", "MemoryBreakdown
            "MEMORY_TERMS", "LAYER_COLS", "LayerCache", "SearchCache", "Settings", "stages"]
 
 
-@dataclass(frozen=True)
+@record
 class Detail(Record):
     """What breakdowns and reports need beyond the ranking."""
     mfu: np.ndarray
@@ -51,7 +50,7 @@ class Detail(Record):
     memory: MemoryBreakdown
 
 
-@dataclass(frozen=True)
+@record
 class Evaluation(Record):
     """Predictions, one value per candidate. `detail` is None when ranking only was asked for."""
     step_time_s: np.ndarray

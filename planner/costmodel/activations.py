@@ -2,7 +2,6 @@
 recompute policy (planner/memory.py formulas), the embedding output and the fp32 logits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,10 +10,10 @@ from ..model_spec import ModelSpec
 from ..stacks import Stack
 from .elements import ElementBytes
 from .knobs import LayerKnobs
-from .records import Record, full
+from .records import Record, record, full
 
 
-@dataclass(frozen=True)
+@record
 class LayerActivations(Record):
     dense: np.ndarray          # rows by layout.Recompute code: bytes a dense layer keeps
     moe: np.ndarray            # the same for an MoE layer

@@ -3,7 +3,6 @@ and exposed seconds, and the alpha-beta coefficients of the data-parallel groups
 depend on the stage's parameters, phase 4)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,14 +14,14 @@ from . import traffic as X
 from .compute import LayerCompute
 from .elements import ElementBytes
 from .knobs import LayerKnobs
-from .records import Record, full
+from .records import Record, record, full
 
 TP_OVERLAP_RESIDUAL = 0.2   # share of TP traffic TE userbuffer overlap leaves exposed (first/last
                             # chunk of each ring; Wang et al. 2022 'Overlap communication with dependent
                             # computation via decomposition', sec. 6: 74-85% hidden)
 
 
-@dataclass(frozen=True)
+@record
 class LayerComm(Record):
     """Per-layer communication of one micro-batch on one rank: bytes per call and exposed seconds."""
     act_bytes: np.ndarray      # one [b, s/cp, h] activation (a TP collective's buffer)
@@ -37,7 +36,7 @@ class LayerComm(Record):
     t_p2p: np.ndarray          # one pipeline-boundary activation send
 
 
-@dataclass(frozen=True)
+@record
 class DpGroups(Record):
     """Data-parallel group sizes and, per group and collective, time = a * bytes + b as rows
     [a; b] (collectives.Group.coefficients)."""

@@ -3,7 +3,6 @@
 and the embedding and logits stages."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,7 +12,7 @@ from ..layout import Precision
 from ..model_spec import ModelSpec
 from ..stacks import Stack
 from .knobs import LayerKnobs
-from .records import Record, full
+from .records import Record, record, full
 
 # kernels per layer forward (backward launches about twice as many): dense layer = 2 norms, QKV,
 # RoPE, attention, out-proj, 2 residual adds, fc1, activation, fc2, plus 4 TP collectives (counted
@@ -25,7 +24,7 @@ KERNELS_MOE_FWD = 28
 ATTN_BWD_FACTOR = 2.5       # FlashAttention-2 backward = 2.5x forward FLOPs (Dao 2023 sec. 3.1.2: 5 GEMMs vs 2)
 
 
-@dataclass(frozen=True)
+@record
 class LayerCompute(Record):
     """Seconds and FLOPs of one layer (or the embedding/logits) for one micro-batch on one rank."""
     lin_peak: np.ndarray       # dense peak FLOP/s of the precision the linear layers run in

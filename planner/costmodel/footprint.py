@@ -3,7 +3,6 @@ prefetch), activations of the micro-batches its schedule keeps in flight, logits
 the reserved share; the peak over ranks as a named breakdown."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,14 +13,14 @@ from ..layout import Precision
 from ..model_spec import ModelSpec
 from .elements import ElementBytes
 from .knobs import StepKnobs, by_code
-from .records import Record, on
+from .records import Record, record, on
 from .state import LayerParams, StageParams
 
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "fragmentation",
                 "reserved")
 
 
-@dataclass(frozen=True)
+@record
 class MemoryBreakdown(Record):
     """Bytes per GPU by term (MEMORY_TERMS), as live at the rank's peak."""
     weights: np.ndarray
@@ -97,7 +96,7 @@ def _states(eb, stack, k: StepKnobs, rs):
     return weights, held, freed, rs.optimizer * copies, staged
 
 
-@dataclass(frozen=True)
+@record
 class _Moments:
     """A rank's memory terms around its three peak moments (rank_memory)."""
     weights: np.ndarray

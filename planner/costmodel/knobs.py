@@ -2,9 +2,11 @@
 table: degrees, micro-batch, SP, precision, CP variant) and per-candidate step knobs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
+
+from ..arrays import distinct
+from .records import record
 
 from ..layout import Candidates
 
@@ -22,10 +24,10 @@ def _values(a) -> tuple:
     a = np.asarray(a)
     if len(a) and (a == a[0]).all():
         return (int(a[0]),)
-    return tuple(int(x) for x in np.unique(a))
+    return tuple(int(x) for x in distinct(a))
 
 
-@dataclass(frozen=True)
+@record
 class LayerKnobs:
     """One row per distinct per-layer configuration."""
     tp: np.ndarray
@@ -62,7 +64,7 @@ class LayerKnobs:
         return self.b * self.s / self.cp
 
 
-@dataclass(frozen=True)
+@record
 class StepKnobs:
     """Per-candidate knobs that combine the per-layer terms into a step."""
     tp: np.ndarray

@@ -3,7 +3,6 @@ schedule's bubble and pipeline sends, exposed DP communication and the optimizer
 time breakdown per candidate."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from ..hardware import Cluster
 from ..layout import SCHEDULES
 from ..stacks import Stack
 from .knobs import StepKnobs
-from .records import Record
+from .records import Record, record
 from .stages import StageSums
 from .state import DpTimes, StageParams
 
@@ -23,7 +22,7 @@ ADAM_BYTES_PER_PARAM = 38   # Adam step traffic per fp32 master parameter: read 
                             # (apex/TE FusedAdam multi_tensor_adam kernel)
 
 
-@dataclass(frozen=True)
+@record
 class TimeBreakdown(Record):
     """Seconds per step by term (TIME_TERMS)."""
     compute: np.ndarray
@@ -41,7 +40,7 @@ class TimeBreakdown(Record):
         return sum(self.named().values())
 
 
-@dataclass(frozen=True)
+@record
 class Stage:
     """One pipeline rank's micro-batch sums, parameters and DP traffic."""
     sums: StageSums

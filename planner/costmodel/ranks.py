@@ -6,13 +6,12 @@ parameters (state.stage_params), their DP traffic seconds (state.dp_flows) and m
 (footprint.model_states)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
 from .elements import ElementBytes
 from .footprint import layer_elements, model_states, prefetch_bytes
-from .records import Record
+from .records import Record, record
 from .stages import StageSplit, stage_split
 from .state import DpTimes, StageParams, dp_times, stage_params
 
@@ -20,7 +19,7 @@ from .state import DpTimes, StageParams, dp_times, stage_params
 RANK_COLS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "sp", "zero", "first_stage_layers", "last_stage_layers")
 
 
-@dataclass(frozen=True)
+@record
 class RankState(Record):
     """One pipeline rank: parameters, DP seconds, and weights / gradients / optimizer bytes (before
     fp8 weight copies, DualPipe's second copy and the ZeRO-3 prefetch)."""
@@ -31,7 +30,7 @@ class RankState(Record):
     optimizer: np.ndarray
 
 
-@dataclass(frozen=True)
+@record
 class RankTerms(Record):
     split: StageSplit
     first: RankState
@@ -41,7 +40,7 @@ class RankTerms(Record):
     unit: np.ndarray          # elements of the largest layer on a TP rank (an FSDP unit)
 
 
-@dataclass(frozen=True)
+@record
 class RankKnobs:
     """The knobs phase 4 reads (columns of a rank table, or of the candidates themselves)."""
     tp: np.ndarray

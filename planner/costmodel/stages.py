@@ -3,7 +3,6 @@ of the per-layer terms over a stage for one micro-batch (compute, recompute, exp
 FLOPs), with the embedding on the first stage and the logits on the last."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,11 +10,11 @@ from ..layout import Schedule
 from ..model_spec import ModelSpec
 from .compute import ATTN_BWD_FACTOR
 from .knobs import StepKnobs, by_code
-from .records import Record
+from .records import Record, record
 from .records import on as _on
 
 
-@dataclass(frozen=True)
+@record
 class StageSplit(Record):
     """Layers per pipeline rank: the first, each middle one, the last (rank totals over its
     virtual stages), and how many of them are dense (leading dense layers sit on the first ranks)."""
@@ -41,7 +40,7 @@ def stage_split(model: ModelSpec, k: StepKnobs) -> StageSplit:
                       np.where(pp > 1, np.maximum(nd - first - mid * np.maximum(pp - 2, 0), 0.0), 0.0))
 
 
-@dataclass(frozen=True)
+@record
 class StageSums(Record):
     """One micro-batch through one pipeline rank (seconds; FLOPs per GPU)."""
     fwd: np.ndarray            # forward compute

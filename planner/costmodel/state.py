@@ -13,13 +13,13 @@ from ..stacks import Stack
 from . import shapes as S
 from . import traffic as X
 from .elements import ElementBytes
-from .records import Record
+from .records import Record, record
 
 BUCKET_ELEMENTS = 40e6      # Megatron DDP bucket: max(40M, 1M * dp) elements
 BUCKET_PER_DP = 1e6         # (megatron/core/distributed/param_and_grad_buffer.py)
 
 
-@dataclass(frozen=True)
+@record
 class StageParams(Record):
     """Parameter elements on one GPU of a pipeline rank."""
     dense: np.ndarray          # reduced over the dense data-parallel group (dp x cp)
@@ -96,14 +96,14 @@ def _zero3_shards(model, k, ndense, nmoe, first, last, shards, rule, r):
     return out
 
 
-@dataclass(frozen=True)
+@record
 class DpTimes(Record):
     per_step: np.ndarray       # once per step (ZeRO 0-1 reduction, ZeRO 1-2 parameter gather)
     per_mb_f: np.ndarray       # per micro-batch before forward (ZeRO-3 gather)
     per_mb_b: np.ndarray       # per micro-batch in backward (ZeRO-2/3 reduce-scatter, ZeRO-3 re-gather)
 
 
-@dataclass(frozen=True)
+@record
 class DpFlows:
     """Data-parallel traffic of one pipeline rank as (Flow, DpGroups coefficient row) pairs."""
     per_step: list

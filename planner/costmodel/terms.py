@@ -15,11 +15,11 @@ from .comm import DpGroups, LayerComm, dp_groups, layer_comm
 from .compute import LayerCompute, layer_compute
 from .elements import ElementBytes
 from .knobs import LAYER_COLS, LayerKnobs
-from .records import Record
+from .records import Record, record
 from .routing import routed_load
 
 
-@dataclass(frozen=True)
+@record
 class LayerTerms(Record):
     compute: LayerCompute
     comm: LayerComm
