@@ -96,6 +96,7 @@ def ranks_main(profile: str, out: str, quick: bool, timed_steps: int, timeout: f
     import torch.distributed as dist
     from planner.profiles import load_hardware
     from validate import api
+    from validate.calibrate.predict import predict
     from validate.calibrate.speed import at_speed, load_points, measure_speed
     spec, lays = model(quick), layouts(quick)
     points, speeds = load_points(profile), []
@@ -112,16 +113,15 @@ def ranks_main(profile: str, out: str, quick: bool, timed_steps: int, timeout: f
     rows = []
     for i, (name, (cfg, per_rank)) in enumerate(zip(lays, runs)):
         speed = (speeds[i][0] * speeds[i + 1][0]) ** 0.5      # probes before and after the layout
-        rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False, hardware=cluster)
-        now = api.report_for(cfg, spec, lays[name], per_rank, reference=False,
+        rep = api.report_for(cfg, spec, lays[name], per_rank, reference=False,
                              hardware=at_speed(cluster, speed, link))
-        st, tb = now["step_time_s"], now["time_breakdown"]
+        at_cal = predict(spec, lays[name], cluster, dtype=cfg["dtype"])[0].step_time_s
+        st, tb = rep["step_time_s"], rep["time_breakdown"]
         steps = step_times(per_rank)
         rows.append({"layout": name, "placement": placement(lays[name], ranks_per_host(quick)),
                      "measured_s": min(steps), "mean_s": st["measured"], "steps_s": steps,
                      "predicted_s": st["predicted"], "speed": speed, "speed_probes": speeds[i:i + 2],
-                     "predicted_at_calibration_s": rep["step_time_s"]["predicted"],
-                     "counts_ok": rep["ok"] and now["ok"],
+                     "predicted_at_calibration_s": at_cal, "counts_ok": rep["ok"],
                      "predicted_terms_s": {k: v for k, v in (tb.get("predicted_s") or {}).items() if v > 0},
                      **{f"measured_{k[:-2]}_s": ((tb.get("measured") or {}).get("mean_over_ranks") or {}).get(k)
                         for k in ("comm_wait_s", "cpu_s", "process_cpu_s")}})

@@ -15,7 +15,6 @@ peak per GPU over pipeline ranks. step.py reads the same phases for one layout, 
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import flops as F

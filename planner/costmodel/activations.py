@@ -2,7 +2,6 @@
 recompute policy (planner/memory.py formulas), the embedding output and the fp32 logits."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import memory as M

@@ -3,7 +3,6 @@ and exposed seconds, and the alpha-beta coefficients of the data-parallel groups
 depend on the stage's parameters, phase 4)."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import collectives as C

@@ -3,7 +3,6 @@
 and the embedding and logits stages."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import flops as F

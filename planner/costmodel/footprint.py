@@ -3,7 +3,6 @@ prefetch), activations of the micro-batches its schedule keeps in flight, logits
 the reserved share; the peak over ranks as a named breakdown."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import memory as M

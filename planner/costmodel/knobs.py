@@ -2,13 +2,11 @@
 table: degrees, micro-batch, SP, precision, CP variant) and per-candidate step knobs."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..arrays import distinct
-from .records import record
-
 from ..layout import Candidates
+from .records import record
 
 # columns that decide the per-layer terms (everything else only changes how they add up)
 LAYER_COLS = ("tp", "pp", "dp", "cp", "ep", "etp", "micro_batch", "seq_len", "sp", "precision", "cp_comm",

@@ -3,7 +3,6 @@ schedule's bubble and pipeline sends, exposed DP communication and the optimizer
 time breakdown per candidate."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import schedules as S

@@ -6,7 +6,6 @@ parameters (state.stage_params), their DP traffic seconds (state.dp_flows) and m
 (footprint.model_states)."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .elements import ElementBytes

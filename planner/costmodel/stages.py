@@ -3,7 +3,6 @@ of the per-layer terms over a stage for one micro-batch (compute, recompute, exp
 FLOPs), with the embedding on the first stage and the logits on the last."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..layout import Schedule

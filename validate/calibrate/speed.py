@@ -46,8 +46,8 @@ def measure_speed(points: dict, device) -> tuple | None:
     from .measure import Rank
     items = probe_items(points["plan"])
     prov = points["provenance"]
-    r = Rank(device, float(prov.get("window") or (0.15 if prov.get("quick") else 0.4)))   # command.run's default
-    now = [{k: v for k, v in r.run(it).items() if k in ("seconds", "cpu_s")} for _, it in items]
+    rank = Rank(device, float(prov.get("window") or (0.15 if prov.get("quick") else 0.4)))   # command.run's default
+    now = [{k: v for k, v in rank.run(it).items() if k in ("seconds", "cpu_s")} for _, it in items]
     got = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(now, got, dst=0)
     if dist.get_rank() != 0:
