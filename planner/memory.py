@@ -12,21 +12,24 @@ ACT_BYTES = 2  # bf16/fp16 activations
 
 
 def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=None, cp=1, act=ACT_BYTES,
-                               stat=4.0):
+                               stat=4.0, gemm_in=None):
     """Activations one attention block saves for backward (Korthikanti eq. 1 terms):
     LayerNorm input 2sbh, QKV input 2sbh, Q/K/V, attention core (5as^2b without flash attention;
     output + fp32 log-sum-exp with it), output-projection input, dropout mask sbh.
     `tokens` = b*s/cp on this rank; SP shards the LayerNorm/dropout region by tp. `act`, `stat`:
-    bytes per activation / per softmax statistic (bf16 and fp32 in mixed precision)."""
+    bytes per activation / per softmax statistic (bf16 and fp32 in mixed precision); `gemm_in`:
+    per element of a linear layer's saved input (the QKV and output-projection inputs), `act`
+    unless the stack keeps it in fp8 (Stack.fp8_saved_input_bytes)."""
     h = m.hidden
+    gi = act if gemm_in is None else gemm_in
     spdiv = np.where(sp, tp, 1)
     kv_dim = (m.q_dim + m.v_dim) // 2 if m.mla else m.kv_heads * m.head_dim
-    replicated = tokens * h * (act + act + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
+    replicated = tokens * h * (act + gi + (1 if m.dropout else 0)) / spdiv  # LN in, QKV in, mask
     if m.mla:   # the low-rank latents on the SP shard: each LoRA norm's input and output (DeepSeek-V3
         # sec. 2.1.1; Megatron-Core multi_latent_attention.py runs the down-projections on the shard)
         replicated = replicated + 2 * act * tokens * (m.mla.q_lora_rank + m.mla.kv_lora_rank) / spdiv
     qkv = act * tokens * (m.q_dim + 2 * kv_dim) / tp
-    out_in = act * tokens * m.v_dim / tp
+    out_in = gi * tokens * m.v_dim / tp
     if flash:
         core = stat * tokens * m.heads / tp  # fp32 log-sum-exp per head (FlashAttention-2 alg. 1)
     else:
@@ -36,50 +39,55 @@ def attention_activation_bytes(m: ModelSpec, tokens, tp, sp, flash=True, kv_len=
     return replicated + qkv + out_in, core
 
 
-def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None, act=ACT_BYTES, gated_tensors=3):
+def mlp_activation_bytes(m: ModelSpec, tokens, tp, sp, ffn=None, act=ACT_BYTES, gated_tensors=3, gemm_in=None):
     """Dense MLP (Korthikanti eq. 1: 19sbh for ffn = 4h): LN input 2sbh, fc1 input 2sbh,
     activation input and output, dropout mask sbh. A gated MLP keeps `gated_tensors` f-wide
     tensors: 3 with a fused SwiGLU (fc1's gate+up output and fc2's input; Megatron-Core
-    bias_swiglu_impl), 4 in eager PyTorch (w1 and w3 outputs, silu output, their product)."""
+    bias_swiglu_impl), 4 in eager PyTorch (w1 and w3 outputs, silu output, their product).
+    fc1's and fc2's inputs take `gemm_in` bytes per element (attention_activation_bytes)."""
     f = m.ffn_hidden if ffn is None else ffn
+    gi = act if gemm_in is None else gemm_in
     spdiv = np.where(sp, tp, 1)
-    replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
-    inner = act * tokens * f * (gated_tensors if m.gated else 2) / tp
+    replicated = tokens * m.hidden * (act + gi + (1 if m.dropout else 0)) / spdiv
+    inner = tokens * f * (act * ((gated_tensors if m.gated else 2) - 1) + gi) / tp
     return replicated + inner
 
 
 def moe_activation_bytes(m: ModelSpec, tokens, tp, sp, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0,
-                         gated_tensors=3):
+                         gated_tensors=3, gemm_in=None):
     """MoE block: LN and router input on the SP shard, the permuted token copies (top_k per
     token) that feed the grouped expert GEMMs, the expert activations, and shared experts."""
     e = m.moe
     spdiv = np.where(sp, tp, 1)
     local = tokens / tp  # MoE with TP requires SP in Megatron-Core: tokens are sharded by tp
-    replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv
+    replicated = tokens * m.hidden * (act + act + (1 if m.dropout else 0)) / spdiv  # the router's input stays 16-bit
     routed = local * e.top_k * imbalance
     # permuted expert inputs, expert activations, and the expert outputs the unpermute keeps for
     # the routing-probability gradient (Megatron-Core moe_utils.unpermute), plus int64 routing maps.
     # Under expert TP fc1 keeps the input gathered over the etp group (etp x routed tokens,
     # token_dispatcher dispatch_postprocess) and each rank runs those tokens on ffn/etp columns:
     # its intermediates are routed x ffn, whatever etp (measured by validate: tests/validate)
+    # the grouped GEMMs' inputs (fc1's gathered tokens, fc2's activation) take `gemm_in` bytes
+    gi = act if gemm_in is None else gemm_in
     g = gated_tensors if m.gated else 2
-    experts = act * routed * ((1 + etp) * m.hidden + e.expert_ffn_hidden * g)
+    experts = routed * (act * m.hidden + gi * etp * m.hidden + e.expert_ffn_hidden * (act * (g - 1) + gi))
     experts = experts + 8.0 * routed
-    shared = (act * tokens * e.shared_experts * e.shared_expert_ffn_hidden * g / tp) if e.shared_experts else 0.0
+    shared = (tokens * e.shared_experts * e.shared_expert_ffn_hidden * (act * (g - 1) + gi) / tp
+              if e.shared_experts else 0.0)
     probs = stat * local * e.experts  # fp32 router logits/probabilities
     return replicated + experts + shared + probs
 
 
 def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, flash=True,
                            kv_len=None, etp=1, imbalance=1.0, act=ACT_BYTES, stat=4.0, gated_tensors=3,
-                           selective_kind="core"):
+                           selective_kind="core", gemm_in=None):
     """Bytes one layer keeps per micro-batch under a recompute policy (codes: 0 none,
     1 selective, 2 full). Full recompute keeps only the layer input 2sbh (/t with SP),
     Korthikanti sec. 4.2.2; selective drops the attention core (sec. 5), or, with
     selective_kind "op", keeps what torchtitan's op-level SAC keeps (op_sac_layer_bytes)."""
-    attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len, act=act, stat=stat)
-    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance, act, stat, gated_tensors) if moe_layer else \
-        mlp_activation_bytes(m, tokens, tp, sp, act=act, gated_tensors=gated_tensors)
+    attn, core = attention_activation_bytes(m, tokens, tp, sp, flash, kv_len, act=act, stat=stat, gemm_in=gemm_in)
+    mlp = moe_activation_bytes(m, tokens, tp, sp, etp, imbalance, act, stat, gated_tensors, gemm_in) if moe_layer else \
+        mlp_activation_bytes(m, tokens, tp, sp, act=act, gated_tensors=gated_tensors, gemm_in=gemm_in)
     full_layer = attn + core + mlp
     ckpt = act * tokens * m.hidden / np.where(sp, tp, 1)
     if selective_kind == "op":

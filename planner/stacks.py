@@ -113,6 +113,12 @@ class Stack:
     # fp8 weight bytes cached per parameter across micro-batches (TE: fp8 weight + transpose, 1 + 1;
     # torchao Float8Linear casts per use and caches none)
     fp8_weight_cache_bytes: float = 2.0
+    # bytes per element of a linear layer's input saved for backward under fp8: TE keeps only the
+    # fp8 cast (transformer_engine/pytorch/module/linear.py _Linear.forward: saved_inputmat is the
+    # quantized input, row-wise data discarded; layernorm_linear.py likewise for ln_out), 1;
+    # torchao's Float8Linear saves the bf16 input and casts again in backward
+    # (torchao/float8/float8_linear.py matmul_with_hp_or_float8_args: save_for_backward(input_hp, ...)), 2
+    fp8_saved_input_bytes: float = 1.0
     # ZeRO-3 as FSDP2 with MixedPrecisionPolicy: the sharded fp32 parameters are the master copy
     # (4 B weights + 8 B Adam moments per sharded element, no separate master)
     fsdp_fp32_params: bool = False
@@ -164,7 +170,7 @@ STACKS = {
         gated_mlp_tensors=4, selective="op", tp_embedding_grad_bytes=2.0, fsdp_reduce_bytes=6.0,
         full_recompute_skips_last_gemm=True, p2p_overlap_schedules=("1f1b", "interleaved", "zbv"),
         expert_tp=False,
-        fp8_weight_cache_bytes=0.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
+        fp8_weight_cache_bytes=0.0, fp8_saved_input_bytes=2.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
         # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
         # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.5%, 18.4% without)
         allocator_overhead=0.22,

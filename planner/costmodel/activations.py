@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import memory as M
+from ..layout import Precision
 from ..model_spec import ModelSpec
 from ..stacks import Stack
 from .elements import ElementBytes
@@ -24,14 +25,16 @@ class LayerActivations(Record):
 
 
 def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes):
-    """(kept, full) bytes of one layer: the Korthikanti terms (memory.py), the norms' statistics,
+    """(kept, full) bytes of one layer: the Korthikanti terms (memory.py; linear inputs in fp8
+    where the stack saves them so, Stack.fp8_saved_input_bytes), the norms' statistics,
     and the gathered linear inputs of a stack that keeps them -- all but the layer input are
     dropped under full recompute, and op-level SAC recomputes the norms and the all-gathers
     (neither is on its save list)."""
     T, tp, sp = k.tokens, k.tp, k.sp
+    gemm_in = np.where(k.precision == Precision.FP8, stack.fp8_saved_input_bytes, eb.act)
     kept, full_layer = M.layer_activation_bytes(model, T, tp, sp, rec, moe_layer, stack.flash_attention, k.s,
                                                 k.etp, imb, eb.act, eb.stat, stack.gated_mlp_tensors,
-                                                stack.selective)
+                                                stack.selective, gemm_in)
     extra = M.norm_statistics_bytes(model, T, tp, sp, eb.stat)
     if stack.sp_keeps_gathered_inputs:
         extra = extra + M.gathered_inputs_bytes(model, T, tp, sp, moe_layer, eb.act)

@@ -41,3 +41,39 @@ def test_zero_memory_figure1(nd, zero, expected):
     psi = 7.5e9
     w, g, o = M.model_state_bytes(psi, nd, zero, grad_bytes=2, weight_bytes=2, optimizer_bytes=12)
     assert float(w + g + o) == pytest.approx(expected, rel=0.02)
+
+
+def test_fp8_linear_inputs_are_kept_in_one_byte():
+    """Under Transformer Engine's fp8 the four linear inputs of a dense layer (QKV, output
+    projection, fc1, fc2) are saved as their fp8 casts: at 1 byte instead of 2 the layer keeps
+    exactly their size less (with SP: sbh/t each for QKV and fc1, b s v/t and b s f/t for the rest)."""
+    m = ModelSpec("l", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, mlp="swiglu")
+    T, t, sp = 8192, 4, np.array(True)
+    bf16, _ = M.layer_activation_bytes(m, T, t, sp, np.array(0), False, gemm_in=2.0)
+    fp8, _ = M.layer_activation_bytes(m, T, t, sp, np.array(0), False, gemm_in=1.0)
+    assert float(bf16) == float(M.layer_activation_bytes(m, T, t, sp, np.array(0), False)[0])
+    assert float(bf16 - fp8) == T * (2 * m.hidden + m.v_dim + m.ffn_hidden) / t
+    full_bf16, _ = M.layer_activation_bytes(m, T, t, sp, np.array(2), False, gemm_in=2.0)
+    assert float(full_bf16) == float(M.layer_activation_bytes(m, T, t, sp, np.array(2), False, gemm_in=1.0)[0])
+
+
+def test_fp8_saved_inputs_follow_the_stack():
+    """The cost model keeps fp8 linear inputs for Megatron-Core (TE) and bf16 ones for torchtitan
+    (torchao's Float8Linear saves the high-precision input and casts again in backward)."""
+    from planner.costmodel.activations import layer_activations
+    from planner.costmodel.elements import ElementBytes
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = ModelSpec("l", layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, mlp="swiglu")
+    cols = dict(tp=[2, 2], pp=[1, 1], dp=[1, 1], cp=[1, 1], ep=[1, 1], etp=[1, 1], micro_batch=[1, 1],
+                seq_len=[8192, 8192], sp=[True, True], precision=[Precision.BF16, Precision.FP8],
+                cp_comm=[0, 0], overlap_tp=[True, True], overlap_ep=[True, True], shard_group=[1, 1])
+    k = LayerKnobs.of(cols)
+    saved = {}
+    for name in ("megatron-core", "torchtitan"):
+        st = STACKS[name]
+        saved[name] = layer_activations(m, st, k, np.ones(2), ElementBytes.of_stack(st)).dense[0]  # no recompute
+    te_bf16, te_fp8 = saved["megatron-core"]
+    assert te_bf16 - te_fp8 == 8192 * (2 * m.hidden + m.v_dim + m.ffn_hidden) / 2
+    assert saved["torchtitan"][0] == saved["torchtitan"][1]
