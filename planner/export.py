@@ -79,7 +79,7 @@ MEGATRON_FLAGS = {
     "--seq-length": "int", "--mock-data": "flag", "--tokenizer-type": "str", "--vocab-size": "int",
     "--log-throughput": "flag", "--eval-iters": "int", "--eval-interval": "int",
     # mixed precision / transformer engine
-    "--bf16": "flag", "--fp16": "flag", "--fp8-format": "str",
+    "--bf16": "flag", "--fp16": "flag", "--fp8-format": "str", "--fp8-param-gather": "flag",
 }
 
 # ----------------------------------------------------------------------------------- megatron
@@ -278,6 +278,8 @@ def _megatron_run(a: _Args, L, model) -> None:
         add("--bf16")
         if L.precision == "fp8":
             add("--fp8-format", "hybrid")
+            if L.zero >= 1:       # weights kept and gathered in fp8, as the memory model counts them
+                add("--fp8-param-gather")       # (stacks.Stack.fp8_param_gather)
     # a runnable benchmark: synthetic data, a null tokenizer of the model's vocabulary
     add("--mock-data")
     add("--tokenizer-type", "NullTokenizer")

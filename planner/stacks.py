@@ -119,6 +119,13 @@ class Stack:
     # torchao's Float8Linear saves the bf16 input and casts again in backward
     # (torchao/float8/float8_linear.py matmul_with_hp_or_float8_args: save_for_backward(input_hp, ...)), 2
     fp8_saved_input_bytes: float = 1.0
+    # under fp8 with a sharded optimizer the weights are kept in fp8 only, their 16-bit copy gone
+    # (Megatron-Core --fp8-param-gather, which NeMo's and Megatron-Bridge's fp8
+    # presets set: bridge/training/mixed_precision.py bf16_with_fp8_delayed_scaling_mixed /
+    # _current_scaling_mixed, fp8_param_gather = True; Megatron's arguments.py allows it only with
+    # the distributed optimizer or FSDP). Memory only: its parameter all-gather is still costed in
+    # 16 bits (the per-rank phase does not see the precision; a conservative time)
+    fp8_param_gather: bool = False
     # ZeRO-3 as FSDP2 with MixedPrecisionPolicy: the sharded fp32 parameters are the master copy
     # (4 B weights + 8 B Adam moments per sharded element, no separate master)
     fsdp_fp32_params: bool = False
@@ -146,6 +153,7 @@ STACKS = {
         "Megatron-Core + Transformer Engine (NeMo / Megatron-Bridge recipes)",
         schedules=("1f1b", "interleaved"),   # pipeline_parallel/schedules.py get_forward_backward_func
         cp_comms=("p2p", "allgather", "a2a"),  # --cp-comm-type p2p | all_gather | a2a
+        fp8_param_gather=True,               # its fp8 recipes' setting (Stack.fp8_param_gather)
         source="reference stack; efficiencies live in the hardware profile"),
     "megatron-2021": Stack(
         "megatron-2021",

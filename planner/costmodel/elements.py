@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..layout import Precision
+
 
 @dataclass(frozen=True)
 class ElementBytes:
@@ -34,3 +38,10 @@ class ElementBytes:
         softmax log-sum-exp, the loss) are fp32 at least, as PyTorch and TE compute them in bf16."""
         return ElementBytes(act=e, stat=max(e, 4), weight=e, grad=e, grad_reduce=e, param_gather=e,
                             optimizer=(2 if zero == 3 else 3) * e)
+
+
+def fp8_params(stack, k) -> np.ndarray:
+    """Candidates whose weights live in fp8, 1 byte each (Stack.fp8_param_gather):
+    fp8 with a sharded optimizer, the only case Megatron accepts --fp8-param-gather in
+    (megatron/training/arguments.py validate_args)."""
+    return (k.precision == Precision.FP8) & (k.zero >= 1) & stack.fp8_param_gather

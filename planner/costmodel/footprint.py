@@ -10,7 +10,7 @@ from .. import schedules as S
 from ..hardware import Cluster
 from ..layout import Precision
 from ..model_spec import ModelSpec
-from .elements import ElementBytes
+from .elements import ElementBytes, fp8_params
 from .knobs import StepKnobs, by_code
 from .records import Record, record, on
 from .state import LayerParams, StageParams
@@ -86,6 +86,8 @@ def _states(eb, stack, k: StepKnobs, rs):
     copies = S.weight_copies(k.schedule)
     fp8 = stack.fp8_weight_cache_bytes / eb.weight
     fp8 = on(k.precision == Precision.FP8, fp8) if fp8 else 0.0
+    if stack.fp8_param_gather:       # the fp8 copies are the weights: no 16-bit copy beside them
+        fp8 = fp8 - on(fp8_params(stack, k), 1.0)
     staged = ((k.zero == 3) & (k.pp > 1)) if stack.fsdp_pp_unsharded else False
     local = (rs.params.dense + rs.params.expert) if stack.fsdp_pp_unsharded else 0.0
     weights = rs.weights * (1 + fp8) * copies + on(staged, eb.param_gather * local)

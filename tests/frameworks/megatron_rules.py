@@ -163,6 +163,8 @@ def check(argv: list, world: int) -> list:
         bad.append("T:1931 selective recompute excludes --recompute-num-layers")
     if a.use_megatron_fsdp and not a.use_distributed_optimizer:
         bad.append("A Megatron-FSDP runs with the distributed optimizer")
+    if a.fp8_param_gather and not (a.use_distributed_optimizer or a.use_torch_fsdp2 or a.use_megatron_fsdp):
+        bad.append("A validate_args: --fp8-param-gather only with the distributed optimizer or FSDP")
     return bad
 
 

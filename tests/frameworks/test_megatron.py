@@ -53,6 +53,14 @@ def test_megatron_accepts_the_emitted_script(name):
         assert a.num_distributed_optimizer_instances == L.dp * L.cp // L.shard_group
 
 
+def test_fp8_weights_are_emitted_as_the_memory_model_counts_them():
+    """Under fp8 with the distributed optimizer the planner counts weights in fp8 only
+    (Stack.fp8_param_gather); the script must ask Megatron for exactly that."""
+    text, plan = _emit("gpt-20b", 64, "h100-sxm", dict(precision="fp8", zero=1))
+    a = R.parse(R.emitted_args(text))
+    assert plan.layout.zero == 1 and a.fp8 == "hybrid" and a.fp8_param_gather and a.use_distributed_optimizer
+
+
 def test_rope_base_is_emitted_as_megatron_parses_it():
     a = R.parse(R.emitted_args(_emit("mixtral-8x7b", 64, "h100-sxm", {})[0]))
     assert a.rotary_base == 1_000_000
@@ -71,6 +79,7 @@ def test_rope_base_is_emitted_as_megatron_parses_it():
     (["--num-layers", "32", "--context-parallel-size", "3", "--seq-length", "8192"], 24, "A:1336"),
     (["--num-layers", "32", "--recompute-granularity", "full"], 8, "T:1901"),
     (["--num-layers", "32", "--tensor-model-parallel-size", "3"], 8, "A:432"),
+    (["--num-layers", "32", "--bf16", "--fp8-format", "hybrid", "--fp8-param-gather"], 8, "--fp8-param-gather"),
 ])
 def test_the_mirrored_rules_reject_what_megatron_rejects(argv, world, rule):
     base = {"--num-attention-heads": "32", "--micro-batch-size": "1", "--global-batch-size": "64",

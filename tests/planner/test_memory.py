@@ -77,3 +77,20 @@ def test_fp8_saved_inputs_follow_the_stack():
     te_bf16, te_fp8 = saved["megatron-core"]
     assert te_bf16 - te_fp8 == 8192 * (2 * m.hidden + m.v_dim + m.ffn_hidden) / 2
     assert saved["torchtitan"][0] == saved["torchtitan"][1]
+
+
+@pytest.mark.parametrize("zero, fp8_over_bf16", [(1, 1.0), (0, 2.0)])
+def test_fp8_weights_replace_the_16_bit_copy_only_with_a_sharded_optimizer(zero, fp8_over_bf16):
+    """Megatron-Core under NeMo's fp8 presets keeps weights in fp8 (+ TE's transpose: 2 B, as bf16)
+    when the optimizer is sharded (--fp8-param-gather); with plain DDP it keeps bf16 weights and
+    the fp8 weight + transpose beside them (4 B)."""
+    from planner.engine import search
+    from planner.model_io import load_model
+    from planner.profiles import load_hardware
+    m, cl = load_model("gpt-20b"), load_hardware("h100-sxm")
+    w = {}
+    for prec in ("bf16", "fp8"):
+        res = search(m, cl, 64, fixed=dict(tp=8, pp=1, zero=zero, precision=prec, micro_batch=1, recompute="full"),
+                     top=1, precisions=[prec])
+        w[prec] = res.to_dataframe().iloc[0].mem_weights_gib
+    assert w["fp8"] == pytest.approx(fp8_over_bf16 * w["bf16"], rel=1e-9)
