@@ -94,3 +94,17 @@ def test_fp8_weights_replace_the_16_bit_copy_only_with_a_sharded_optimizer(zero,
                      top=1, precisions=[prec])
         w[prec] = res.to_dataframe().iloc[0].mem_weights_gib
     assert w["fp8"] == pytest.approx(fp8_over_bf16 * w["bf16"], rel=1e-9)
+
+
+def test_fp8_grouped_gemm_inputs_are_kept_in_one_byte():
+    """An MoE block under TE fp8: each routed token copy's fc1 input (gathered over etp) and fc2
+    input take 1 byte, the unpermute's kept output and the router's input stay 16-bit."""
+    from planner.model_spec import MoESpec
+    m = ModelSpec("q", layers=48, hidden=2048, heads=32, kv_heads=4, ffn_hidden=6144, vocab=151936, mlp="swiglu",
+                  moe=MoESpec(experts=128, top_k=8, expert_ffn_hidden=768))
+    T, tp, etp = 4096, 2, 2
+    bf16 = M.moe_activation_bytes(m, T, tp, np.array(True), etp=etp, gemm_in=2.0)
+    fp8 = M.moe_activation_bytes(m, T, tp, np.array(True), etp=etp, gemm_in=1.0)
+    routed = T / tp * 8
+    assert float(bf16) == float(M.moe_activation_bytes(m, T, tp, np.array(True), etp=etp))
+    assert float(bf16 - fp8) == routed * (etp * m.hidden + 768)
