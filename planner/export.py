@@ -278,8 +278,8 @@ def _megatron_run(a: _Args, L, model) -> None:
         add("--bf16")
         if L.precision == "fp8":
             add("--fp8-format", "hybrid")
-            if L.zero >= 1:       # weights kept and gathered in fp8, as the memory model counts them
-                add("--fp8-param-gather")       # (stacks.Stack.fp8_param_gather)
+            if L.zero >= 1:       # weights kept in fp8 only, as the memory model counts them
+                add("--fp8-param-gather")       # (stacks.Stack.fp8_param_gather, costmodel.elements.fp8_params)
     # a runnable benchmark: synthetic data, a null tokenizer of the model's vocabulary
     add("--mock-data")
     add("--tokenizer-type", "NullTokenizer")

@@ -24,14 +24,13 @@ class LayerActivations(Record):
                                # (Korthikanti sec. 4.3 count fp32 logits, 4sbv/t; Stack.loss_bytes_per_logit)
 
 
-def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes):
+def _layer(model, stack, k: LayerKnobs, rec, moe_layer, imb, eb: ElementBytes, gemm_in):
     """(kept, full) bytes of one layer: the Korthikanti terms (memory.py; linear inputs in fp8
     where the stack saves them so, Stack.fp8_saved_input_bytes), the norms' statistics,
     and the gathered linear inputs of a stack that keeps them -- all but the layer input are
     dropped under full recompute, and op-level SAC recomputes the norms and the all-gathers
     (neither is on its save list)."""
     T, tp, sp = k.tokens, k.tp, k.sp
-    gemm_in = np.where(k.precision == Precision.FP8, stack.fp8_saved_input_bytes, eb.act)
     kept, full_layer = M.layer_activation_bytes(model, T, tp, sp, rec, moe_layer, stack.flash_attention, k.s,
                                                 k.etp, imb, eb.act, eb.stat, stack.gated_mlp_tensors,
                                                 stack.selective, gemm_in)
@@ -47,13 +46,14 @@ def layer_activations(model: ModelSpec, stack: Stack, k: LayerKnobs, moe_load, e
     (routing.routed_load)."""
     n, T, tp, sp = k.n, k.tokens, k.tp, k.sp
     imb = moe_load
+    gemm_in = np.where(k.precision == Precision.FP8, stack.fp8_saved_input_bytes, eb.act)
     dense, moe = [], []
     for r in (0, 1, 2):
         rr = np.full(n, r)
-        d, full_dense = _layer(model, stack, k, rr, False, imb, eb)
+        d, full_dense = _layer(model, stack, k, rr, False, imb, eb, gemm_in)
         dense.append(d)
         if model.moe:
-            m, full_moe = _layer(model, stack, k, rr, True, imb, eb)
+            m, full_moe = _layer(model, stack, k, rr, True, imb, eb, gemm_in)
         else:
             m, full_moe = np.zeros(n), np.zeros(n)
         moe.append(m)

@@ -222,7 +222,8 @@ def test_planted_cost_model_bug_in_activation_memory(two, monkeypatch):
     import planner.memory as M
     cfg, per_rank, _ = two["dp2-zero1"]
     orig = M.mlp_activation_bytes
-    monkeypatch.setattr(M, "mlp_activation_bytes", lambda m, tokens, tp, sp, ffn=None, act=2.0, gated_tensors=3, gemm_in=None:
+    monkeypatch.setattr(M, "mlp_activation_bytes",
+                        lambda m, tokens, tp, sp, ffn=None, act=2.0, gated_tensors=3, gemm_in=None:
                         orig(m, tokens, tp, sp, ffn, act, gated_tensors, gemm_in) - act * tokens * (ffn or m.ffn_hidden) / tp)
     rep = api.report_for(cfg, *TWO["dp2-zero1"], per_rank, reference=False)
     assert {c["quantity"] for c in rep["checks"] if not c["ok"]} == {"activations.bytes_per_microbatch"}
