@@ -117,6 +117,18 @@ def zero_of(d: str) -> int | None:
     return None
 
 
+def default_micro_batch(stack: str, row: dict, pp: int, dp: int) -> int | None:
+    """The micro-batch a run used when its source states the framework but not the size: torchtitan
+    of 2024 split each rank's batch into as many micro-batches as pipeline ranks unless told
+    otherwise (torchtitan 9dec370 config_manager.py --experimental.pipeline_parallel_microbatches,
+    'default: the number of pipeline stages'; pipelining_utils.py build_pipeline_schedule uses
+    pipeline_parallel_degree). Elsewhere, and without a pipeline, the search chooses (None)."""
+    gb = _int(row.get("global_batch"))
+    if stack != "torchtitan" or pp <= 1 or not gb or (gb // dp) % pp:
+        return None
+    return gb // dp // pp
+
+
 def model_of(row: dict) -> ModelSpec:
     """ModelSpec from the row's shape columns. MLA and head_dim, which the CSV does not carry,
     come from the catalog entry of the same family (deepseek-v3, gpt-oss)."""
@@ -185,7 +197,7 @@ def inputs_of(row: dict) -> RunInputs:
     tp, pp, cp = _int(row["tp"]) or 1, _int(row["pp"]) or 1, _int(row["cp"]) or 1
     dp = _int(row["dp"]) or gpus // (tp * pp * cp)
     fixed = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "ep": _int(row["ep"]) or 1,
-             "micro_batch": _int(row["micro_batch"])}
+             "micro_batch": _int(row["micro_batch"]) or default_micro_batch(stack, row, pp, dp)}
     vp = _int(row["vp"])
     named = schedule_of(row.get("framework", ""))
     if vp is not None:

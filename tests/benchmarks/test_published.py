@@ -45,3 +45,16 @@ def test_reported_memory_is_predicted_within_a_fifth(row):
     pred = plan.memory_gib - b["reserved"]
     rep = float(row["mem_gib_per_gpu"])
     assert abs(pred - rep) / rep < 0.20, (row["row_id"], pred, rep)
+
+
+def test_torchtitan_2024_pipeline_splits_each_rank_batch_into_pp_micro_batches():
+    """torchtitan 9dec370's default: as many micro-batches as pipeline ranks (Table 5: local batch
+    32 over pp 8 runs micro-batches of 4); other stacks and pipeline-free runs leave it to the search."""
+    row = {"global_batch": "256"}
+    assert published.default_micro_batch("torchtitan", row, pp=8, dp=8) == 4
+    assert published.default_micro_batch("torchtitan", row, pp=1, dp=8) is None
+    assert published.default_micro_batch("megatron-core", row, pp=8, dp=8) is None
+    assert published.default_micro_batch("torchtitan", {"global_batch": "36"}, pp=8, dp=1) is None   # not divisible
+    rows = {r["row_id"]: r for r in ROWS}
+    if "64" in rows:
+        assert published.inputs_of(rows["64"]).fixed["micro_batch"] == 4
