@@ -21,6 +21,7 @@ import math
 from .costmodel import MEMORY_TERMS, TIME_TERMS
 from .layout import LAYOUT_FIELDS, Layout
 from .neighbours import evaluate_neighbours, neighbours, valid, with_pp  # noqa: F401 (explain's API)
+from .stacks import get_stack
 
 TIME_LABEL = {
     "compute": "compute (forward + backward)",
@@ -315,10 +316,19 @@ def _basis(p) -> str:
             f"each predicted by parameters fitted without its own source")
 
 
+def _stack_of(res, stack):
+    """The Stack to explain under: the one given (or named), else the search's own."""
+    if stack is None or isinstance(stack, str):
+        return get_stack(stack or res.stack or "megatron-core")
+    return stack
+
+
 def explain_dict(res, model, cluster, stack=None) -> dict:
     """The explanation as plain data (JSON-safe): best layout, its breakdowns and group placement,
     the runners-up with the terms that made them lose, and the one-knob neighbours (infeasible
-    ones name the memory term that overflowed)."""
+    ones name the memory term that overflowed). `stack`: a Stack, its name, or None for the one
+    the search ran under (res.stack)."""
+    stack = _stack_of(res, stack)
     best = res.best
     out = {"model": model.name, "hardware": cluster.name, "stack": getattr(stack, "name", None),
            "domains": [{"level": lv.name, "gpus": int(d) if d else None}

@@ -9,7 +9,9 @@ from planner.cli import main
 from planner.costmodel import MEMORY_TERMS, TIME_TERMS
 from planner.explain import explain_dict, explain_text, group_level, neighbours, placement
 from planner.hardware import Cluster
+from planner.errors import PlannerError
 from planner.layout import Layout
+from planner.stacks import get_stack
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,19 @@ def test_cli_explain_table_and_json(capsys):
     assert main(["--model", "gpt-20b", "--gpus", "64", "--top", "3", "--explain", "--format", "json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["explain"]["best"]["layout"]["tp"] == d["layouts"][0]["tp"]
+
+
+def test_explain_defaults_to_the_stack_the_search_ran_under():
+    """A notebook's explain_dict(res, model, cluster) judges neighbours under the search's stack
+    (res.stack), and a stack may be passed by name: torchtitan's neighbours never include an
+    interleaved Megatron-only knob it cannot run, and the names agree with the Stack itself."""
+    m, c = load_model("gpt-20b"), load_hardware("h100-sxm")
+    res = search(m, c, 64, top=2, stack="torchtitan")
+    by_default = explain_dict(res, m, c)
+    by_name = explain_dict(res, m, c, "torchtitan")
+    by_stack = explain_dict(res, m, c, get_stack("torchtitan"))
+    assert by_default["stack"] == by_name["stack"] == by_stack["stack"] == "torchtitan"
+    assert by_default == by_stack
+    assert explain_dict(res, m, c, "megatron-core")["stack"] == "megatron-core"
+    with pytest.raises(PlannerError, match="unknown stack"):
+        explain_dict(res, m, c, "nemo")
