@@ -242,3 +242,32 @@ def test_sdpa_attention_is_flash_attention_2_where_the_gpu_gives_it_less():
     assert attention_efficiency(e, mc) == e.attention_max
     a100 = load_hardware("a100-sxm-80gb").efficiency
     assert a100.sdpa_attention is None and attention_efficiency(a100, tt) == a100.attention_max * tt.attention
+
+
+def test_records_are_frozen_typed_and_gather_by_candidate():
+    """@record (costmodel/records.py): fields in declared order, positional or by name, a class
+    default, every field required otherwise, frozen like a frozen dataclass; take/concat/named
+    work field by field on the last axis."""
+    from dataclasses import FrozenInstanceError
+    from planner.costmodel.records import Record, record
+
+    @record
+    class R(Record):
+        a: np.ndarray
+        b: np.ndarray
+        c: object = None
+
+    r = R(np.arange(3.0), b=np.arange(3.0) * 10)
+    assert r.c is None and list(r.named()) == ["a", "b", "c"]
+    assert R(1, 2, 3).c == 3 and "R(a=1, b=2, c=3)" == repr(R(1, 2, 3))
+    with pytest.raises(FrozenInstanceError):
+        r.a = np.zeros(3)
+    with pytest.raises(FrozenInstanceError):
+        del r.b
+    for bad in (lambda: R(np.zeros(1)), lambda: R(1, 2, 3, 4), lambda: R(1, a=2, b=3), lambda: R(1, 2, d=3)):
+        with pytest.raises(TypeError):
+            bad()
+    t = r.take(np.array([2, 0]))
+    assert t.a.tolist() == [2.0, 0.0] and t.b.tolist() == [20.0, 0.0] and t.c is None
+    both = R.concat([r, t])
+    assert both.a.tolist() == [0.0, 1.0, 2.0, 2.0, 0.0]
