@@ -86,7 +86,6 @@ def test_memory_does_not_grow_with_tp_or_zero(name):
     m = MODELS[name]
     tps = [t for t in (1, 2, 4, 8) if m.heads % t == 0 and (m.mla or m.kv_heads % t == 0)]
     for sp in (False, True):
-        mems = [_mem(m, tp=t, dp=8 // t, sp=sp and t > 1) for t in tps]
         # hold dp fixed to isolate tp: same dp, more GPUs
         mems_fixed_dp = [_mem(m, tp=t, dp=8, sp=sp and t > 1) for t in tps]
         assert all(x >= y - 1 for x, y in zip(mems_fixed_dp, mems_fixed_dp[1:])), mems_fixed_dp
