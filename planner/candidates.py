@@ -10,7 +10,6 @@ them. What is valid is decided by rules.py alone; this module only decides what 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from .arrays import distinct
 from .errors import PlannerError
 from .layout import CP_COMM, RECOMPUTE, SCHEDULES, Candidates
 from .rules import Context, divisors
+from .frozen import frozen
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VPP_VALUES = (1, 2, 3, 4, 6, 8)
@@ -198,7 +198,7 @@ def _classes(ctx: Context, fixed: dict):
             yield deg, pipe, pairs, lk, steps
 
 
-@dataclass(frozen=True)
+@frozen
 class ClassTables:
     """One class of degree rows made ready to enumerate (_classes): its tables, the rules' masks
     on them, and where its rows sit in the layer and rank tables every class of one GPU count

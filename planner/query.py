@@ -3,7 +3,6 @@ precisions), the GPU counts of a range, and one-line refusals of numbers the mod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from .layout import INT_KNOBS
 from .model_spec import ModelSpec
 from .rules import MAX_GPUS, Context
 from .stacks import STACKS, Stack, get_stack
+from .frozen import frozen
 
 OBJECTIVES = ("throughput", "cost", "time")
 MAX_TOP = 10_000             # plans one search returns with breakdowns
@@ -28,7 +28,7 @@ def default_global_batch(seq_len: int, gpus: int = 1) -> int:
     return 1 << (gb - 1).bit_length()
 
 
-@dataclass(frozen=True)
+@frozen
 class Query:
     model: ModelSpec
     cluster: Cluster
@@ -36,8 +36,8 @@ class Query:
     counts: tuple                    # GPU counts searched (one, or the counts of a range)
     seq_len: int
     global_batch: int
-    fixed: dict = field(hash=False)  # knob -> value, or a list of values to search
-    overlap: dict = field(hash=False)
+    fixed: dict                      # knob -> value, or a list of values to search
+    overlap: dict
     top: int = 10
     objective: str = "throughput"
     tokens: float | None = None

@@ -9,7 +9,6 @@ degrees, on (degrees x pipeline knobs), on whole candidates, or on the knobs a u
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -19,12 +18,13 @@ from .errors import PlannerError
 from .layout import INT_KNOBS, Layout, Candidates, CpComm, Schedule
 from .model_spec import ModelSpec
 from .stacks import STACKS, Stack
+from .frozen import frozen
 
 MAX_GPUS = 1 << 24           # 16,777,216 GPUs: 16x the largest clusters built (~10^6 GPUs)
 MAX_MICRO_BATCH = 32
 
 
-@dataclass(frozen=True)
+@frozen
 class Context:
     """What a layout is valid against besides its own knobs."""
     model: ModelSpec
@@ -36,7 +36,7 @@ class Context:
     hardware: str = "the hardware"
 
 
-@dataclass(frozen=True)
+@frozen
 class Rule:
     name: str
     knobs: tuple                       # columns it reads

@@ -9,9 +9,8 @@ percentiles per class key and is written by `python benchmarks/accuracy.py --cro
 --write-ranges`; it is a global fit like the efficiency parameters, never per run."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from .frozen import frozen
 
 # 16: below that a 10th/90th percentile rests on one or two runs (benchmarks/accuracy.py
 # --cross-validate: nested coverage 68% with 8, 77% with 16 under linear interpolation)
@@ -27,7 +26,7 @@ _GENERATIONS = (("gb200", "blackwell"), ("b200", "blackwell"), ("h100", "hopper"
                 ("h800", "hopper"), ("a100", "ampere"))
 
 
-@dataclass(frozen=True)
+@frozen(eq=True)
 class RunClass:
     stack: str
     precision: str

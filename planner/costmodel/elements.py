@@ -1,14 +1,13 @@
 """Bytes per element of each kind of tensor a training step keeps or moves."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..layout import Precision
+from ..frozen import frozen
 
 
-@dataclass(frozen=True)
+@frozen(eq=True)
 class ElementBytes:
     """The default is Megatron-Core mixed precision (Micikevicius et al. 2018; Rajbhandari et al.
     2020 sec. 3.1): bf16 weights and activations, fp32 softmax/norm statistics, fp32 main

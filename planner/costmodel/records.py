@@ -2,46 +2,12 @@
 row of the per-layer table), last axis = candidates, with take/concat for gathering and merging."""
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError
-
 import numpy as np
 
+from ..frozen import frozen
 
-def record(cls):
-    """A frozen record class: its annotated names are its fields, in order (a class attribute is a
-    default), set once by the constructor, positionally or by name; assigning later raises
-    FrozenInstanceError, as a frozen dataclass does. Written out rather than
-    dataclass(frozen=True), which compiles __init__, __repr__ and __setattr__ with exec: 1.85 ms a
-    class on Python 3.11, about 40 ms of every `plan` for the cost model's 21 records. A record of
-    arrays compares by identity (== between arrays is elementwise, so no __eq__ or __hash__)."""
-    names = tuple(cls.__dict__.get("__annotations__", {}))
-    defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
-
-    def __init__(self, *args, **kw):
-        if len(args) > len(names):
-            raise TypeError(f"{cls.__name__}() takes {len(names)} fields, got {len(args)} values")
-        vals = dict(zip(names, args))
-        for k, v in kw.items():
-            if k not in names or k in vals:
-                raise TypeError(f"{cls.__name__}() got an unexpected or repeated field {k!r}")
-            vals[k] = v
-        for n in names:
-            if n not in vals and n not in defaults:
-                raise TypeError(f"{cls.__name__}() missing field {n!r}")
-            object.__setattr__(self, n, vals[n] if n in vals else defaults[n])
-
-    def __setattr__(self, name, value):
-        raise FrozenInstanceError(f"cannot assign to field {name!r} of a {cls.__name__}")
-
-    def __delattr__(self, name):
-        raise FrozenInstanceError(f"cannot delete field {name!r} of a {cls.__name__}")
-
-    def __repr__(self):
-        return f"{cls.__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
-
-    cls.__init__, cls.__setattr__, cls.__delattr__, cls.__repr__ = __init__, __setattr__, __delattr__, __repr__
-    cls.__record_fields__ = names
-    return cls
+# the cost model's records: frozen, compared by identity (== between arrays is elementwise)
+record = frozen
 
 
 class Record:

@@ -2,11 +2,10 @@
 its shard group: what one rank of the group allocates and what the group gathers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..model_spec import ModelSpec
+from ..frozen import frozen
 
 # ZeRO-3 padding rules (Stack.zero3_padding):
 DIM0 = "dim0"     # FSDP2: each parameter chunked on dim 0 (torch.chunk), every rank allocates the first
@@ -18,7 +17,7 @@ UNIT = "unit"     # FSDP1: the flat parameter of a wrapped unit padded to a mult
 RULES = (DIM0, NUMEL, UNIT)
 
 
-@dataclass(frozen=True)
+@frozen(eq=True)
 class Shape:
     """A parameter [d0, rest] and which side tensor parallelism splits: "col" d0 (column-parallel
     weights and their biases, the vocab-parallel embedding), "row" rest (row-parallel weights),

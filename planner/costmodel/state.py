@@ -3,7 +3,6 @@ Megatron-Core splits them) and the data-parallel traffic of their gradients and 
 each ZeRO stage, per step and per micro-batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +13,7 @@ from . import shapes as S
 from . import traffic as X
 from .elements import ElementBytes
 from .records import Record, record
+from ..frozen import frozen
 
 BUCKET_ELEMENTS = 40e6      # Megatron DDP bucket: max(40M, 1M * dp) elements
 BUCKET_PER_DP = 1e6         # (megatron/core/distributed/param_and_grad_buffer.py)
@@ -33,7 +33,7 @@ class StageParams(Record):
     shard_expert: np.ndarray
 
 
-@dataclass(frozen=True)
+@frozen(eq=True)
 class LayerParams:
     """Parameters of one layer on one TP rank, split into what TP shards and what it replicates.
     Column-parallel weights and biases and row-parallel weights are split over tp; norms,

@@ -2,8 +2,6 @@
 are computed once per distinct row of its layer table and gathered to candidates."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..hardware import Cluster
@@ -17,6 +15,7 @@ from .elements import ElementBytes
 from .knobs import LAYER_COLS, LayerKnobs
 from .records import Record, record
 from .routing import routed_load
+from ..frozen import frozen
 
 
 @record
@@ -27,7 +26,7 @@ class LayerTerms(Record):
     acts: LayerActivations
 
 
-@dataclass(frozen=True)
+@frozen
 class Settings:
     """Everything besides the candidates that the terms depend on."""
     model: ModelSpec

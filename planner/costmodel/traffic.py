@@ -8,14 +8,13 @@ name the groups as validate/ does: tp, cp, ep, pp, dp (dense gradients, dp x cp)
 data parallel), embd (the two copies of a tied embedding)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..layout import CpComm, Precision
 from ..model_spec import ModelSpec
 from .elements import ElementBytes
 from .knobs import LayerKnobs
+from ..frozen import frozen
 
 INDEX_BYTES = 8              # int64 token counts per expert (Megatron MoEAlltoAllTokenDispatcher metadata)
 CE_ALL_REDUCES = 3           # vocab-parallel cross entropy: max, sum of exponentials, target logit
@@ -24,7 +23,7 @@ TP_PAIRS_DENSE = 2           # TP collective pairs per layer and pass: after att
                              # (Megatron f/g operators, Shoeybi et al. 2019 fig. 4)
 
 
-@dataclass(frozen=True)
+@frozen
 class Flow:
     """`calls` collectives of `kind` on group `label`, `nbytes` each (arrays over rows or scalars)."""
     label: str
