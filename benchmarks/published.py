@@ -124,7 +124,7 @@ def default_micro_batch(stack: str, row: dict, pp: int, dp: int) -> int | None:
     'default: the number of pipeline stages'; pipelining_utils.py build_pipeline_schedule uses
     pipeline_parallel_degree). Elsewhere, and without a pipeline, the search chooses (None)."""
     gb = _int(row.get("global_batch"))
-    if stack != "torchtitan" or pp <= 1 or not gb or (gb // dp) % pp:
+    if stack != "torchtitan" or pp <= 1 or not gb or gb % dp or (gb // dp) % pp:
         return None
     return gb // dp // pp
 

@@ -2,6 +2,7 @@
 for the planner's internal records and keys (the three inputs and the results stay dataclasses)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import FrozenInstanceError
 
 
@@ -15,7 +16,9 @@ def frozen(cls=None, *, eq: bool = False):
     60 ms of every `plan` for the 30 such classes it imports."""
     if cls is None:
         return lambda c: frozen(c, eq=eq)
-    names = tuple(cls.__dict__.get("__annotations__", {}))
+    names = tuple(inspect.get_annotations(cls))    # its own annotations, as dataclasses reads them
+    if not names:
+        raise TypeError(f"@frozen class {cls.__name__} declares no fields")
     defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
 
     def __init__(self, *args, **kw):

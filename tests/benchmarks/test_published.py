@@ -55,6 +55,7 @@ def test_torchtitan_2024_pipeline_splits_each_rank_batch_into_pp_micro_batches()
     assert published.default_micro_batch("torchtitan", row, pp=1, dp=8) is None
     assert published.default_micro_batch("megatron-core", row, pp=8, dp=8) is None
     assert published.default_micro_batch("torchtitan", {"global_batch": "36"}, pp=8, dp=1) is None   # not divisible
+    assert published.default_micro_batch("torchtitan", {"global_batch": "260"}, pp=2, dp=8) is None  # nor by dp
     rows = {r["row_id"]: r for r in ROWS}
     if "64" in rows:
         assert published.inputs_of(rows["64"]).fixed["micro_batch"] == 4
