@@ -27,6 +27,9 @@ def build_parser() -> Parser:
     r.add_argument("--global-batch", type=int_arg("--global-batch"),
                    help="global batch in sequences (default: 4Mi tokens / seq-len)")
     r.add_argument("--precision", choices=PRECISIONS, help="linear-layer precision (default: searched over bf16, fp8)")
+    r.add_argument("--grad-dtype", choices=("fp32", "bf16"),
+                   help="megatron-core: gradients kept and reduced in bf16 (Megatron --grad-reduce-in-bf16, "
+                        "as NVIDIA's performance recipes run) or fp32 (default)")
     d = p.add_argument_group("parallel degrees (given: held; omitted: searched)")
     for k in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp"):
         d.add_argument(f"--{k}", type=int_arg(f"--{k}"))
@@ -102,11 +105,11 @@ def run(argv) -> int:
     from .profiles import load_hardware
     from .model_io import load_model
     from .engine import search
-    from .stacks import get_stack
+    from .stacks import get_stack, with_grad_dtype
     from .units import parse_count
     model = load_model(a.model)
     cluster = load_hardware(a.hardware)
-    stack = get_stack(a.stack)
+    stack = with_grad_dtype(get_stack(a.stack), a.grad_dtype)
     tokens = parse_count(a.tokens, "--tokens") if a.tokens is not None else None
     fixed = _fixed(a)
     if a.vpp and a.vpp > 1 and not a.schedule:
@@ -139,7 +142,7 @@ def run(argv) -> int:
     if a.emit:
         from .export import emit
         text, launch = emit(res.best, model, a.emit, cluster=cluster, out=a.out, capacity_factor=a.capacity_factor,
-                            pad_to_capacity=a.pad_to_capacity)
+                            pad_to_capacity=a.pad_to_capacity, stack=stack)
         if a.out:
             from .atomic import atomic_write_text
             atomic_write_text(a.out, text)

@@ -80,6 +80,7 @@ MEGATRON_FLAGS = {
     "--log-throughput": "flag", "--eval-iters": "int", "--eval-interval": "int",
     # mixed precision / transformer engine
     "--bf16": "flag", "--fp16": "flag", "--fp8-format": "str", "--fp8-param-gather": "flag",
+    "--grad-reduce-in-bf16": "flag",
 }
 
 # ----------------------------------------------------------------------------------- megatron
@@ -132,8 +133,10 @@ class _Args(list):
         self.append((flag, value))
 
 
-def megatron_args(plan, model, capacity_factor: float = 0.0, pad_to_capacity: bool = False) -> list:
-    """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS."""
+def megatron_args(plan, model, capacity_factor: float = 0.0, pad_to_capacity: bool = False,
+                  grad_bf16: bool = False) -> list:
+    """[(flag, value)] for pretrain_gpt.py; value None for a switch. Flags only from MEGATRON_FLAGS.
+    grad_bf16: the plan's stack keeps gradients in bf16 (stacks.with_grad_dtype)."""
     a = _Args()
     _megatron_parallel(a, plan.layout, model)
     _megatron_model(a, plan.layout, model)
@@ -142,6 +145,8 @@ def megatron_args(plan, model, capacity_factor: float = 0.0, pad_to_capacity: bo
         if pad_to_capacity:
             a.add("--moe-pad-expert-input-to-capacity")
     _megatron_run(a, plan.layout, model)
+    if grad_bf16 and plan.layout.precision != "fp16":     # under --fp16 the grads are fp16 already
+        a.add("--grad-reduce-in-bf16")      # arguments.py: accumulate_allreduce_grads_in_fp32 = False
     return list(a)
 
 
@@ -315,9 +320,9 @@ def _megatron_unexpressed(model) -> list:
     return out
 
 
-def _megatron(plan, model, cluster, out=None, capacity_factor=0.0, pad_to_capacity=False):
+def _megatron(plan, model, cluster, out=None, capacity_factor=0.0, pad_to_capacity=False, grad_bf16=False):
     L = plan.layout
-    args = megatron_args(plan, model, capacity_factor, pad_to_capacity)
+    args = megatron_args(plan, model, capacity_factor, pad_to_capacity, grad_bf16)
     body = []
     for flag, v in args:
         body.append(f"    {flag}" if v is None else f"    {flag} {shlex.quote(str(v))}")
@@ -443,11 +448,13 @@ def _deepspeed(plan, model, cluster, out=None):
 # ----------------------------------------------------------------------------------- public
 
 def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_factor: float = 0.0,
-         pad_to_capacity: bool = False) -> tuple:
+         pad_to_capacity: bool = False, stack=None) -> tuple:
     """(configuration text, launch line) for `plan` in `fmt` (megatron, torchtitan, deepspeed);
     `out`: the file the configuration is written to, which the launch line reads. An expert
     capacity (the plan's --capacity-factor / --pad-to-capacity) is Megatron's alone: torchtitan's
-    and DeepSpeed's emitted MoE is dropless, so it is refused there."""
+    and DeepSpeed's emitted MoE is dropless, so it is refused there. `stack`: the Stack planned
+    under (None: megatron-core's defaults); bf16 gradients (plan --grad-dtype bf16) are Megatron's
+    --grad-reduce-in-bf16, which the other formats do not express."""
     if plan is None:
         raise PlannerError("no layout to export")
     if fmt not in FORMATS:
@@ -455,8 +462,12 @@ def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_f
     if capacity_factor and fmt != "megatron":
         raise PlannerError(f"--capacity-factor cannot be expressed in a {fmt} configuration (its MoE is "
                            "dropless); emit megatron, or plan without it")
+    grad_bf16 = stack is not None and stack.name == "megatron-core" and stack.grad_bytes == 2
+    if grad_bf16 and fmt != "megatron":
+        raise PlannerError(f"bf16 gradients (--grad-dtype bf16) cannot be expressed in a {fmt} configuration; "
+                           "emit megatron, or plan without --grad-dtype")
     if fmt == "megatron":
-        return _megatron(plan, model, cluster, out, capacity_factor, pad_to_capacity)
+        return _megatron(plan, model, cluster, out, capacity_factor, pad_to_capacity, grad_bf16)
     from .export_torchtitan import torchtitan_emit
     return {"torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster, out)
 

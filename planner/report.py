@@ -51,7 +51,9 @@ def _range(p) -> str:
 
 
 def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
-    lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}) | seq {res.seq_len}, "
+    from .stacks import STACKS
+    grads = ", bf16 grads" if stack.name == "megatron-core" and stack.grad_bytes < STACKS[stack.name].grad_bytes else ""
+    lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}{grads}) | seq {res.seq_len}, "
              f"global batch {res.global_batch} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
              f"{res.search_seconds:.2f} s"]
     knobs = knob_columns(res.plans)
@@ -100,7 +102,9 @@ def _clean(x):
 
 
 def to_json(res, model, cluster, stack, a=None, goodput=None) -> str:
+    from .stacks import grad_dtype
     out = {"model": model.name, "hardware": cluster.name, "gpus": res.gpus, "stack": stack.name,
+           "grad_dtype": grad_dtype(stack),
            "seq_len": res.seq_len, "global_batch": res.global_batch,
            "evaluated": res.evaluated, "feasible": res.feasible, "search_seconds": res.search_seconds,
            "layouts": [p.to_dict() for p in res.plans]}

@@ -8,7 +8,7 @@ reduce-scatter and parameter all-gather, TP communication overlap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from .errors import PlannerError
@@ -211,3 +211,32 @@ def get_stack(name: str) -> Stack:
         return STACKS[name]
     except KeyError:
         raise PlannerError(f"unknown stack '{name}'; valid: {', '.join(STACKS)}") from None
+
+
+GRAD_DTYPES = ("fp32", "bf16")
+
+
+def with_grad_dtype(stack: Stack, dtype: str | None) -> Stack:
+    """The stack with its gradients kept and reduced in `dtype` (None: as the stack keeps them).
+    Megatron-Core only: bf16 is Megatron-LM's --grad-reduce-in-bf16 (arguments.py validate_args
+    turns accumulate_allreduce_grads_in_fp32 off; distributed_data_parallel.py then makes the grad
+    buffer param.dtype, so the DP reduce-scatter moves 2 bytes too), as NVIDIA's Megatron-Bridge
+    performance recipes run (perf_recipes/_common.py: grad_reduce_in_fp32 = False) and NeMo's
+    optim.grad_sync_dtype: bf16 (NeMo-Framework-Launcher nemotron_340b.yaml); fp32 is its default
+    (bf16 training accumulates and reduces gradients in fp32 unless told otherwise). The Adam
+    state stays fp32 either way."""
+    if dtype is None:
+        return stack
+    if dtype not in GRAD_DTYPES:
+        raise PlannerError(f"--grad-dtype: unknown '{dtype}'; valid: {', '.join(GRAD_DTYPES)}")
+    if stack.name != "megatron-core":
+        raise PlannerError(f"--grad-dtype is modelled for the megatron-core stack (Megatron --grad-reduce-in-bf16); "
+                           f"{stack.name} keeps its own gradient precision, drop --grad-dtype")
+    nbytes = 2 if dtype == "bf16" else 4
+    return replace(stack, grad_bytes=nbytes, grad_reduce_bytes=nbytes)
+
+
+def grad_dtype(stack: Stack) -> str:
+    """What a stack keeps its gradients in, as `plan --grad-dtype` names it (16-bit stacks: the
+    training precision's own, e.g. DeepSpeed's fp16)."""
+    return "fp32" if stack.grad_bytes == 4 else ("bf16" if stack.name == "megatron-core" else "16-bit")

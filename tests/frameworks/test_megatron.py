@@ -61,6 +61,19 @@ def test_fp8_weights_are_emitted_as_the_memory_model_counts_them():
     assert plan.layout.zero == 1 and a.fp8 == "hybrid" and a.fp8_param_gather and a.use_distributed_optimizer
 
 
+def test_bf16_gradients_are_emitted_as_megatron_parses_them():
+    """plan --grad-dtype bf16 counts 2-byte gradients; the script asks Megatron for exactly that
+    (--grad-reduce-in-bf16, which turns accumulate_allreduce_grads_in_fp32 off), and only then."""
+    from planner.stacks import STACKS, with_grad_dtype
+    m, cl = load_model("llama-3-8b"), load_hardware("h100-sxm")
+    stack = with_grad_dtype(STACKS["megatron-core"], "bf16")
+    plan = search(m, cl, 64, fixed=dict(tp=8, precision="bf16"), top=1, stack=stack).best
+    argv = R.emitted_args(emit(plan, m, "megatron", cl, stack=stack)[0])
+    assert R.check(argv, 64) == [] and R.parse(argv).grad_reduce_in_bf16
+    plain = R.emitted_args(emit(plan, m, "megatron", cl)[0])
+    assert not R.parse(plain).grad_reduce_in_bf16
+
+
 def test_rope_base_is_emitted_as_megatron_parses_it():
     a = R.parse(R.emitted_args(_emit("mixtral-8x7b", 64, "h100-sxm", {})[0]))
     assert a.rotary_base == 1_000_000

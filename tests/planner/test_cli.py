@@ -73,6 +73,11 @@ def test_fixed_knobs_are_held(capsys):
     (["--model", "/nonexistent/model.toml", "--gpus", "8"], "no such file"),
     (["--model", "gpt-20b", "--gpus", "64", "--dp", "64", "--micro-batch", "3", "--global-batch", "64"],
      "not divisible"),
+    (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "bf16", "--stack", "torchtitan"],
+     "--grad-dtype is modelled for the megatron-core stack"),
+    (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "fp16"], "invalid choice: 'fp16'"),
+    (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "bf16", "--emit", "deepspeed"],
+     "bf16 gradients (--grad-dtype bf16) cannot be expressed in a deepspeed configuration"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     code, out, err = run(args, capsys)
@@ -95,3 +100,25 @@ def test_console_script_and_models_listing():
     assert r.returncode == 0 and "gb200-nvl72" in r.stdout and "mi300x" in r.stdout
     r = subprocess.run([sys.executable, "-m", "planner", "--model", "nope", "--gpus", "8"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_bf16_gradients_halve_the_gradient_memory_and_are_reported(capsys):
+    """--grad-dtype bf16 (Megatron --grad-reduce-in-bf16): the same layout keeps half the gradient
+    bytes and nothing else changes in memory; JSON says which (grad_dtype), the table's title too."""
+    fixed = ["--model", "gpt-20b", "--gpus", "64", "--tp", "8", "--pp", "1", "--dp", "8", "--cp", "1", "--zero", "1",
+             "--micro-batch", "1",
+             "--recompute", "full", "--precision", "bf16", "--no-sp", "--top", "1", "--format", "json"]
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        code, text, err = run(fixed + ["--grad-dtype", dtype], capsys)
+        assert code == 0, err
+        d = json.loads(text)
+        assert d["grad_dtype"] == dtype
+        out[dtype] = d["layouts"][0]["memory_breakdown_gib"]
+    assert out["bf16"]["gradients"] == pytest.approx(out["fp32"]["gradients"] / 2)
+    assert {k: v for k, v in out["bf16"].items() if k != "gradients"} == pytest.approx(
+        {k: v for k, v in out["fp32"].items() if k != "gradients"})
+    assert json.loads(run(["--model", "gpt-20b", "--gpus", "8", "--top", "1", "--format", "json"],
+                          capsys)[1])["grad_dtype"] == "fp32"
+    code, text, _ = run(["--model", "gpt-20b", "--gpus", "64", "--top", "1", "--grad-dtype", "bf16"], capsys)
+    assert "(megatron-core, bf16 grads)" in text.splitlines()[0]
