@@ -51,8 +51,8 @@ def _range(p) -> str:
 
 
 def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
-    from .stacks import STACKS
-    grads = ", bf16 grads" if stack.name == "megatron-core" and stack.grad_bytes < STACKS[stack.name].grad_bytes else ""
+    from .stacks import grad_dtype
+    grads = ", bf16 grads" if grad_dtype(stack) == "bf16" else ""
     lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}{grads}) | seq {res.seq_len}, "
              f"global batch {res.global_batch} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
              f"{res.search_seconds:.2f} s"]
