@@ -16,6 +16,7 @@ from .cliutil import Parser, UsageError, float_arg, gpus_arg, guarded_main, int_
 
 def build_parser() -> Parser:
     from .layout import CP_COMM, PRECISIONS, RECOMPUTE, SCHEDULES
+    from .stacks import GRAD_DTYPES
     p = Parser(prog="plan", description="Rank distributed-training layouts of a transformer on a GPU cluster.")
     p.add_argument("--model", required=True, help="catalog name (see `plan models`), native .toml/.json model file, "
                                                    "or a Hugging Face config.json")
@@ -27,7 +28,7 @@ def build_parser() -> Parser:
     r.add_argument("--global-batch", type=int_arg("--global-batch"),
                    help="global batch in sequences (default: 4Mi tokens / seq-len)")
     r.add_argument("--precision", choices=PRECISIONS, help="linear-layer precision (default: searched over bf16, fp8)")
-    r.add_argument("--grad-dtype", choices=("fp32", "bf16"),
+    r.add_argument("--grad-dtype", choices=GRAD_DTYPES,
                    help="megatron-core: gradients kept and reduced in bf16 (Megatron --grad-reduce-in-bf16, "
                         "as NVIDIA's performance recipes run) or fp32 (default)")
     d = p.add_argument_group("parallel degrees (given: held; omitted: searched)")

@@ -31,6 +31,7 @@ import shlex
 from .errors import PlannerError
 from .launchline import gpus_per_node, launch_line, node_layout  # noqa: F401 (export's API)
 from .uncertainty import generation_of
+from .stacks import grad_dtype
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
 
@@ -462,7 +463,7 @@ def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_f
     if capacity_factor and fmt != "megatron":
         raise PlannerError(f"--capacity-factor cannot be expressed in a {fmt} configuration (its MoE is "
                            "dropless); emit megatron, or plan without it")
-    grad_bf16 = stack is not None and stack.name == "megatron-core" and stack.grad_bytes == 2
+    grad_bf16 = stack is not None and grad_dtype(stack) == "bf16"
     if grad_bf16 and fmt != "megatron":
         raise PlannerError(f"bf16 gradients (--grad-dtype bf16) cannot be expressed in a {fmt} configuration; "
                            "emit megatron, or plan without --grad-dtype")

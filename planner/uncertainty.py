@@ -10,6 +10,7 @@ percentiles per class key and is written by `python benchmarks/accuracy.py --cro
 from __future__ import annotations
 
 import numpy as np
+
 from .frozen import frozen
 
 # 16: below that a 10th/90th percentile rests on one or two runs (benchmarks/accuracy.py
