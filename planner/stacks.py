@@ -180,7 +180,7 @@ STACKS = {
         expert_tp=False,
         fp8_weight_cache_bytes=0.0, fp8_saved_input_bytes=2.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
         # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
-        # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.5%, 18.4% without)
+        # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.0%, 16.8% without)
         allocator_overhead=0.22,
         source="torchtitan docs/performance.md; factors from benchmarks/fit_efficiency.py"),
     "llm-foundry": Stack(
