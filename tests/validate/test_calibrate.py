@@ -260,6 +260,46 @@ def test_tp_probe_fit_recovers_a_known_host_cost(quick):
     assert f["tp_layer_overhead_s"] == pytest.approx(x0, rel=1e-9) and not f["clamped"]
 
 
+def test_tp_probe_on_shared_cores_is_costed_by_the_ranks_own_thread():
+    """Ranks sharing cores: a TP probe's forward + backward is the calling thread's CPU x ranks per
+    core (gloo's threads run the collectives, which the level fits cost); the process's CPU counted
+    them a second time (two-host run 19: 40.5 ms per TP layer from it, ~11-20 ms in the layouts)."""
+    from validate.calibrate.analyse import _points
+    it = dict(kind="overhead", layers=1, dtype="float32", tp=2)
+    res = [dict(seconds=1.0, cpu_s=0.5, fwd_bwd_s=1.0, fwd_bwd_cpu_s=0.4, fwd_bwd_thread_cpu_s=0.1,
+                opt_s=0.1, opt_cpu_s=0.05)] * 2
+    p = _points([(it, res)], 4.0)["tp_probe"][0]
+    assert p["fwd_bwd_s"] == pytest.approx(0.4) and p["fwd_bwd_basis"] == "thread"
+    # on a device of its own the wall time, as before; points without the thread's CPU: the process's
+    p = _points([(it, res)], 1.0)["tp_probe"][0]
+    assert p["fwd_bwd_s"] == pytest.approx(1.0) and p["fwd_bwd_basis"] == "step"
+    old = [{k: v for k, v in r.items() if k != "fwd_bwd_thread_cpu_s"} for r in res]
+    p = _points([(it, old)], 4.0)["tp_probe"][0]
+    assert p["fwd_bwd_s"] == pytest.approx(1.6) and p["fwd_bwd_basis"] == "step"
+    # the probe without TP keeps the process's CPU (no collectives there)
+    q = _points([(dict(it, tp=1), res)], 4.0)["overhead"][0]
+    assert q["fwd_bwd_s"] == pytest.approx(1.6)
+
+
+def test_tp_probe_fit_by_thread_is_held_to_the_planners_compute_term(quick):
+    """Measured by the rank's own thread, the probe is compared with the planner's compute term
+    alone (no TP collectives): the planner's per-layer time is smaller than the step's and the
+    known host cost still comes back."""
+    from validate.calibrate.profile import fit_tp_probe
+    out, p, _ = quick
+    assert p.returncode == 0
+    d = tomllib.load(open(out, "rb"))
+    pts = [dict(kind="overhead", layers=L, dtype="float32", tp=2, fwd_bwd_s=0.05) for L in (1, 3)]
+    step = fit_tp_probe(d, pts)
+    own = fit_tp_probe(d, [dict(q, fwd_bwd_basis="thread") for q in pts])
+    assert own["basis"] == "thread" and step["basis"] == "step"
+    assert 0 < own["planner_per_layer_s"] < step["planner_per_layer_s"]
+    x0 = 0.0071
+    pts[1]["fwd_bwd_s"] = 0.05 + 2 * (own["planner_per_layer_s"] + 3 * x0)
+    f = fit_tp_probe(d, [dict(q, fwd_bwd_basis="thread") for q in pts])
+    assert f["tp_layer_overhead_s"] == pytest.approx(x0, rel=1e-9) and not f["clamped"]
+
+
 def test_ranks_sharing_cores_get_cpu_costed_collectives():
     from validate.calibrate.analyse import shared_by
     cpu = {"device_type": "cpu", "ranks_per_host": 8, "threads_per_rank": 1, "cpu_cores": 2}

@@ -99,11 +99,16 @@ def _points(items, shared, local=1) -> dict:
             P["memory"].append(dict(it, seconds=s, bytes_moved=res[0]["bytes_moved"],
                                     bytes_per_s=res[0]["bytes_moved"] / s))
         elif k == "overhead":
-            fb, _ = cost(res, "fwd_bwd_s", "fwd_bwd_cpu_s")
+            tp_probe = it.get("tp", 1) > 1
+            # a TP probe on shared cores: the calling thread's CPU alone -- gloo runs the TP
+            # collectives on its own threads while the rank waits, and those are costed by the
+            # network levels' fits, as a layout's are (the process's CPU counted them twice)
+            own = tp_probe and shared > 1 and all(r.get("fwd_bwd_thread_cpu_s") is not None for r in res)
+            fb, _ = cost(res, "fwd_bwd_s", "fwd_bwd_thread_cpu_s" if own else "fwd_bwd_cpu_s")
             ob, _ = cost(res, "opt_s", "opt_cpu_s")
-            where = ("tp_probe" if it.get("tp", 1) > 1 else
-                     "layer_probe" if it.get("hidden") else "overhead")
-            P[where].append(dict(it, seconds=s, fwd_bwd_s=fb, opt_s=ob))
+            where = "tp_probe" if tp_probe else "layer_probe" if it.get("hidden") else "overhead"
+            P[where].append(dict(it, seconds=s, fwd_bwd_s=fb, opt_s=ob,
+                                 **({"fwd_bwd_basis": "thread" if own else "step"} if tp_probe else {})))
     return P
 
 

@@ -204,6 +204,7 @@ class Rank:
         self.progress = progress
         self.cap = available_bytes(device)
         self.last_cpu = None
+        self.last_thread_cpu = None          # the calling thread's alone (gloo runs collectives on its own)
 
     # ---------------------------------------------------------------- timing
     def sync(self):
@@ -241,11 +242,12 @@ class Rank:
         where all of them work to the end, lets them be."""
         reps = self.agreed_reps(self.agreed_estimate(fn, warmup, probe), cap, least)
         self.dist.barrier()
-        c0, t0 = time.process_time(), time.perf_counter()
+        c0, h0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
         for _ in range(reps):
             fn()
         self.sync()
         self.last_cpu = (time.process_time() - c0) / reps
+        self.last_thread_cpu = (time.thread_time() - h0) / reps
         self.dist.barrier()
         return (time.perf_counter() - t0) / reps, reps
 
@@ -258,7 +260,7 @@ class Rank:
             fn()
         self.sync()
         self.dist.barrier()
-        reps, c0, t0 = 0, time.process_time(), time.perf_counter()
+        reps, c0, h0, t0 = 0, time.process_time(), time.thread_time(), time.perf_counter()
         batch = 1
         while True:
             for _ in range(batch):
@@ -271,6 +273,7 @@ class Rank:
             if self.device.type == "cuda":
                 batch = min(batch * 2, 64)
         self.last_cpu = (time.process_time() - c0) / reps
+        self.last_thread_cpu = (time.thread_time() - h0) / reps
         return el / reps, reps
 
     # ---------------------------------------------------------------- items
@@ -386,12 +389,12 @@ class Rank:
         cpu = self.last_cpu
         # forward + backward alone: what the layer probe fits (the optimizer step apart)
         sec_fb, _ = timer(fwd_bwd, warmup=1)
-        cpu_fb = self.last_cpu
+        cpu_fb, thread_fb = self.last_cpu, self.last_thread_cpu
         # and the optimizer step alone (the gradients of the last backward stay in place): timed
         # directly, not as the difference of two noisy step times
         sec_opt, _ = timer(opt.step, warmup=1)
         return dict(seconds=sec, reps=reps, cpu_s=cpu, fwd_bwd_s=sec_fb, fwd_bwd_cpu_s=cpu_fb,
-                    opt_s=sec_opt, opt_cpu_s=self.last_cpu)
+                    fwd_bwd_thread_cpu_s=thread_fb, opt_s=sec_opt, opt_cpu_s=self.last_cpu)
 
     # ---------------------------------------------------------------- collectives
     def _group(self, level, size, stride):

@@ -323,14 +323,20 @@ def _probes(x: _Ctx, d: dict, fits: dict) -> None:
             f"host seconds per tensor-parallel layer forward (backward 2x) of eager DTensor TP (parallel "
             f"styles + SP, as validate runs TP) beyond its kernels and collectives: the tiny transformer's "
             f"forward + backward at tp {tpf['tp']} with 1 and 3 layers, per layer "
-            f"{tpf['measured_per_layer_s']:.4g} s against the planner's {tpf['planner_per_layer_s']:.4g} s "
-            f"without it (kernels, TP collectives on the fitted network), the difference / 3"
+            + (f"{tpf['measured_per_layer_s']:.4g} s of the rank's own thread's CPU (gloo's threads run the "
+               f"TP collectives, costed by the network fits) against the planner's compute term "
+               f"{tpf['planner_per_layer_s']:.4g} s without it" if tpf.get("basis") == "thread" else
+               f"{tpf['measured_per_layer_s']:.4g} s against the planner's {tpf['planner_per_layer_s']:.4g} s "
+               f"without it (kernels, TP collectives on the fitted network)")
+            + ", the difference / 3"
             + ("; measured below the planner's terms, so 0" if tpf["clamped"] else "") + f"; {who}{share}"))
 
 
 def fit_tp_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
     """The host cost per TP-sharded layer that makes the planner's per-layer forward + backward of
-    the tiny probe at tp > 1 equal the measured one (linear: forward 1x, backward 2x)."""
+    the tiny probe at tp > 1 equal the measured one (linear: forward 1x, backward 2x). Measured by
+    the rank's own thread (ranks sharing cores: gloo's threads run the collectives, costed by the
+    levels' fits) it is held to the planner's compute term; else to its step less the optimizer."""
     from planner.profiles import cluster_from_dict
     from planner.layout import Layout
     from .measure import probe_spec
@@ -339,16 +345,19 @@ def fit_tp_probe(d: dict, probe: list, dtype: str = "float32") -> dict:
     by = {p["layers"]: p for p in probe}
     lo_l, hi_l = min(by), max(by)
     tp = by[lo_l]["tp"]
+    own = all(p.get("fwd_bwd_basis") == "thread" for p in probe)
     meas = (by[hi_l]["fwd_bwd_s"] - by[lo_l]["fwd_bwd_s"]) / (hi_l - lo_l)
     lay = Layout(tp=tp, sp=True, micro_batch=1, global_batch=1, seq_len=by[lo_l].get("seq", 16), zero=0)
 
     def step(L):
         p = predict(probe_spec(by[L]), lay, cl, None, dtype)[0]
+        if own:
+            return p.time_breakdown_s.get("compute", 0.0)
         return p.step_time_s - p.time_breakdown_s.get("optimizer", 0.0)
     pred0 = (step(hi_l) - step(lo_l)) / (hi_l - lo_l)
     x = max((meas - pred0) / 3.0, 0.0)
     return {"tp": tp, "tp_layer_overhead_s": x, "measured_per_layer_s": meas, "planner_per_layer_s": pred0,
-            "clamped": meas < pred0}
+            "clamped": meas < pred0, "basis": "thread" if own else "step"}
 
 
 def fit_layer_probe(d: dict, probe: list, dtype: str = "float32") -> dict:

@@ -37,7 +37,8 @@ def summary_table(fits: dict, prov: dict) -> str:
     if fits.get("tp_probe"):
         tq = fits["tp_probe"]
         L.append(f"host overhead per TP layer       {tq['tp_layer_overhead_s'] * 1e3:10.3f} ms       "
-                 f"(tp {tq['tp']}: {tq['measured_per_layer_s'] * 1e3:.1f} ms per layer measured, "
+                 f"(tp {tq['tp']}: {tq['measured_per_layer_s'] * 1e3:.1f} ms per layer measured"
+                 + (" by the rank's own thread" if tq.get("basis") == "thread" else "") + ", "
                  f"{tq['planner_per_layer_s'] * 1e3:.1f} ms planner without it"
                  + ("; measured below the planner: 0" if tq["clamped"] else "") + ")")
     if prov.get("device_type") != "cuda":
