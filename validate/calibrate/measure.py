@@ -203,8 +203,7 @@ class Rank:
         self._chunk = None
         self.progress = progress
         self.cap = available_bytes(device)
-        self.last_cpu = None
-        self.last_thread_cpu = None          # the calling thread's alone (gloo runs collectives on its own)
+        self.last_cpu = self.last_thread_cpu = None   # every thread's; the calling thread's alone
 
     # ---------------------------------------------------------------- timing
     def sync(self):
