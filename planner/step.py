@@ -108,7 +108,7 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     dp = dp_flows(model, lt.groups, k, st.stack, st.eb, prm, np.array([float(len(layers))]),
                   np.array([float(len(rc.moe_layers))]), np.array([first]), np.array([last]))
     rc.add([f for f, _ in dp.per_step])
-    rc.add([f for f, _ in dp.per_mb_f + dp.per_mb_b], nmb)
+    rc.add([f for f, _ in dp.per_mb_f + dp.per_mb_b + dp.serial], nmb)
     rec = Recompute.of(L.recompute)
     for i in layers:
         rows = lt.acts.moe if i >= nd else lt.acts.dense

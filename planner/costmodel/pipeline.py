@@ -50,9 +50,10 @@ class Stage:
 
 
 def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp) -> Stage:
-    """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped."""
+    """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped;
+    gathers no prefetch can issue early (state.unprefetched) never do."""
     dp_mb = np.where(overlap_dp, np.maximum(dp.per_mb_f - sums.fwd, 0.0)
-                     + np.maximum(dp.per_mb_b - sums.bwd - sums.rc, 0.0), dp.per_mb_f + dp.per_mb_b)
+                     + np.maximum(dp.per_mb_b - sums.bwd - sums.rc, 0.0), dp.per_mb_f + dp.per_mb_b) + dp.serial
     return Stage(sums, params, dp, dp_mb,
                  sums.fwd + sums.bwd + sums.rc + sums.tp + sums.cp + sums.ep + dp_mb)
 

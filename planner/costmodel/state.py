@@ -9,6 +9,7 @@ import numpy as np
 
 from ..model_spec import ModelSpec
 from ..stacks import Stack
+from .. import flops as F
 from . import shapes as S
 from . import traffic as X
 from .elements import ElementBytes
@@ -101,6 +102,7 @@ class DpTimes(Record):
     per_step: np.ndarray       # once per step (ZeRO 0-1 reduction, ZeRO 1-2 parameter gather)
     per_mb_f: np.ndarray       # per micro-batch before forward (ZeRO-3 gather)
     per_mb_b: np.ndarray       # per micro-batch in backward (ZeRO-2/3 reduce-scatter, ZeRO-3 re-gather)
+    serial: np.ndarray         # per micro-batch, ZeRO-3 gathers no prefetch hides (unprefetched)
 
 
 @record
@@ -109,6 +111,28 @@ class DpFlows:
     per_step: list
     per_mb_f: list
     per_mb_b: list
+    serial: list               # per micro-batch, back to back with compute (unprefetched)
+
+
+def unprefetched(model: ModelSpec, tp, max_live: float) -> tuple:
+    """(forward, backward) fractions of a layer's ZeRO-3 gather that DeepSpeed cannot prefetch. It
+    prefetches a module's parameters while the module before it in the pass computes, but only
+    while fewer than stage3_max_live_parameters elements are gathered
+    (deepspeed/runtime/zero/partitioned_param_coordinator.py fetch_sub_module: max_params_to_prefetch
+    = min(max_n_available_params - n_available_params, prefetch_bucket_sz)): behind a module of that
+    size or more the next one is gathered on demand. Modules as Megatron-DeepSpeed fuses them (QKV,
+    attention out, fc1 with the gate, fc2), each a TP shard; an MoE layer's experts are counted as
+    its dense MLP. 0 for stacks without the limit (FSDP prefetches the next unit whatever its size)."""
+    if not np.isfinite(max_live):
+        return 0.0, 0.0
+    a, mlp = F.attention_gemm_flops(model, 0.5), F.mlp_flops(model, 0.5)        # FLOPs of 1/2 token = params
+    mm = model.mlp_matrices
+    mods = [a["attn_qkv"] / tp, a["attn_out"] / tp, mlp * (mm - 1) / mm / tp, mlp / mm / tp]   # forward order
+    big = [m >= max_live for m in mods]
+    total = sum(mods)
+    fwd = sum(m * big[i - 1] for i, m in enumerate(mods)) / total               # behind its predecessor
+    bwd = sum(m * big[(i + 1) % len(mods)] for i, m in enumerate(mods)) / total  # backward runs in reverse
+    return fwd, bwd
 
 
 def _buckets(n, chunks, dpcp):
@@ -164,7 +188,7 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
     units = np.maximum(layers, 1.0)
     experts = (pe > 0) * nmoe
     masks = {}
-    step, mb_f, mb_b = (_Flows(k.zero, k.zero_values, masks) for _ in range(3))
+    step, mb_f, mb_b, serial = (_Flows(k.zero, k.zero_values, masks) for _ in range(4))
     # SP norm gradients: one coalesced call per step over every model chunk; under ZeRO-2 each
     # chunk's after each of its micro-batch backwards
     step.add((0, 1, 3), k.sp, "tp", "all_reduce", 1.0, lambda: prm.norms * gr, "tp_ar")
@@ -184,15 +208,18 @@ def dp_flows(model: ModelSpec, g, k, stack: Stack, eb: ElementBytes, prm: StageP
              "eshard_ag")
     # ZeRO-3 moves the padded shards (shapes.py): shard x what one rank allocates
     zd, zr, ze = prm.shard_dense * g.shard, prm.shard_root * g.shard, prm.shard_expert * g.eshard
-    mb_f.add((3,), 1.0, "dp", "all_gather", units + 1, lambda: zd * pg / (units + 1), "shard_ag")
+    xf, xb = unprefetched(model, k.tp, stack.zero3_max_live_params)
+    mb_f.add((3,), 1.0 - xf, "dp", "all_gather", units + 1, lambda: zd * pg / (units + 1), "shard_ag")
+    serial.add((3,), xf, "dp", "all_gather", units + 1, lambda: zd * pg / (units + 1), "shard_ag")
     mb_f.add((3,), 1.0, "edp", "all_gather", experts, lambda: ze * pg / np.maximum(nmoe, 1), "eshard_ag")
     regather = float(bool(stack.fsdp_regather_backward))
-    mb_b.add((3,), regather, "dp", "all_gather", units, lambda: (zd - zr) * pg / units, "shard_ag")
+    mb_b.add((3,), regather * (1.0 - xb), "dp", "all_gather", units, lambda: (zd - zr) * pg / units, "shard_ag")
+    serial.add((3,), regather * xb, "dp", "all_gather", units, lambda: (zd - zr) * pg / units, "shard_ag")
     mb_b.add((3,), regather, "edp", "all_gather", experts, lambda: ze * pg / np.maximum(nmoe, 1), "eshard_ag")
     mb_b.add((3,), 1.0, "dp", "reduce_scatter", units + 1, lambda: zd * gr / (units + 1), "shard_rs")
     mb_b.add((3,), 1.0, "edp", "reduce_scatter", experts, lambda: ze * gr / np.maximum(nmoe, 1), "eshard_rs")
     mb_b.add((3,), g.shard < g.dpcp, "dp", "all_reduce", 1.0, lambda: prm.shard_dense * gr, "repl_ar")
-    return DpFlows(step, mb_f, mb_b)
+    return DpFlows(step, mb_f, mb_b, serial)
 
 
 def flows_seconds(g, flows) -> np.ndarray:
@@ -204,4 +231,5 @@ def flows_seconds(g, flows) -> np.ndarray:
 def dp_times(model, g, k, stack: Stack, eb: ElementBytes, prm: StageParams, layers, nmoe, first, last) -> DpTimes:
     """Seconds of dp_flows on the DP groups g (comm.DpGroups)."""
     fl = dp_flows(model, g, k, stack, eb, prm, layers, nmoe, first, last)
-    return DpTimes(flows_seconds(g, fl.per_step), flows_seconds(g, fl.per_mb_f), flows_seconds(g, fl.per_mb_b))
+    return DpTimes(flows_seconds(g, fl.per_step), flows_seconds(g, fl.per_mb_f), flows_seconds(g, fl.per_mb_b),
+                   flows_seconds(g, fl.serial))

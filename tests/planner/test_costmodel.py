@@ -270,3 +270,35 @@ def test_records_are_frozen_typed_and_gather_by_candidate():
     assert t.a.tolist() == [2.0, 0.0] and t.b.tolist() == [20.0, 0.0] and t.c is None
     both = R.concat([r, t])
     assert both.a.tolist() == [0.0, 1.0, 2.0, 2.0, 0.0]
+
+
+def test_deepspeed_gathers_behind_modules_over_max_live_parameters_are_not_prefetched():
+    """DeepSpeed prefetches a module's ZeRO-3 parameters during the previous module only while
+    fewer than stage3_max_live_parameters (1e9) are gathered: GPT-530B's QKV (1.26e9) and fc1/fc2
+    (1.68e9 each) block the prefetch of the module after them; GPT-175B's linears (<= 6.0e8) never do."""
+    from planner.costmodel.state import unprefetched
+    big, small = load_model("gpt-530b"), load_model("gpt-175b")
+    h = big.hidden
+    fwd, bwd = unprefetched(big, np.array([1.0]), 1e9)
+    # forward: out (behind QKV), fc2 (behind fc1), next QKV (behind fc2); backward: fc1, out, fc2
+    assert fwd[0] == pytest.approx((h * h + 4 * h * h + 3 * h * h) / (12 * h * h), rel=1e-3)
+    assert bwd[0] == pytest.approx((4 * h * h + h * h + 4 * h * h) / (12 * h * h), rel=1e-3)
+    assert unprefetched(small, np.array([1.0]), 1e9)[0][0] == 0.0
+    assert unprefetched(big, np.array([8.0]), 1e9)[0][0] == 0.0     # TP shards are small enough
+    assert unprefetched(big, np.array([1.0]), float("inf")) == (0.0, 0.0)
+
+
+def test_unprefetched_gathers_add_to_the_step_without_changing_the_bytes_moved():
+    """The same ZeRO-3 traffic, but the part DeepSpeed cannot prefetch is paid in full: the step is
+    longer under 'deepspeed' than with the limit lifted, by at most that traffic's time."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    from planner.stacks import STACKS
+    a100 = load_hardware("a100-sxm-80gb")
+    m = load_model("gpt-530b")
+    L = Layout(dp=640, micro_batch=4, global_batch=2560, seq_len=2048, zero=3, recompute="full", precision="fp16")
+    ds = STACKS["deepspeed"]
+    lifted = dataclasses.replace(ds, zero3_max_live_params=float("inf"))
+    got, free = evaluate_layout(m, a100, L, stack=ds), evaluate_layout(m, a100, L, stack=lifted)
+    assert got.time_breakdown_s["compute"] == pytest.approx(free.time_breakdown_s["compute"])
+    assert got.time_breakdown_s["dp_comm"] > free.time_breakdown_s["dp_comm"] * 1.5
