@@ -31,7 +31,8 @@ import shlex
 from .errors import PlannerError
 from .launchline import gpus_per_node, launch_line, node_layout  # noqa: F401 (export's API)
 from .uncertainty import generation_of
-from .stacks import grad_dtype
+from .costmodel.elements import fp8_params
+from .stacks import STACKS, grad_dtype
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
 
@@ -284,8 +285,8 @@ def _megatron_run(a: _Args, L, model) -> None:
         add("--bf16")
         if L.precision == "fp8":
             add("--fp8-format", "hybrid")
-            if L.zero >= 1:       # weights kept in fp8 only, as the memory model counts them
-                add("--fp8-param-gather")       # (stacks.Stack.fp8_param_gather, costmodel.elements.fp8_params)
+            if fp8_params(STACKS["megatron-core"], L.to_candidates())[0]:   # the memory model's rule
+                add("--fp8-param-gather")
     # a runnable benchmark: synthetic data, a null tokenizer of the model's vocabulary
     add("--mock-data")
     add("--tokenizer-type", "NullTokenizer")

@@ -37,14 +37,19 @@ def shared_by(prov) -> float:
     return max(ranks * prov.get("threads_per_rank", 1) / cores, 1.0)
 
 
+def by_cpu(res, shared: float, cpu_key="cpu_s") -> bool:
+    """Whether item_cost costs these results by CPU seconds: ranks share cores and every rank
+    measured `cpu_key`."""
+    return shared > 1 and bool(res) and all(r.get(cpu_key) is not None for r in res)
+
+
 def item_cost(res, shared: float, wall_key="seconds", cpu_key="cpu_s"):
     """(seconds, per-rank seconds) of a compute item from its ranks' results: on ranks sharing
     cores, each rank's CPU seconds x ranks per core (what the item takes from a machine every rank
     keeps busy; a rank's wall clock depends on when the others stop); else the ranks' median wall
     time."""
-    cpu = [r[cpu_key] for r in res if r.get(cpu_key) is not None]
-    if shared > 1 and cpu and len(cpu) == len(res):
-        per = [c * shared for c in cpu]
+    if by_cpu(res, shared, cpu_key):
+        per = [r[cpu_key] * shared for r in res]
         return sum(per) / len(per), per
     per = [r[wall_key] for r in res if r.get(wall_key) is not None]
     return (median(per) if per else None), per
@@ -103,7 +108,7 @@ def _points(items, shared, local=1) -> dict:
             # a TP probe on shared cores: the calling thread's CPU alone -- gloo runs the TP
             # collectives on its own threads while the rank waits, and those are costed by the
             # network levels' fits, as a layout's are (the process's CPU counted them twice)
-            own = tp_probe and shared > 1 and all(r.get("fwd_bwd_thread_cpu_s") is not None for r in res)
+            own = tp_probe and by_cpu(res, shared, "fwd_bwd_thread_cpu_s")
             fb, _ = cost(res, "fwd_bwd_s", "fwd_bwd_thread_cpu_s" if own else "fwd_bwd_cpu_s")
             ob, _ = cost(res, "opt_s", "opt_cpu_s")
             where = "tp_probe" if tp_probe else "layer_probe" if it.get("hidden") else "overhead"

@@ -319,16 +319,15 @@ def _probes(x: _Ctx, d: dict, fits: dict) -> None:
     if len({p["layers"] for p in tprobe}) >= 2 and all(p.get("fwd_bwd_s") for p in tprobe):
         tpf = fit_tp_probe(d, tprobe)
         fits["tp_probe"] = tpf
+        of, term = (("of the rank's own thread's CPU (gloo's threads run the TP collectives, costed by the "
+                     "network fits) ", "compute term"), ("", "step less its optimizer (kernels, TP collectives "
+                     "on the fitted network)"))[tpf.get("basis") != "thread"]
         eff["tp_layer_overhead"] = _num(tpf["tp_layer_overhead_s"], (
             f"host seconds per tensor-parallel layer forward (backward 2x) of eager DTensor TP (parallel "
             f"styles + SP, as validate runs TP) beyond its kernels and collectives: the tiny transformer's "
             f"forward + backward at tp {tpf['tp']} with 1 and 3 layers, per layer "
-            + (f"{tpf['measured_per_layer_s']:.4g} s of the rank's own thread's CPU (gloo's threads run the "
-               f"TP collectives, costed by the network fits) against the planner's compute term "
-               f"{tpf['planner_per_layer_s']:.4g} s without it" if tpf.get("basis") == "thread" else
-               f"{tpf['measured_per_layer_s']:.4g} s against the planner's {tpf['planner_per_layer_s']:.4g} s "
-               f"without it (kernels, TP collectives on the fitted network)")
-            + ", the difference / 3"
+            f"{tpf['measured_per_layer_s']:.4g} s {of}against the planner's {term} "
+            f"{tpf['planner_per_layer_s']:.4g} s without it, the difference / 3"
             + ("; measured below the planner's terms, so 0" if tpf["clamped"] else "") + f"; {who}{share}"))
 
 
