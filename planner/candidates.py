@@ -255,18 +255,20 @@ def iter_candidates(ctx: Context, fixed: dict, overlap: dict | None = None, chun
 
 
 def _rank_table(deg: dict, pipe: dict, pairs, lk: dict, steps: dict, fixed: dict) -> tuple:
-    """(table, index function): the distinct (degree row, pipeline knobs, SP, ZeRO stage) rows the
-    cost model's per-rank phase reads (costmodel/ranks.py), and a candidate's row from its pair,
-    layer-knob row and step-knob row."""
+    """(table, index function): the distinct (degree row, pipeline knobs, SP, precision, ZeRO
+    stage) rows the cost model's per-rank phase reads (costmodel/ranks.py), and a candidate's row
+    from its pair, layer-knob row and step-knob row."""
     di, pi, first, last = pairs
-    svals, sidx = np.unique(lk["sp"], return_inverse=True)
+    sp_prec = np.stack([lk["sp"].astype(np.int64), lk["precision"].astype(np.int64)], axis=1)
+    svals, sidx = np.unique(sp_prec, axis=0, return_inverse=True)
+    sidx = sidx.ravel()
     zvals, zidx = np.unique(steps["zero"], return_inverse=True)
     v, s, z = (x.ravel() for x in np.meshgrid(np.arange(len(di)), np.arange(len(svals)), np.arange(len(zvals)),
                                               indexing="ij"))
     d = di[v]
     table = {k: deg[k][d] for k in ("tp", "pp", "dp", "cp", "ep", "etp")}
-    table.update(vpp=pipe["vpp"][pi[v]], sp=svals[s], zero=zvals[z], first_stage_layers=first[v],
-                 last_stage_layers=last[v], layer_row=d * len(lk["sp"]))
+    table.update(vpp=pipe["vpp"][pi[v]], sp=svals[s, 0].astype(bool), precision=svals[s, 1].astype(np.int8),
+                 zero=zvals[z], first_stage_layers=first[v], last_stage_layers=last[v], layer_row=d * len(lk["sp"]))
     ns, nz = len(svals), len(zvals)
     return table, lambda pair, lsel, srow: (pair * ns + sidx[lsel]) * nz + zidx[srow]
 

@@ -126,6 +126,9 @@ class Stack:
     # the distributed optimizer or FSDP). Memory only: its parameter all-gather is still costed in
     # 16 bits (the per-rank phase does not see the precision; a conservative time)
     fp8_param_gather: bool = False
+    # under --fp16 gradients are held and reduced in fp16 (Megatron-LM arguments.py sets
+    # accumulate_allreduce_grads_in_fp32 only under --bf16; DDP's grad_reduce_in_fp32 follows it)
+    fp16_grads: bool = False
     # ZeRO-3 as FSDP2 with MixedPrecisionPolicy: the sharded fp32 parameters are the master copy
     # (4 B weights + 8 B Adam moments per sharded element, no separate master)
     fsdp_fp32_params: bool = False
@@ -154,6 +157,7 @@ STACKS = {
         schedules=("1f1b", "interleaved"),   # pipeline_parallel/schedules.py get_forward_backward_func
         cp_comms=("p2p", "allgather", "a2a"),  # --cp-comm-type p2p | all_gather | a2a
         fp8_param_gather=True,               # its fp8 recipes' setting (Stack.fp8_param_gather)
+        fp16_grads=True,                     # Stack.fp16_grads (export: no --grad-reduce-in-bf16 needed)
         source="reference stack; efficiencies live in the hardware profile"),
     "megatron-2021": Stack(
         "megatron-2021",

@@ -20,6 +20,7 @@ from .costmodel.elements import ElementBytes
 from .costmodel.footprint import model_states
 from .costmodel.knobs import LayerKnobs, StepKnobs
 from .costmodel.shapes import DIM0
+from .costmodel.elements import with_grads_of
 from .costmodel.state import dp_flows, stage_params
 from .layout import Layout, Recompute
 from .model_spec import ModelSpec
@@ -93,19 +94,20 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     rc = RankCounts(stage=r, chunks=chunks, layers=layers, moe_layers=[i for i in layers if i >= nd])
     first, last = r == 0, r == L.pp - 1
     nmb = L.global_batch // (L.dp * L.micro_batch)
+    eb = with_grads_of(st.eb, st.stack, k.precision)
     _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last, st.stack.selective)
     nl, nd_ = np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))])
     shards, rule = (lt.groups.shard, lt.groups.eshard), st.stack.zero3_padding
     prm = stage_params(model, k, nl, nd_, np.array([first]), np.array([last]), shards, rule)
     rc.params = {"dense": float(prm.dense[0]), "expert": float(prm.expert[0])}
-    w, g, o = model_states(prm, lt.groups, k.zero, st.eb)
+    w, g, o = model_states(prm, lt.groups, k.zero, eb)
     rc.state = {"weights": float(w[0]), "gradients": float(g[0]), "optimizer": float(o[0])}
     if L.zero == 3 and rule == DIM0:
         rc.optimizer_by_shard_rank = [
             float(model_states(stage_params(model, k, nl, nd_, np.array([first]), np.array([last]), shards, rule, i),
-                               lt.groups, k.zero, st.eb)[2][0]) for i in range(int(lt.groups.shard[0]))]
-    _layer_collectives(rc, model, st.eb, lk, L, nmb, st.routed_load(lk), first, last)
-    dp = dp_flows(model, lt.groups, k, st.stack, st.eb, prm, np.array([float(len(layers))]),
+                               lt.groups, k.zero, eb)[2][0]) for i in range(int(lt.groups.shard[0]))]
+    _layer_collectives(rc, model, eb, lk, L, nmb, st.routed_load(lk), first, last)
+    dp = dp_flows(model, lt.groups, k, st.stack, eb, prm, np.array([float(len(layers))]),
                   np.array([float(len(rc.moe_layers))]), np.array([first]), np.array([last]))
     rc.add([f for f, _ in dp.per_step])
     rc.add([f for f, _ in dp.per_mb_f + dp.per_mb_b + dp.serial], nmb)

@@ -39,6 +39,18 @@ class ElementBytes:
                             optimizer=(2 if zero == 3 else 3) * e)
 
 
+def with_grads_of(eb: ElementBytes, stack, precision) -> ElementBytes:
+    """eb with 16-bit gradients, held and reduced, for the candidates in fp16 where the stack keeps
+    them so (Stack.fp16_grads: Megatron's arguments.py forces fp32 gradient accumulation and
+    all-reduce only under --bf16; under --fp16 the DDP gradient buffer has the parameters' dtype)."""
+    half = (np.asarray(precision) == Precision.FP16) & stack.fp16_grads
+    if not np.any(half):
+        return eb
+    return ElementBytes(act=eb.act, stat=eb.stat, weight=eb.weight, grad=np.where(half, 2.0, eb.grad),
+                        grad_reduce=np.where(half, 2.0, eb.grad_reduce), param_gather=eb.param_gather,
+                        optimizer=eb.optimizer, fsdp_master=eb.fsdp_master)
+
+
 def fp8_params(stack, k) -> np.ndarray:
     """Candidates whose weights live in fp8, 1 byte each (Stack.fp8_param_gather):
     fp8 with a sharded optimizer, the only case Megatron accepts --fp8-param-gather in

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .elements import ElementBytes
+from .elements import ElementBytes, with_grads_of
 from .footprint import layer_elements, model_states, prefetch_bytes
 from .records import Record, record
 from .stages import StageSplit, stage_split
@@ -48,6 +48,7 @@ class RankKnobs:
     etp: np.ndarray
     vpp: np.ndarray
     sp: np.ndarray
+    precision: np.ndarray      # Precision codes (16-bit gradients under --fp16: elements.with_grads_of)
     zero: np.ndarray
     zero_values: tuple
     first_given: np.ndarray
@@ -59,7 +60,8 @@ class RankKnobs:
         f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
         tp = f(cols["tp"])
         return RankKnobs(tp=tp, pp=f(cols["pp"]), ep=f(cols["ep"]), etp=f(cols["etp"]), vpp=f(cols["vpp"]),
-                         sp=np.asarray(cols["sp"], bool) & (tp > 1), zero=np.asarray(cols["zero"]),
+                         sp=np.asarray(cols["sp"], bool) & (tp > 1), precision=np.asarray(cols["precision"]),
+                         zero=np.asarray(cols["zero"]),
                          zero_values=_values(cols["zero"]), first_given=f(cols["first_stage_layers"]),
                          last_given=f(cols["last_stage_layers"]))
 
@@ -67,6 +69,7 @@ class RankKnobs:
 def rank_terms(model, stack, eb: ElementBytes, groups, k: RankKnobs) -> RankTerms:
     """Phase 4 for the first, a middle and the last pipeline rank of every row."""
     split = stage_split(model, k)
+    eb = with_grads_of(eb, stack, k.precision)
     only = k.pp == 1
     spec = ((split.first, split.dense_first, True, only), (split.mid, split.dense_mid, False, False),
             (split.last, split.dense_last, False, k.pp > 1))

@@ -108,3 +108,29 @@ def test_fp8_grouped_gemm_inputs_are_kept_in_one_byte():
     routed = T / tp * 8
     assert float(bf16) == float(M.moe_activation_bytes(m, T, tp, np.array(True), etp=etp))
     assert float(bf16 - fp8) == routed * (etp * m.hidden + 768)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_megatron_keeps_and_reduces_fp16_gradients_in_fp16(zero):
+    """Under --fp16 Megatron's gradient buffer has the parameters' dtype (arguments.py forces fp32
+    accumulation only under --bf16): 2 bytes of gradient per parameter where bf16 holds 4, and half
+    the DP reduction traffic; the search (rank tables) and one layout agree."""
+    from planner.engine import evaluate_layout, search
+    from planner.layout import Layout
+    from planner.model_io import load_model
+    from planner.profiles import load_hardware
+    m, cl = load_model("gpt-3.6b"), load_hardware("a100-sxm-80gb")
+    got = {}
+    for prec in ("bf16", "fp16"):
+        L = Layout(tp=2, dp=4, micro_batch=1, global_batch=32, seq_len=2048, zero=zero, precision=prec,
+                   overlap_dp=False)          # the whole reduction exposed, to compare its bytes
+        one = evaluate_layout(m, cl, L)
+        res = search(m, cl, 8, seq_len=2048, global_batch=32, top=1, precisions=[prec],
+                     fixed=dict(tp=2, pp=1, dp=4, micro_batch=1, zero=zero, recompute="none", sp=False),
+                     overlap={"overlap_dp": False})
+        assert res.best.memory_breakdown_gib["gradients"] == pytest.approx(one.memory_breakdown_gib["gradients"])
+        got[prec] = one
+    g = {p: got[p].memory_breakdown_gib["gradients"] for p in got}
+    assert g["fp16"] == pytest.approx(g["bf16"] / 2, rel=1e-6)
+    dp = {p: got[p].time_breakdown_s["dp_comm"] for p in got}
+    assert dp["fp16"] < dp["bf16"]
