@@ -401,6 +401,8 @@ def deepspeed_config(plan, model) -> dict:
             "reduce_scatter": True, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
     if L.zero == 3:
         zero["stage3_prefetch_bucket_size"] = 50_000_000
+        # the cap the planner's DeepSpeed stack times and sizes with (state.unprefetched, footprint.prefetch_bytes)
+        zero["stage3_max_live_parameters"] = int(STACKS["deepspeed"].zero3_max_live_params)
         zero["stage3_param_persistence_threshold"] = 100_000
     cfg["zero_optimization"] = zero
     if L.recompute != "none":

@@ -33,7 +33,8 @@ DS_TOP = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumu
           "steps_per_print", "wall_clock_breakdown", "bf16", "fp16", "zero_optimization",
           "activation_checkpointing", "pipeline", "tensor_parallel", "sequence_parallel_size"}
 DS_ZERO = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size",
-           "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
+           "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+           "stage3_max_live_parameters"}
 
 H100 = load_hardware("h100-sxm")
 NVL72 = load_hardware("gb200-nvl72")
