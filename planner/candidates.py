@@ -16,7 +16,7 @@ import numpy as np
 from . import rules
 from .arrays import distinct
 from .errors import PlannerError
-from .layout import CP_COMM, RECOMPUTE, SCHEDULES, Candidates
+from .layout import CP_COMM, RECOMPUTE, SCHEDULES, Candidates, Precision
 from .rules import Context, divisors
 from .frozen import frozen
 
@@ -255,21 +255,21 @@ def iter_candidates(ctx: Context, fixed: dict, overlap: dict | None = None, chun
 
 
 def _rank_table(deg: dict, pipe: dict, pairs, lk: dict, steps: dict, fixed: dict) -> tuple:
-    """(table, index function): the distinct (degree row, pipeline knobs, SP, precision, ZeRO
-    stage) rows the cost model's per-rank phase reads (costmodel/ranks.py), and a candidate's row
-    from its pair, layer-knob row and step-knob row."""
+    """(table, index function): the distinct (degree row, pipeline knobs, SP, fp16 or not, ZeRO
+    stage) rows the cost model's per-rank phase reads (costmodel/ranks.py; of the precision it
+    reads only whether gradients may be 16-bit), and a candidate's row from its pair, layer-knob
+    row and step-knob row."""
     di, pi, first, last = pairs
-    sp_prec = np.stack([lk["sp"].astype(np.int64), lk["precision"].astype(np.int64)], axis=1)
-    svals, sidx = np.unique(sp_prec, axis=0, return_inverse=True)
-    sidx = sidx.ravel()
+    key = lk["sp"].astype(np.int64) * 2 + (lk["precision"] == Precision.FP16)
+    kvals, sidx = np.unique(key, return_inverse=True)
     zvals, zidx = np.unique(steps["zero"], return_inverse=True)
-    v, s, z = (x.ravel() for x in np.meshgrid(np.arange(len(di)), np.arange(len(svals)), np.arange(len(zvals)),
+    v, s, z = (x.ravel() for x in np.meshgrid(np.arange(len(di)), np.arange(len(kvals)), np.arange(len(zvals)),
                                               indexing="ij"))
     d = di[v]
     table = {k: deg[k][d] for k in ("tp", "pp", "dp", "cp", "ep", "etp")}
-    table.update(vpp=pipe["vpp"][pi[v]], sp=svals[s, 0].astype(bool), precision=svals[s, 1].astype(np.int8),
+    table.update(vpp=pipe["vpp"][pi[v]], sp=kvals[s] // 2 == 1, fp16=kvals[s] % 2 == 1,
                  zero=zvals[z], first_stage_layers=first[v], last_stage_layers=last[v], layer_row=d * len(lk["sp"]))
-    ns, nz = len(svals), len(zvals)
+    ns, nz = len(kvals), len(zvals)
     return table, lambda pair, lsel, srow: (pair * ns + sidx[lsel]) * nz + zidx[srow]
 
 

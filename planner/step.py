@@ -16,13 +16,12 @@ from . import rules
 from .costmodel import LayerCache, Settings
 from .costmodel import traffic as X
 from .costmodel.compute import ATTN_BWD_FACTOR
-from .costmodel.elements import ElementBytes
+from .costmodel.elements import ElementBytes, with_grads_of
 from .costmodel.footprint import model_states
 from .costmodel.knobs import LayerKnobs, StepKnobs
 from .costmodel.shapes import DIM0
-from .costmodel.elements import with_grads_of
 from .costmodel.state import dp_flows, stage_params
-from .layout import Layout, Recompute
+from .layout import Layout, Precision, Recompute
 from .model_spec import ModelSpec
 from .stacks import STACKS, Stack
 
@@ -94,7 +93,7 @@ def _rank(model, L: Layout, st: Settings, lt, lk, k, r: int, chunks) -> RankCoun
     rc = RankCounts(stage=r, chunks=chunks, layers=layers, moe_layers=[i for i in layers if i >= nd])
     first, last = r == 0, r == L.pp - 1
     nmb = L.global_batch // (L.dp * L.micro_batch)
-    eb = with_grads_of(st.eb, st.stack, k.precision)
+    eb = with_grads_of(st.eb, st.stack, k.precision == Precision.FP16)
     _flops(rc, lt, L, nmb, len(layers), len(rc.moe_layers), last, st.stack.selective)
     nl, nd_ = np.array([float(len(layers))]), np.array([float(len(layers) - len(rc.moe_layers))])
     shards, rule = (lt.groups.shard, lt.groups.eshard), st.stack.zero3_padding

@@ -39,11 +39,12 @@ class ElementBytes:
                             optimizer=(2 if zero == 3 else 3) * e)
 
 
-def with_grads_of(eb: ElementBytes, stack, precision) -> ElementBytes:
-    """eb with 16-bit gradients, held and reduced, for the candidates in fp16 where the stack keeps
-    them so (Stack.fp16_grads: Megatron's arguments.py forces fp32 gradient accumulation and
-    all-reduce only under --bf16; under --fp16 the DDP gradient buffer has the parameters' dtype)."""
-    half = (np.asarray(precision) == Precision.FP16) & stack.fp16_grads
+def with_grads_of(eb: ElementBytes, stack, fp16) -> ElementBytes:
+    """eb with 16-bit gradients, held and reduced, for the candidates in fp16 (`fp16`: a mask)
+    where the stack keeps them so (Stack.fp16_grads: Megatron's arguments.py forces fp32 gradient
+    accumulation and all-reduce only under --bf16; under --fp16 the DDP gradient buffer has the
+    parameters' dtype)."""
+    half = np.asarray(fp16, bool) & stack.fp16_grads
     if not np.any(half):
         return eb
     return ElementBytes(act=eb.act, stat=eb.stat, weight=eb.weight, grad=np.where(half, 2.0, eb.grad),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..layout import Precision
 from .elements import ElementBytes, with_grads_of
 from .footprint import layer_elements, model_states, prefetch_bytes
 from .records import Record, record
@@ -48,7 +49,7 @@ class RankKnobs:
     etp: np.ndarray
     vpp: np.ndarray
     sp: np.ndarray
-    precision: np.ndarray      # Precision codes (16-bit gradients under --fp16: elements.with_grads_of)
+    fp16: np.ndarray           # in fp16: gradients may be 16-bit (elements.with_grads_of)
     zero: np.ndarray
     zero_values: tuple
     first_given: np.ndarray
@@ -60,7 +61,8 @@ class RankKnobs:
         f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
         tp = f(cols["tp"])
         return RankKnobs(tp=tp, pp=f(cols["pp"]), ep=f(cols["ep"]), etp=f(cols["etp"]), vpp=f(cols["vpp"]),
-                         sp=np.asarray(cols["sp"], bool) & (tp > 1), precision=np.asarray(cols["precision"]),
+                         sp=np.asarray(cols["sp"], bool) & (tp > 1),
+                         fp16=np.asarray(cols["fp16"] if "fp16" in cols else cols["precision"] == Precision.FP16),
                          zero=np.asarray(cols["zero"]),
                          zero_values=_values(cols["zero"]), first_given=f(cols["first_stage_layers"]),
                          last_given=f(cols["last_stage_layers"]))
@@ -69,7 +71,7 @@ class RankKnobs:
 def rank_terms(model, stack, eb: ElementBytes, groups, k: RankKnobs) -> RankTerms:
     """Phase 4 for the first, a middle and the last pipeline rank of every row."""
     split = stage_split(model, k)
-    eb = with_grads_of(eb, stack, k.precision)
+    eb = with_grads_of(eb, stack, k.fp16)
     only = k.pp == 1
     spec = ((split.first, split.dense_first, True, only), (split.mid, split.dense_mid, False, False),
             (split.last, split.dense_last, False, k.pp > 1))
