@@ -165,6 +165,19 @@ def _tail(path: Path, n=4000) -> str:
     return "\n".join(lines)[-n:]
 
 
+PEER_GONE = ("connection closed by peer", "connection reset", "broken pipe")   # gloo / TCP, lower case
+
+
+def _root_cause(bad: list, errs: list) -> tuple:
+    """(rank, exit code) that took the run down, of the ranks that ended badly: a rank that dies
+    takes its peers down with gloo's 'connection closed by peer' / 'connection reset' errors,
+    which may end within the same poll -- so a rank killed by a signal first, then one whose own
+    last error is not a lost peer, then the lowest rank."""
+    def peer_gone(r):
+        return any(p in _tail(errs[r]).lower() for p in PEER_GONE)
+    return min(bad, key=lambda rc: (rc[1] >= 0, peer_gone(rc[0]), rc[0]))
+
+
 def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_start=None, *,
            module: str = "validate.worker", job_extra: dict | None = None, on_poll=None,
            where=None):
@@ -205,11 +218,8 @@ def launch(scenarios: list, nprocs: int, timeout: float, threads: int = 1, on_st
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
                 time.sleep(0.2)
-                # the root cause first: a rank killed by a signal takes its peers down with
-                # "connection reset" errors, which may be seen in the same poll, before it
                 codes = [p.poll() for p in procs]
-                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)] or bad
-                r, c = min(bad, key=lambda rc: (rc[1] >= 0, rc[0]))
+                r, c = _root_cause([(r, c) for r, c in enumerate(codes) if c not in (None, 0)] or bad, errs)
                 _kill_all(procs)
                 how = f"was killed by signal {-c}" if c < 0 else f"exited with status {c}"
                 last = _tail(errs[r]).splitlines()[-1] if _tail(errs[r]) else "no output"

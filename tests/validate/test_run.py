@@ -405,3 +405,18 @@ def test_expert_tp_is_refused_where_gloo_cannot_run_it():
         api.supported(MOE_NB, L(dp=4, ep=2, etp=2, global_batch=8))
     with pytest.raises(PlannerError, match="linear biases"):
         api.supported(dataclasses.replace(MOE, bias=True), L(dp=4, ep=2, etp=2, global_batch=8), 1.0, True)
+
+
+def test_the_rank_that_died_is_named_not_the_peer_that_lost_it(tmp_path):
+    """Rank 1 exits (status 9) and rank 0 fails on gloo's 'connection closed by peer' within the same
+    poll (seen in a clean-clone CI rehearsal): the run names rank 1. A signal comes first; with
+    no lost-peer error either way, the lowest rank."""
+    from validate.launch import _root_cause
+    errs = [tmp_path / f"rank{r}.err" for r in range(3)]
+    errs[0].write_text("RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15263\n")
+    errs[1].write_text("")
+    errs[2].write_text("RuntimeError: injected failure\n")
+    assert _root_cause([(0, 3), (1, 9)], errs) == (1, 9)
+    assert _root_cause([(0, 3), (2, 3)], errs) == (2, 3)
+    assert _root_cause([(0, 3), (1, -9), (2, 3)], errs) == (1, -9)
+    assert _root_cause([(1, 9), (2, 3)], errs) == (1, 9)
