@@ -32,6 +32,8 @@ from .errors import PlannerError
 from .launchline import gpus_per_node, launch_line, node_layout  # noqa: F401 (export's API)
 from .uncertainty import generation_of
 from .costmodel.elements import fp8_params
+from .costmodel.stages import ep_overlap_allowed
+from .layout import Recompute, Schedule
 from .stacks import STACKS, grad_dtype
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
@@ -57,6 +59,7 @@ MEGATRON_FLAGS = {
     "--expert-model-parallel-size": "int", "--expert-tensor-parallel-size": "int", "--num-experts": "int",
     "--moe-router-topk": "int", "--moe-ffn-hidden-size": "int", "--moe-shared-expert-intermediate-size": "int",
     "--moe-layer-freq": "str", "--moe-token-dispatcher-type": "str", "--moe-grouped-gemm": "flag",
+    "--overlap-moe-expert-parallel-comm": "flag",
     "--moe-expert-capacity-factor": "float", "--moe-pad-expert-input-to-capacity": "flag",
     # mla (_add_mla_args)
     "--multi-latent-attention": "flag", "--q-lora-rank": "int", "--kv-lora-rank": "int",
@@ -256,6 +259,9 @@ def _megatron_model(a: _Args, L, model) -> None:
             add("--moe-layer-freq", freq)
         add("--moe-token-dispatcher-type", "alltoall")
         add("--moe-grouped-gemm")
+        # the EP all-to-all the plan hid behind another micro-batch, where Megatron allows it
+        if L.overlap_ep and L.ep > 1 and ep_overlap_allowed(L.pp, Schedule.of(L.schedule), Recompute.of(L.recompute)):
+            add("--overlap-moe-expert-parallel-comm")
     if not model.bias:
         add("--disable-bias-linear")
     # Llama-style families (and gpt-oss, which keeps biases): RMSNorm and RoPE; GPT-3 style:

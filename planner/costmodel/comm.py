@@ -30,7 +30,8 @@ class LayerComm(Record):
     tp_last: np.ndarray        # TP seconds per micro-batch on the last rank (output layer, loss)
     cp_f: np.ndarray           # exposed CP seconds per layer, forward
     cp_b: np.ndarray           # exposed CP seconds per layer, backward
-    ep_f: np.ndarray           # exposed EP all-to-all seconds per MoE layer and pass
+    ep_f: np.ndarray           # exposed EP all-to-all seconds per MoE layer and pass, overlapped where it can be
+    ep_raw: np.ndarray         # the same, not overlapped (stages.ep_overlap_allowed says which applies)
     ep_meta: np.ndarray        # EP token-count all-gather per MoE layer forward
     t_p2p: np.ndarray          # one pipeline-boundary activation send
 
@@ -97,17 +98,18 @@ def _cp(model, cluster, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns:
 
 
 def _ep(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns: bool, moe_load):
-    """(exposed EP all-to-all seconds per MoE layer and pass, token-count all-gather per forward).
-    --overlap-moe-expert-parallel-comm runs one micro-batch's all-to-alls under another's attention
-    and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1); what exceeds that compute, and a
-    residual share as for TP, stays exposed."""
+    """(exposed EP all-to-all seconds per MoE layer and pass with and without overlap, token-count
+    all-gather per forward). --overlap-moe-expert-parallel-comm runs one micro-batch's all-to-alls
+    under another's attention and expert compute (as DualPipe does, DeepSeek-V3 sec. 3.2.1); what
+    exceeds that compute, and a residual share as for TP, stays exposed. Whether a layout may
+    overlap depends on its schedule and recompute (stages.ep_overlap_allowed)."""
     if not model.moe:
-        return np.zeros(k.n), np.zeros(k.n)
+        return np.zeros(k.n), np.zeros(k.n), np.zeros(k.n)
     a2a, meta, *etp = X.ep_layer(model, k, eb, moe_load, True)
     comm = (a2a.calls * C.all_to_all(cluster, a2a.nbytes, k.ep, k.etp)
             + flows_time(C.Group(cluster, k.etp, 1.0), etp))         # expert TP: innermost of the expert mesh
     ovl = k.overlap_ep & stack.ep_overlap & owns
-    return (np.where(ovl, _exposed(comm, lc.t_attn_f + lc.t_moe_f), comm),
+    return (np.where(ovl, _exposed(comm, lc.t_attn_f + lc.t_moe_f), comm), comm,
             flows_time(C.Group(cluster, k.ep, k.etp), [meta]))
 
 
@@ -118,11 +120,11 @@ def layer_comm(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, 
     owns = cluster.gpu.shared_by == 1
     tp_dense, tp_moe, tp_first, tp_last = _tp(model, cluster, stack, k, lc, eb, owns)
     cp_f, cp_b = _cp(model, cluster, k, lc, eb, owns)
-    ep_f, ep_meta = _ep(model, cluster, stack, k, lc, eb, owns, moe_load)
+    ep_f, ep_raw, ep_meta = _ep(model, cluster, stack, k, lc, eb, owns, moe_load)
     # PP p2p: one activation per stage boundary, to the rank tp*cp*dp away
     t_p2p = np.where(k.pp > 1, C.p2p(cluster, X.p2p_bytes(model, k, eb), k.tp * k.cp * k.dp), 0.0)
     return LayerComm(*full(k.n, eb.act * k.tokens * model.hidden, tp_dense, tp_moe, tp_first, tp_last, cp_f,
-                           cp_b, ep_f, ep_meta, t_p2p))
+                           cp_b, ep_f, ep_raw, ep_meta, t_p2p))
 
 
 def dp_groups(cluster: Cluster, stack: Stack, k: LayerKnobs) -> DpGroups:

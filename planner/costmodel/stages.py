@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layout import Schedule
+from ..layout import Recompute, Schedule
 from ..model_spec import ModelSpec
 from .compute import ATTN_BWD_FACTOR
 from .knobs import StepKnobs, by_code
@@ -60,6 +60,14 @@ def _edges(lt, first, last) -> tuple:
     return _on(first, c.t_emb), _on(last, c.logits_f), _on(first, m.tp_first) + _on(last, m.tp_last)
 
 
+def ep_overlap_allowed(pp, schedule, recompute) -> np.ndarray:
+    """Where Megatron-Core accepts --overlap-moe-expert-parallel-comm (TransformerConfig
+    __post_init__: with pp > 1 only under virtual pipeline stages; never with full recompute or a
+    recompute method); Schedule and Recompute codes."""
+    return ((np.asarray(pp) == 1) | (np.asarray(schedule) == Schedule.INTERLEAVED)) & (
+        np.asarray(recompute) != Recompute.FULL)
+
+
 def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True, moe: bool = True) -> StageSums:
     """Sums over `layers` layers (`ndense` dense) of a rank; `first`/`last`: whether it holds
     the embedding / the logits (bool arrays). flops=False leaves the FLOP sums at 0 (ranking);
@@ -69,8 +77,9 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
     rv = k.recompute_values
     pick = lambda options: by_code(k.recompute, rv, options)  # noqa: E731  (Recompute codes)
     rec_comm = pick([0.0, 0.0, 1.0])                 # full recompute repeats the forward collectives
-    # DualPipe hides EP behind the other chunk
-    ep_f = np.where(k.schedule == Schedule.DUALPIPE, 0.0, m.ep_f) if moe else 0.0
+    # DualPipe hides EP behind the other chunk; elsewhere the overlap needs what Megatron asks of it
+    ep_f = np.where(k.schedule == Schedule.DUALPIPE, 0.0,
+                    np.where(ep_overlap_allowed(k.pp, k.schedule, k.recompute), m.ep_f, m.ep_raw)) if moe else 0.0
     tp1 = ndense * m.tp_dense + nmoe * m.tp_moe
     fwd = ndense * c.f_dense + nmoe * c.f_moe
     rc = pick([0.0, ndense * c.rc_sel_dense + nmoe * c.rc_sel_moe, ndense * c.rc_full_dense + nmoe * c.rc_full_moe])

@@ -250,3 +250,26 @@ def test_cli_emit_writes_file(tmp_path, capsys):
     assert main(["--model", "gpt-1.7b", "--gpus", "8", "--stack", "deepspeed", "--emit", "deepspeed",
                  "--out", str(ds)]) == 0
     assert shlex.quote(str(ds)) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, overlapped", [
+    (dict(), True),
+    (dict(recompute="full"), False),                           # Megatron: not with full recompute
+    (dict(pp=2, dp=2, ep=2), False),                           # pp > 1 without virtual stages
+    (dict(pp=2, dp=2, ep=2, vpp=2, schedule="interleaved"), True),
+    (dict(overlap_ep=False), False),
+])
+def test_the_ep_overlap_the_plan_times_is_the_one_megatron_is_told(extra, overlapped):
+    """--overlap-moe-expert-parallel-comm is emitted exactly where the cost model hid the EP
+    all-to-all: Megatron-Core accepts it only with virtual stages when pp > 1 and never with full
+    recompute (TransformerConfig), and without it the all-to-all is exposed in the prediction too."""
+    m = load_model("mixtral-8x7b")
+    base = dict(tp=1, pp=1, dp=4, ep=4, micro_batch=1, global_batch=32, seq_len=4096, recompute="selective", zero=1)
+    L = Layout(**{**base, **extra})
+    plan = evaluate_layout(m, H100, L)
+    text, _ = emit(plan, m, "megatron", cluster=H100)
+    a = megatron_parser().parse_args(megatron_argv(text))
+    assert a.overlap_moe_expert_parallel_comm == overlapped
+    no = evaluate_layout(m, H100, Layout(**{**base, **extra, "overlap_ep": False}))
+    hidden = no.time_breakdown_s["ep_comm"] - plan.time_breakdown_s["ep_comm"]
+    assert (hidden > 0) == overlapped and hidden >= 0
