@@ -109,8 +109,9 @@ class Layout:
     overlap_tp: bool = True
     overlap_dp: bool = True
     overlap_pp: bool = True
-    overlap_ep: bool = True       # EP all-to-all hidden behind another micro-batch's compute
-                                  # (Megatron-Core --overlap-moe-expert-parallel-comm)
+    overlap_ep: bool = True       # EP all-to-all hidden behind another micro-batch's compute where
+                                  # Megatron-Core accepts --overlap-moe-expert-parallel-comm
+                                  # (costmodel.stages.ep_overlap_allowed: pp 1 or interleaved, no full recompute)
 
     def __post_init__(self):
         for n in INT_KNOBS:
