@@ -267,7 +267,9 @@ def _rank_table(deg: dict, pipe: dict, pairs, lk: dict, steps: dict, fixed: dict
                                               indexing="ij"))
     d = di[v]
     table = {k: deg[k][d] for k in ("tp", "pp", "dp", "cp", "ep", "etp")}
-    table.update(vpp=pipe["vpp"][pi[v]], sp=kvals[s] // 2 == 1, fp16=kvals[s] % 2 == 1,
+    # precision folded to what phase 4 tells apart: fp16, or bf16 standing for every other
+    table.update(vpp=pipe["vpp"][pi[v]], sp=kvals[s] // 2 == 1,
+                 precision=np.where(kvals[s] % 2 == 1, Precision.FP16, Precision.BF16).astype(np.int8),
                  zero=zvals[z], first_stage_layers=first[v], last_stage_layers=last[v], layer_row=d * len(lk["sp"]))
     ns, nz = len(kvals), len(zvals)
     return table, lambda pair, lsel, srow: (pair * ns + sidx[lsel]) * nz + zidx[srow]

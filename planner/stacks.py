@@ -124,7 +124,7 @@ class Stack:
     # presets set: bridge/training/mixed_precision.py bf16_with_fp8_delayed_scaling_mixed /
     # _current_scaling_mixed, fp8_param_gather = True; Megatron's arguments.py allows it only with
     # the distributed optimizer or FSDP). Memory only: its parameter all-gather is still costed in
-    # 16 bits (the per-rank phase does not see the precision; a conservative time)
+    # 16 bits (the per-rank phase sees only whether a candidate is fp16; a conservative time)
     fp8_param_gather: bool = False
     # under --fp16 gradients are held and reduced in fp16 (Megatron-LM arguments.py sets
     # accumulate_allreduce_grads_in_fp32 only under --bf16; DDP's grad_reduce_in_fp32 follows it)

@@ -47,9 +47,8 @@ def with_grads_of(eb: ElementBytes, stack, fp16) -> ElementBytes:
     half = np.asarray(fp16, bool) & stack.fp16_grads
     if not np.any(half):
         return eb
-    return ElementBytes(act=eb.act, stat=eb.stat, weight=eb.weight, grad=np.where(half, 2.0, eb.grad),
-                        grad_reduce=np.where(half, 2.0, eb.grad_reduce), param_gather=eb.param_gather,
-                        optimizer=eb.optimizer, fsdp_master=eb.fsdp_master)
+    return ElementBytes(**{**vars(eb), "grad": np.where(half, 2.0, eb.grad),
+                           "grad_reduce": np.where(half, 2.0, eb.grad_reduce)})
 
 
 def fp8_params(stack, k) -> np.ndarray:

@@ -62,7 +62,7 @@ class RankKnobs:
         tp = f(cols["tp"])
         return RankKnobs(tp=tp, pp=f(cols["pp"]), ep=f(cols["ep"]), etp=f(cols["etp"]), vpp=f(cols["vpp"]),
                          sp=np.asarray(cols["sp"], bool) & (tp > 1),
-                         fp16=np.asarray(cols["fp16"] if "fp16" in cols else cols["precision"] == Precision.FP16),
+                         fp16=np.asarray(cols["precision"]) == Precision.FP16,
                          zero=np.asarray(cols["zero"]),
                          zero_values=_values(cols["zero"]), first_given=f(cols["first_stage_layers"]),
                          last_given=f(cols["last_stage_layers"]))
