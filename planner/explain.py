@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .costmodel import MEMORY_TERMS, TIME_TERMS
-from .layout import LAYOUT_FIELDS, Layout
+from .layout import LAYOUT_FIELDS, Layout, Recompute
 from .neighbours import evaluate_neighbours, neighbours, valid, with_pp  # noqa: F401 (explain's API)
 from .stacks import get_stack
 
@@ -203,7 +203,9 @@ def _cause(term, p, b, cluster, delta=None) -> str:
             return f"dp={L.dp} gradient reduction{where} is not hidden by the last backward: {cost}"
         return f"zero={L.zero} gradient reduction{where} is not hidden: {cost}"
     if term == "recompute":
-        what = "core attention" if L.recompute == "selective" else "every layer's forward"
+        mods = Recompute.of(L.recompute).modules
+        what = ("core attention" if L.recompute == "selective" else "every layer's forward" if not mods
+                else f"Megatron-Core's {', '.join(mods)}")
         return f"recompute={L.recompute} re-runs {what} in backward: {cost}"
     if term == "optimizer":
         if L.zero == 0 and B.zero > 0:

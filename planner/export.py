@@ -67,6 +67,7 @@ MEGATRON_FLAGS = {
     # training (_add_training_args)
     "--micro-batch-size": "int", "--global-batch-size": "int", "--sequence-parallel": "flag",
     "--recompute-granularity": "str", "--recompute-method": "str", "--recompute-num-layers": "int",
+    "--recompute-modules": "list",
     "--tp-comm-overlap": "flag", "--no-gradient-accumulation-fusion": "flag", "--disable-bias-linear": "flag",
     "--train-iters": "int", "--log-interval": "int",
     # network size (_add_network_size_args)
@@ -85,6 +86,7 @@ MEGATRON_FLAGS = {
     "--log-throughput": "flag", "--eval-iters": "int", "--eval-interval": "int",
     # mixed precision / transformer engine
     "--bf16": "flag", "--fp16": "flag", "--fp8-format": "str", "--fp8-param-gather": "flag",
+    "--fp8-recipe": "str",
     "--grad-reduce-in-bf16": "flag",
 }
 
@@ -208,6 +210,9 @@ def _megatron_parallel(a: _Args, L, model) -> None:
     # recompute
     if L.recompute == "selective":
         add("--recompute-granularity", "selective")
+    elif Recompute.of(L.recompute).modules:           # a Megatron-Core module list (layout.RECOMPUTE_MODULES)
+        add("--recompute-granularity", "selective")
+        add("--recompute-modules", Recompute.of(L.recompute).modules)
     elif L.recompute == "full":
         add("--recompute-granularity", "full")
         add("--recompute-method", "uniform")
@@ -291,6 +296,9 @@ def _megatron_run(a: _Args, L, model) -> None:
         add("--bf16")
         if L.precision == "fp8":
             add("--fp8-format", "hybrid")
+            if {"moe_act", "layernorm"} & set(Recompute.of(L.recompute).modules):
+                # transformer_config.py: moe_act / layernorm recompute refuse delayed scaling under fp8
+                add("--fp8-recipe", "tensorwise")
             if fp8_params(STACKS["megatron-core"], L.to_candidates())[0]:   # the memory model's rule
                 add("--fp8-param-gather")
     # a runnable benchmark: synthetic data, a null tokenizer of the model's vocabulary
@@ -333,7 +341,8 @@ def _megatron(plan, model, cluster, out=None, capacity_factor=0.0, pad_to_capaci
     args = megatron_args(plan, model, capacity_factor, pad_to_capacity, grad_bf16)
     body = []
     for flag, v in args:
-        body.append(f"    {flag}" if v is None else f"    {flag} {shlex.quote(str(v))}")
+        vs = v if isinstance(v, tuple) else (v,)          # a tuple: one argv item each (nargs='+')
+        body.append(f"    {flag}" if v is None else f"    {flag} {' '.join(shlex.quote(str(x)) for x in vs)}")
     env = []
     blackwell = cluster is not None and generation_of(cluster) == "blackwell"
     if (L.tp > 1 or L.cp > 1) and L.zero < 2 and not blackwell:

@@ -12,7 +12,15 @@ import numpy as np
 
 from .errors import PlannerError
 
-RECOMPUTE = ("none", "selective", "full")
+# activation recompute policies. "selective" is Megatron-Core's default module list (--recompute-modules
+# core_attn; torchtitan's op-level SAC under its stack); "selective:<a>+<b>" recompute exactly those
+# Megatron-Core modules (transformer_config.py recompute_modules): the sets Megatron-Bridge's
+# performance recipes run (scripts/performance/configs/*/workload_base_configs.py, 25.11: DeepSeek-V3
+# mla_up_proj [+ mlp], GPT-OSS layernorm + moe_act, DeepSeek-V3 GB300 moe_act)
+RECOMPUTE_MODULES = {"none": (), "selective": ("core_attn",), "full": (),
+                     "selective:mla_up_proj": ("mla_up_proj",), "selective:mla_up_proj+mlp": ("mla_up_proj", "mlp"),
+                     "selective:moe_act": ("moe_act",), "selective:layernorm+moe_act": ("layernorm", "moe_act")}
+RECOMPUTE = tuple(RECOMPUTE_MODULES)
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe")
 CP_COMM = ("p2p", "allgather", "a2a")
 PRECISIONS = ("bf16", "fp8", "fp16")
@@ -49,6 +57,20 @@ class Recompute(_Coded):
     NONE = 0
     SELECTIVE = 1
     FULL = 2
+    MLA_UP_PROJ = 3
+    MLA_UP_PROJ_MLP = 4
+    MOE_ACT = 5
+    LAYERNORM_MOE_ACT = 6
+
+    @property
+    def modules(self) -> tuple:
+        """Megatron-Core's --recompute-modules of a selective policy (() for none and full)."""
+        return RECOMPUTE_MODULES[self.label]
+
+    @classmethod
+    def rows(cls, value) -> list:
+        """[value(code) for every code]: a per-code option list (costmodel.knobs.by_code)."""
+        return [value(c) for c in cls]
 
     @staticmethod
     def _labels():

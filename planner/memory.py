@@ -97,6 +97,30 @@ def layer_activation_bytes(m: ModelSpec, tokens, tp, sp, recompute, moe_layer, f
     return np.select([recompute == 0, recompute == 1], [full_layer, selective], ckpt), full_layer
 
 
+def recompute_module_bytes(m: ModelSpec, tokens, tp, sp, modules: tuple, moe_layer, etp=1, imbalance=1.0,
+                           act=ACT_BYTES, gated_tensors=3, gemm_in=None):
+    """Bytes of one layer's kept activations that Megatron-Core's selective recompute of `modules`
+    drops (transformer_config.py recompute_modules; each a CheckpointWithoutOutput whose output is
+    freed once consumed and made again in backward): mla_up_proj the up-projected Q, K, V
+    (multi_latent_attention.py recompute_up_proj), layernorm both norms' outputs (the QKV and the
+    fc1 / router inputs; transformer_layer.py recompute_input/pre_mlp_layernorm), moe_act the
+    experts' activation output, fc2's input (moe/experts.py), mlp a dense layer's MLP beyond its
+    input (transformer_layer.py recompute_mlp: dense layers only). core_attn: layer_activation_bytes."""
+    gi = act if gemm_in is None else gemm_in
+    spdiv = np.where(sp, tp, 1)
+    g = gated_tensors if m.gated else 2
+    drop = 0.0
+    if "mla_up_proj" in modules and m.mla:
+        drop = drop + act * tokens * (m.q_dim + m.q_dim + m.v_dim) / tp
+    if "layernorm" in modules:
+        drop = drop + tokens * m.hidden * (gi + (act if moe_layer else gi)) / spdiv
+    if "moe_act" in modules and moe_layer:
+        drop = drop + tokens / tp * m.moe.top_k * imbalance * m.moe.expert_ffn_hidden * gi
+    if "mlp" in modules and not moe_layer:
+        drop = drop + tokens * m.ffn_hidden * (act * (g - 1) + gi) / tp
+    return drop
+
+
 def _mm_outputs(m: ModelSpec, T, tp, sp, moe_layer) -> list:
     """Elements of each aten.mm output of one layer's forward, in execution order, on one TP rank
     under DTensor TP: column-parallel outputs are split over tp, row-parallel ones are the full

@@ -68,7 +68,7 @@ def layout_label(p, gpus=False) -> str:
         parts.append(L.schedule)
     parts.append(f"mb{L.micro_batch}")
     if L.recompute != "none":
-        parts.append({"selective": "sel-rc", "full": "full-rc"}[L.recompute])
+        parts.append({"selective": "sel-rc", "full": "full-rc"}.get(L.recompute, L.recompute.replace("selective", "rc")))
     parts += [f"z{L.zero}", L.precision]
     return " ".join(parts)
 

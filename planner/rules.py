@@ -15,7 +15,7 @@ import numpy as np
 
 from .arrays import distinct
 from .errors import PlannerError
-from .layout import INT_KNOBS, Layout, Candidates, CpComm, Schedule
+from .layout import INT_KNOBS, RECOMPUTE, Layout, Candidates, CpComm, Recompute, Schedule
 from .model_spec import ModelSpec
 from .stacks import STACKS, Stack
 from .frozen import frozen
@@ -145,6 +145,22 @@ def _stack_allows(attr, code_of=None):
         return np.isin(getattr(c, {"schedules": "schedule", "zero_stages": "zero", "cp_comms": "cp_comm"}[attr]),
                        allowed)
     return holds
+
+
+def _module_misfit(code, model) -> str:
+    """Why a selective module list does not apply to `model` ('' where it does)."""
+    mods = Recompute(int(code)).modules
+    if "mla_up_proj" in mods and model.mla is None:
+        return "mla_up_proj recomputes multi-latent attention's up-projections; this model has none"
+    if "moe_act" in mods and model.moe is None:
+        return "moe_act recomputes the experts' activation; this model has no MoE layers"
+    return ""
+
+
+def _modules_fit_model(c, x):
+    codes = np.asarray(c.recompute)
+    bad = [r for r in Recompute if _module_misfit(r, x.model)]
+    return ~np.isin(codes, bad)
 
 
 RULES: tuple = (
@@ -308,6 +324,16 @@ RULES: tuple = (
          lambda c, x: ~np.asarray(x.stack.replicate_only_1d) | (c.zero != 0) | ((c.tp == 1) & (c.pp == 1) & (c.cp == 1)),
          lambda v, x: f"{x.stack.name} runs plain data parallelism (--zero 0) only without TP, PP or CP",
          "torchtitan parallelize: 'DDP has not supported > 1D parallelism'"),
+    Rule("stack_recompute_modules", ("recompute",),
+         lambda c, x: (c.recompute <= Recompute.FULL) | np.asarray(x.stack.recompute_modules),
+         lambda v, x: f"--recompute {RECOMPUTE[v['recompute']]} names Megatron-Core recompute modules, which "
+                      f"{x.stack.name} does not have; it runs none, selective, full"
+                      f"{_who_runs('recompute_modules', True)}",
+         "Megatron-Core transformer_config.py recompute_modules (--recompute-modules)"),
+    Rule("recompute_modules_model", ("recompute",), _modules_fit_model,
+         lambda v, x: f"--recompute {RECOMPUTE[v['recompute']]}: {_module_misfit(v['recompute'], x.model)}",
+         "Megatron-Core transformer_config.py __post_init__: mla_up_proj only with multi_latent_attention, "
+         "moe_act only with moe_grouped_gemm"),
     Rule("precision_on_gpu", ("precision",), lambda c, x: np.isin(c.precision, [_PREC[p] for p in x.precisions]),
          lambda v, x: f"--precision {['bf16', 'fp8', 'fp16'][v['precision']]}: {x.hardware} has no "
                       f"{['bf16', 'fp8', 'fp16'][v['precision']]} peak; valid: {', '.join(x.precisions)}",
@@ -435,7 +461,7 @@ def check_fixed(ctx: Context, fixed: dict) -> None:
 
 
 CODES = {"schedule": ("1f1b", "interleaved", "zb-h1", "zbv", "dualpipe"), "cp_comm": ("p2p", "allgather", "a2a"),
-         "precision": ("bf16", "fp8", "fp16"), "recompute": ("none", "selective", "full")}
+         "precision": ("bf16", "fp8", "fp16"), "recompute": RECOMPUTE}
 
 
 def _partial_product(ctx: Context, fx: dict) -> None:

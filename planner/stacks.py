@@ -110,6 +110,10 @@ class Stack:
     # what --recompute selective keeps: "core" Megatron (core attention recomputed,
     # Korthikanti sec. 5), "op" torchtitan's op-level SAC (memory.op_sac_layer_bytes)
     selective: str = "core"
+    # selective recompute by module list (--recompute selective:<modules>): Megatron-Core's
+    # --recompute-modules (transformer_config.py recompute_modules; MLA up-projections, the MoE
+    # activation, the norms, the dense MLP); the other stacks checkpoint whole layers or ops
+    recompute_modules: bool = False
     # fp8 weight bytes cached per parameter across micro-batches (TE: fp8 weight + transpose, 1 + 1;
     # torchao Float8Linear casts per use and caches none)
     fp8_weight_cache_bytes: float = 2.0
@@ -158,6 +162,7 @@ STACKS = {
         cp_comms=("p2p", "allgather", "a2a"),  # --cp-comm-type p2p | all_gather | a2a
         fp8_param_gather=True,               # its fp8 recipes' setting (Stack.fp8_param_gather)
         fp16_grads=True,                     # Stack.fp16_grads (export: no --grad-reduce-in-bf16 needed)
+        recompute_modules=True,              # --recompute-modules (Stack.recompute_modules)
         source="reference stack; efficiencies live in the hardware profile"),
     "megatron-2021": Stack(
         "megatron-2021",

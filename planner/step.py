@@ -127,12 +127,11 @@ def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bo
     rc.flops = {"forward": nmb * (g + a + lg), "backward": nmb * (2 * (g + lg) + ATTN_BWD_FACTOR * a)}
     rc.attention_flops = {"forward": nmb * a, "backward": nmb * ATTN_BWD_FACTOR * a}
     if rec != "none":      # the cost model's recompute terms (compute._recompute)
-        sel = rec == "selective"
-        nd = nl - nmoe
-        rc.flops["recompute"] = nmb * float(nd * (c.fl_sel_dense if sel else c.fl_full_dense)[0]
-                                            + nmoe * (c.fl_sel_moe if sel else c.fl_full_moe)[0])
-        # op-level SAC saves the SDPA outputs: core attention is not run again
-        rc.attention_flops["recompute"] = 0.0 if sel and selective == "op" else nmb * a
+        code = Recompute.of(rec)
+        rc.flops["recompute"] = nmb * float((nl - nmoe) * c.fl_rc_dense[code][0] + nmoe * c.fl_rc_moe[code][0])
+        # op-level SAC saves the SDPA outputs, and a module list without core_attn keeps them
+        reruns = code == Recompute.FULL or (code == Recompute.SELECTIVE and selective != "op")
+        rc.attention_flops["recompute"] = nmb * a if reruns else 0.0
 
 
 def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first, last) -> None:
@@ -142,7 +141,8 @@ def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first
     passes = 2 + full                                # forward, backward, forward again under full recompute
     rc.add(X.tp_layer(model, lk, eb, False), ndense * passes * nmb)
     rc.add(X.tp_layer(model, lk, eb, True), nmoe * passes * nmb)
-    rc.add(X.cp_layer(model, lk, eb, False), len(rc.layers) * (1 + (L.recompute != "none")) * nmb)
+    core_again = L.recompute in ("selective", "full")  # core attention re-run: its K/V ring again (stages.py)
+    rc.add(X.cp_layer(model, lk, eb, False), len(rc.layers) * (1 + core_again) * nmb)
     rc.add(X.cp_layer(model, lk, eb, True), len(rc.layers) * nmb)
     rc.add(X.ep_layer(model, lk, eb, imb, True), nmoe * (1 + full) * nmb)
     rc.add(X.ep_layer(model, lk, eb, imb, False), nmoe * nmb)

@@ -45,7 +45,7 @@ def build_parser():
     m.add_argument("--micro-batch", type=_int_arg("--micro-batch"))
     m.add_argument("--sp", dest="sp", action="store_true", default=False, help="sequence parallelism on")
     m.add_argument("--no-sp", dest="sp", action="store_false")
-    m.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    m.add_argument("--recompute", choices=RECOMPUTE[:3], default="none")   # RUN_STACK: no module lists
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1,
                    help="0 all-reduce, 1 distributed optimizer (default), 2 + sharded gradients, 3 FSDP2")
     m.add_argument("--shard-group", type=_int_arg("--shard-group"))

@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import flops as F
 from ..hardware import Cluster
-from ..layout import Precision
+from ..layout import Precision, Recompute
 from ..model_spec import ModelSpec
 from ..stacks import Stack
 from .knobs import LayerKnobs
@@ -47,14 +47,10 @@ class LayerCompute(Record):
     logits_f: np.ndarray       # logits + cross entropy forward
     logits_b: np.ndarray       # logits + cross entropy backward
     logits_flops: np.ndarray   # logits GEMM forward FLOPs
-    rc_sel_dense: np.ndarray   # selective recompute of a dense layer (Stack.selective), seconds
-    rc_sel_moe: np.ndarray
-    rc_full_dense: np.ndarray  # full recompute of a dense layer, seconds
-    rc_full_moe: np.ndarray
-    fl_sel_dense: np.ndarray   # and their FLOPs
-    fl_sel_moe: np.ndarray
-    fl_full_dense: np.ndarray
-    fl_full_moe: np.ndarray
+    rc_dense: np.ndarray       # rows by Recompute code: a dense layer's recompute, seconds
+    rc_moe: np.ndarray         # the same for an MoE layer
+    fl_rc_dense: np.ndarray    # and their FLOPs
+    fl_rc_moe: np.ndarray
 
 
 def gemm_time(cluster: Cluster, stack: Stack, flops, m, n, k, peak):
@@ -207,19 +203,21 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
         2 * (t_attn_gemm + t_moe_f) + t_core_b + 2 * t_ew_common + 2 * k_moe,
         t_attn_gemm + t_dense_mlp, t_attn_gemm + t_moe_w,
         2 * 2.0 * T * model.hidden / hbm * 3, lg_f, lg_f + ce / 2, 2 * lg_f + ce / 2,
-        F.logits_flops(model, T) / tp,
-        *_recompute(model, stack, g, k, core, t_attn_gemm, t_dense_mlp, t_core_f,
+        F.logits_flops(model, T) / tp),
+        *_recompute(model, cluster, stack, g, k, core, (t_attn_gemm, t_dense_mlp, t_core_f, t_ew_dense),
                     t_attn_f + t_dense_mlp + t_ew_dense + k_dense, t_attn_f + t_moe_f + k_moe,
-                    fl_attn_gemm + F.mlp_flops(model, T) / tp, fl_attn_gemm + fl_moe)))
+                    fl_attn_gemm + F.mlp_flops(model, T) / tp, fl_attn_gemm + fl_moe, moe_load))
 
 
-def _recompute(model, stack, g, k, core, t_attn_gemm, t_mlp, t_core_f, f_dense, f_moe, fl_dense, fl_moe):
-    """(selective dense, moe, full dense, moe seconds; the same in FLOPs) of one layer's recompute.
+def _recompute(model, cluster, stack, g, k, core, parts, f_dense, f_moe, fl_dense, fl_moe, load):
+    """(dense, moe seconds; dense, moe FLOPs) of one layer's recompute, rows by Recompute code.
     Megatron: selective re-runs core attention (Korthikanti et al. 2022 sec. 5), full the whole
-    layer (its CheckpointFunction replays the forward). torchtitan: op-level SAC re-runs the
-    unsaved GEMMs and every elementwise op but not SDPA (flops.op_sac_recompute_fraction); full AC
-    is torch.utils.checkpoint non-reentrant, which stops replaying once the saved tensors backward
-    needs exist: a dense layer's last GEMM (w2) is not re-run (Stack.full_recompute_skips_last_gemm)."""
+    layer (its CheckpointFunction replays the forward), a module list those modules
+    (_module_recompute). torchtitan: op-level SAC re-runs the unsaved GEMMs and every elementwise
+    op but not SDPA (flops.op_sac_recompute_fraction); full AC is torch.utils.checkpoint
+    non-reentrant, which stops replaying once the saved tensors backward needs exist: a dense
+    layer's last GEMM (w2) is not re-run (Stack.full_recompute_skips_last_gemm)."""
+    t_attn_gemm, t_mlp, t_core_f, _ = parts
     if stack.selective == "op":
         fd, fm = F.op_sac_recompute_fraction(model, False), F.op_sac_recompute_fraction(model, True) \
             if model.moe else 0.0
@@ -231,5 +229,36 @@ def _recompute(model, stack, g, k, core, t_attn_gemm, t_mlp, t_core_f, f_dense, 
     w2_f = F.mlp_flops(model, k.tokens) / model.mlp_matrices / k.tp
     w2_t = g(w2_f, k.tokens, model.hidden, model.ffn_hidden / k.tp)
     skip = stack.full_recompute_skips_last_gemm
-    return (sel[0], sel[1], f_dense - (w2_t if skip else 0.0), f_moe, sel[2], sel[3],
-            fl_dense + core - (w2_f if skip else 0.0), fl_moe + core)
+    full_ = (f_dense - (w2_t if skip else 0.0), f_moe, fl_dense + core - (w2_f if skip else 0.0), fl_moe + core)
+    zero = np.zeros(k.n)
+    by = {Recompute.NONE: (zero,) * 4, Recompute.SELECTIVE: sel, Recompute.FULL: full_}
+    rows = [by.get(r) or _module_recompute(model, cluster, stack, g, k, r.modules, parts, load) for r in Recompute]
+    return tuple(np.stack(full(k.n, *[row[i] for row in rows])) for i in range(4))
+
+
+def _module_recompute(model, cluster, stack, g, k, modules, parts, load):
+    """(dense, moe seconds; dense, moe FLOPs) of a Megatron-Core module list's forward, made
+    again in backward (memory.recompute_module_bytes says what each drops): the MLA up-projection
+    GEMMs, the dense MLP (GEMMs and activation), the norms (read + write each, as _elementwise
+    prices them) and the experts' activation (read 2f, write f per routed token, as _moe). The
+    collectives inside (an SP all-gather of MLA's latents) are not repeated."""
+    T, tp, h = k.tokens, k.tp, model.hidden
+    _, t_mlp, _, t_ew_dense = parts
+    hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
+    t, fl, ew = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    if "mla_up_proj" in modules and model.mla:
+        a = model.mla
+        qk, kvo = a.qk_nope_head_dim + a.qk_rope_head_dim, a.qk_nope_head_dim + a.v_head_dim
+        q_in = a.q_lora_rank or h        # without a q LoRA the q projection itself is re-run
+        fq, fkv = 2 * T * q_in * model.heads * qk / tp, 2 * T * a.kv_lora_rank * model.heads * kvo / tp
+        up = g(fq, T, model.heads * qk / tp, q_in) + g(fkv, T, model.heads * kvo / tp, a.kv_lora_rank)
+        t, fl = [x + up for x in t], [x + fq + fkv for x in fl]
+    if "mlp" in modules:
+        t[0], fl[0] = t[0] + t_mlp + t_ew_dense, fl[0] + F.mlp_flops(model, T) / tp
+    if "layernorm" in modules:
+        norms = 2 * 2 * T / np.where(k.sp, tp, 1) * h * 2         # 2 norms, read + write, 2 bytes
+        ew = [x + norms for x in ew]
+    if "moe_act" in modules and model.moe:
+        e = model.moe
+        ew[1] = ew[1] + 2 * T / tp * e.top_k * load * e.expert_ffn_hidden / k.etp * (3 if model.gated else 2)
+    return (t[0] + ew[0] * stack.elementwise / hbm, t[1] + ew[1] * stack.elementwise / hbm, fl[0], fl[1])

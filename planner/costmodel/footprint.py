@@ -11,7 +11,7 @@ from ..hardware import Cluster
 from ..layout import Precision
 from ..model_spec import ModelSpec
 from .elements import ElementBytes, fp8_params
-from .knobs import StepKnobs, by_code
+from .knobs import StepKnobs, by_recompute
 from .records import Record, record, on
 from .state import LayerParams, StageParams
 
@@ -71,13 +71,6 @@ def model_states(prm: StageParams, groups, zero, eb: ElementBytes) -> tuple:
     return w, g, o
 
 
-def _by_recompute(acts, name, k: StepKnobs):
-    """A layer's kept bytes under each candidate's recompute policy (rows of LayerActivations)."""
-    if hasattr(acts, "by_row"):
-        return acts.by_row(name, k.recompute)
-    return by_code(k.recompute, k.recompute_values, list(getattr(acts, name)))
-
-
 def _states(eb, stack, k: StepKnobs, rs):
     """(weights, gradients that persist, gradients freed between steps, optimizer, staged) of a
     rank, with fp8 weight caches and DualPipe's second copy; under torchtitan's pipeline
@@ -123,8 +116,8 @@ def _moments(eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, pref
     weights, held, freed, opt, staged = _states(eb, stack, k, rs)
     z3 = (k.zero == 3) if staged is False else (k.zero == 3) & ~staged
     gathered = on(z3, prefetch)                     # two layers (prefetch_bytes)
-    live = np.where(k.recompute > 0, a.live, 0.0)
-    kept = (ndense * _by_recompute(a, "dense", k) + (layers - ndense) * _by_recompute(a, "moe", k)) * inflight
+    live = by_recompute(a, "live", k)
+    kept = (ndense * by_recompute(a, "dense", k) + (layers - ndense) * by_recompute(a, "moe", k)) * inflight
     kept = kept + on(first, a.emb * inflight)
     logits = on(last, a.logits)
     # DTensor TP's full-vocab embedding gradient at the end of the first stage's backward

@@ -122,3 +122,11 @@ def by_code(codes, values: tuple, options: list):
     if len(values) == 1:
         return options[values[0]]
     return np.select([codes == c for c in range(len(options) - 1)], options[:-1], options[-1])
+
+
+def by_recompute(rec, name: str, k: StepKnobs):
+    """Field `name` of `rec` (rows by Recompute code, e.g. LayerActivations.dense) at each
+    candidate's code: a gather from a Gathered table (terms.Gathered.by_row), else by_code."""
+    if hasattr(rec, "by_row"):
+        return rec.by_row(name, k.recompute)
+    return by_code(k.recompute, k.recompute_values, list(getattr(rec, name)))

@@ -8,7 +8,7 @@ import numpy as np
 from ..layout import Recompute, Schedule
 from ..model_spec import ModelSpec
 from .compute import ATTN_BWD_FACTOR
-from .knobs import StepKnobs, by_code
+from .knobs import StepKnobs, by_code, by_recompute
 from .records import Record, record
 from .records import on as _on
 
@@ -76,13 +76,14 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
     nmoe = layers - ndense
     rv = k.recompute_values
     pick = lambda options: by_code(k.recompute, rv, options)  # noqa: E731  (Recompute codes)
-    rec_comm = pick([0.0, 0.0, 1.0])                 # full recompute repeats the forward collectives
+    rows = lambda name: by_recompute(c, name, k)  # noqa: E731  (a row table at each candidate's code)
+    rec_comm = pick(Recompute.rows(lambda r: float(r == Recompute.FULL)))  # full recompute repeats the collectives
     # DualPipe hides EP behind the other chunk; elsewhere the overlap needs what Megatron asks of it
     ep_f = np.where(k.schedule == Schedule.DUALPIPE, 0.0,
                     np.where(ep_overlap_allowed(k.pp, k.schedule, k.recompute), m.ep_f, m.ep_raw)) if moe else 0.0
     tp1 = ndense * m.tp_dense + nmoe * m.tp_moe
     fwd = ndense * c.f_dense + nmoe * c.f_moe
-    rc = pick([0.0, ndense * c.rc_sel_dense + nmoe * c.rc_sel_moe, ndense * c.rc_full_dense + nmoe * c.rc_full_moe])
+    rc = ndense * rows("rc_dense") + nmoe * rows("rc_moe")
     ep = tf_ep = 0.0
     if moe:
         ep = nmoe * (ep_f * (2 + rec_comm) + m.ep_meta * (1 + rec_comm))
@@ -92,14 +93,13 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
     fl = fl_rc = 0.0
     if flops:
         flf = ndense * (c.gemm_flops_dense + c.core_flops) + nmoe * (c.gemm_flops_moe + c.core_flops)
-        fl_rc = pick([0.0, ndense * c.fl_sel_dense + nmoe * c.fl_sel_moe,
-                      ndense * c.fl_full_dense + nmoe * c.fl_full_moe])
+        fl_rc = ndense * rows("fl_rc_dense") + nmoe * rows("fl_rc_moe")
         fl = 3 * flf + (ATTN_BWD_FACTOR - 2) * layers * c.core_flops + fl_rc + _on(last, 3 * c.logits_flops)
     return StageSums(
         fwd=fwd + emb + lg, bwd=ndense * c.b_dense + nmoe * c.b_moe + emb + _on(last, c.logits_b),
         w=ndense * c.w_dense + nmoe * c.w_moe + _on(last, c.lg_f), rc=rc,
         tp=tp1 * (2 + rec_comm) + tp_edges,
-        # selective recompute re-runs core attention, so the K/V ring runs again too
-        cp=layers * (m.cp_f + m.cp_b + pick([0.0, 1.0, 1.0]) * m.cp_f),
+        # recomputing core attention (selective, full) runs the K/V ring again too
+        cp=layers * (m.cp_f + m.cp_b + pick(Recompute.rows(lambda r: float(r in (Recompute.SELECTIVE, Recompute.FULL)))) * m.cp_f),
         ep=ep, tf=tf + emb + lg + tp_edges / 2,
         flops=fl, flops_rc=fl_rc)

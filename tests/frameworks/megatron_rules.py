@@ -161,6 +161,16 @@ def check(argv: list, world: int) -> list:
         bad.append("T:1901-1931 full recompute needs --recompute-method and --recompute-num-layers")
     if a.recompute_granularity == "selective" and a.recompute_num_layers is not None:
         bad.append("T:1931 selective recompute excludes --recompute-num-layers")
+    mods = a.recompute_modules or ["core_attn"]          # T:1940 the default module list
+    if a.recompute_granularity == "selective":
+        if set(mods) - {"core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"}:
+            bad.append("T:1943-1962 recompute_modules outside the allowed set")
+        if "moe_act" in mods and not a.moe_grouped_gemm:
+            bad.append("T:1964 moe_act recompute needs --moe-grouped-gemm")
+        if "mla_up_proj" in mods and not a.multi_latent_attention:
+            bad.append("T:1969 mla_up_proj recompute needs --multi-latent-attention")
+        if a.fp8 and {"moe_act", "layernorm"} & set(mods) and a.fp8_recipe == "delayed":
+            bad.append("T:2000-2004 moe_act / layernorm recompute refuse delayed scaling under fp8")
     if a.use_megatron_fsdp and not a.use_distributed_optimizer:
         bad.append("A Megatron-FSDP runs with the distributed optimizer")
     if a.fp8_param_gather and not (a.use_distributed_optimizer or a.use_torch_fsdp2 or a.use_megatron_fsdp):

@@ -93,6 +93,10 @@ def test_rope_base_is_emitted_as_megatron_parses_it():
     (["--num-layers", "32", "--recompute-granularity", "full"], 8, "T:1901"),
     (["--num-layers", "32", "--tensor-model-parallel-size", "3"], 8, "A:432"),
     (["--num-layers", "32", "--bf16", "--fp8-format", "hybrid", "--fp8-param-gather"], 8, "--fp8-param-gather"),
+    (["--num-layers", "32", "--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj"], 8, "T:1969"),
+    (["--num-layers", "32", "--recompute-granularity", "selective", "--recompute-modules", "moe_act"], 8, "T:1964"),
+    (["--num-layers", "32", "--moe-grouped-gemm", "--fp8-format", "hybrid", "--recompute-granularity", "selective",
+      "--recompute-modules", "layernorm", "moe_act"], 8, "T:2000"),
 ])
 def test_the_mirrored_rules_reject_what_megatron_rejects(argv, world, rule):
     base = {"--num-attention-heads": "32", "--micro-batch-size": "1", "--global-batch-size": "64",
@@ -115,3 +119,21 @@ def test_an_expert_capacity_is_emitted_not_dropped(pad):
     # the mirrored rule: padding without a capacity is refused by Megatron
     assert any("T:1862" in r for r in R.check([x for x in argv if x not in ("--moe-expert-capacity-factor", "1.25")]
                                                + ["--moe-pad-expert-input-to-capacity"], 64))
+
+
+@pytest.mark.parametrize("model, gpus, hw, precision, recompute", [
+    ("deepseek-v3", 1024, "h100-sxm", "fp8", "selective:mla_up_proj+mlp"),
+    ("deepseek-v3", 256, "gb200-nvl72", "bf16", "selective:mla_up_proj"),
+    ("gpt-oss-120b", 64, "h100-sxm", "bf16", "selective:layernorm+moe_act"),
+    ("qwen3-30b-a3b", 16, "h100-sxm", "fp8", "selective:moe_act"),
+])
+def test_a_recompute_module_list_is_emitted_as_megatron_takes_it(model, gpus, hw, precision, recompute):
+    """A plan recomputing Megatron-Core modules (the lists NVIDIA's recipes run) is emitted as
+    --recompute-granularity selective --recompute-modules <each>, which the parser splits into
+    the same list and TransformerConfig's rules accept (fp8 with moe_act/layernorm: not delayed)."""
+    text, plan = _emit(model, gpus, hw, dict(precision=precision, recompute=recompute))
+    argv = R.emitted_args(text)
+    assert R.check(argv, gpus) == []
+    a = R.parse(argv)
+    assert a.recompute_granularity == "selective"
+    assert a.recompute_modules == plan.layout.recompute.split(":")[1].split("+")

@@ -7,11 +7,17 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from planner.costmodel import MEMORY_TERMS, TIME_TERMS, evaluate
 from planner.profiles import load_hardware
-from planner.layout import Candidates, Layout
+from planner.layout import RECOMPUTE, Candidates, Layout, Recompute
+from planner.rules import _module_misfit
 from planner.model_io import load_model
 
 H100 = load_hardware("h100-sxm")
 MODELS = {n: load_model(n) for n in ("gpt-20b", "llama-3-8b", "mixtral-8x7b", "deepseek-v3")}
+
+
+def _recompute_for(m) -> list:
+    """The recompute policies the default stack runs for `m` (rules.recompute_modules_model)."""
+    return [r for r in RECOMPUTE if not _module_misfit(Recompute.of(r), m)]
 
 
 def layouts(draw, model_name):
@@ -25,7 +31,7 @@ def layouts(draw, model_name):
     mb = draw(st.sampled_from([1, 2]))
     nmb = draw(st.sampled_from([1, 2, 4, 8]))
     return Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, micro_batch=mb, global_batch=mb * dp * nmb, seq_len=4096,
-                  sp=draw(st.booleans()) and tp > 1, recompute=draw(st.sampled_from(["none", "selective", "full"])),
+                  sp=draw(st.booleans()) and tp > 1, recompute=draw(st.sampled_from(_recompute_for(m))),
                   zero=draw(st.sampled_from([0, 1, 2, 3])), precision=draw(st.sampled_from(["bf16", "fp8"])))
 
 

@@ -1,4 +1,5 @@
 """The search: brute-force equivalence, objectives, ranges, Pareto front, fixed knobs."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -184,3 +185,21 @@ def test_search_on_ranks_sharing_processors():
     for p in res.plans:
         assert p.time_breakdown_s["bubble"] == 0
         assert evaluate_layout(m, c, p.layout).step_time_s == pytest.approx(p.step_time_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "selective:mla_up_proj", "selective:mla_up_proj+mlp",
+                                       "selective:moe_act", "selective:layernorm+moe_act"])
+def test_search_and_one_layout_agree_on_a_recompute_module_list(recompute):
+    """The search (per-row tables gathered at each candidate's recompute code) and one layout
+    (by_code over the same rows) price a Megatron-Core module list alike, and the list costs time
+    and saves memory against no recompute."""
+    m = load_model("deepseek-v3")
+    fixed = dict(tp=2, pp=8, dp=64, ep=64, vpp=4, sp=True, micro_batch=1, zero=1, first_stage_layers=7,
+                 last_stage_layers=6, recompute=recompute, precision="fp8")
+    res = search(m, H100, 1024, seq_len=4096, global_batch=8192, top=1, precisions=["fp8"], fixed=fixed)
+    p = res.best or res.closest_infeasible
+    one = evaluate_layout(m, H100, p.layout)
+    assert p.step_time_s == pytest.approx(one.step_time_s, rel=1e-12)
+    assert p.memory_gib == pytest.approx(one.memory_gib, rel=1e-12)
+    none = evaluate_layout(m, H100, dataclasses.replace(p.layout, recompute="none"))
+    assert one.time_breakdown_s["recompute"] > 0 and one.memory_gib < none.memory_gib

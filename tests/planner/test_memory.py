@@ -134,3 +134,26 @@ def test_megatron_keeps_and_reduces_fp16_gradients_in_fp16(zero):
     assert g["fp16"] == pytest.approx(g["bf16"] / 2, rel=1e-6)
     dp = {p: got[p].time_breakdown_s["dp_comm"] for p in got}
     assert dp["fp16"] < dp["bf16"]
+
+
+def test_recompute_modules_drop_what_megatron_frees():
+    """Each Megatron-Core module list drops exactly its tensors (memory.recompute_module_bytes):
+    mla_up_proj MLA's up-projected Q, K, V; layernorm both norms' outputs; moe_act fc2's
+    input per routed token copy; mlp a dense layer's MLP beyond its input -- and nothing where the
+    module is absent (mlp in an MoE layer, moe_act in a dense one)."""
+    from planner.model_spec import MLASpec, MoESpec
+    m = ModelSpec("d", layers=8, hidden=1024, heads=16, kv_heads=16, ffn_hidden=4096, vocab=32000, mlp="swiglu",
+                  mla=MLASpec(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                               v_head_dim=32, q_lora_rank=256),
+                  moe=MoESpec(experts=16, top_k=4, expert_ffn_hidden=256, dense_layers=2))
+    T, tp, sp = 4096, 2, np.array(True)
+    attn, _ = M.attention_activation_bytes(m, T, tp, sp)
+    qkv = 2.0 * T * (m.q_dim + 2 * ((m.q_dim + m.v_dim) // 2)) / tp
+    assert float(M.recompute_module_bytes(m, T, tp, sp, ("mla_up_proj",), True)) == qkv < float(attn)
+    assert float(M.recompute_module_bytes(m, T, tp, sp, ("layernorm",), False, gemm_in=1.0)) == 2 * T * 1024 / tp
+    assert float(M.recompute_module_bytes(m, T, tp, sp, ("layernorm",), True, gemm_in=1.0)) == 3 * T * 1024 / tp
+    assert float(M.recompute_module_bytes(m, T, tp, sp, ("moe_act",), True, gemm_in=1.0)) == T / tp * 4 * 256
+    assert M.recompute_module_bytes(m, T, tp, sp, ("moe_act",), False) == 0.0
+    assert M.recompute_module_bytes(m, T, tp, sp, ("mlp",), True) == 0.0
+    dense = M.mlp_activation_bytes(m, T, tp, sp)
+    assert float(M.recompute_module_bytes(m, T, tp, sp, ("mlp",), False)) == float(dense) - 2 * 2.0 * T * 1024 / tp   # its LN and fc1 inputs stay

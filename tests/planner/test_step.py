@@ -10,7 +10,7 @@ from planner.costmodel import traffic as X
 from planner.costmodel.elements import ElementBytes
 from planner.errors import PlannerError
 from planner.layout import Layout
-from planner.model_spec import ModelSpec, MoESpec
+from planner.model_spec import MLASpec, ModelSpec, MoESpec
 from planner.stacks import STACKS
 from planner.step import predict, virtual_stages
 
@@ -21,6 +21,11 @@ GPT = ModelSpec(name="tinygpt", layers=4, hidden=32, heads=4, kv_heads=4, ffn_hi
 MOE = ModelSpec(name="tinymoe", layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab=128,
                 mlp="swiglu", moe=MoESpec(experts=4, top_k=2, expert_ffn_hidden=32, shared_experts=1,
                                           dense_layers=1))
+
+MLA = ModelSpec(name="tinymla", layers=4, hidden=32, heads=4, kv_heads=4, ffn_hidden=64, vocab=128, mlp="swiglu",
+                mla=MLASpec(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                             q_lora_rank=24),
+                moe=MoESpec(experts=4, top_k=2, expert_ffn_hidden=32, shared_experts=1, dense_layers=1))
 
 
 def L(**k):
@@ -86,6 +91,21 @@ def test_recompute_adds_forward_or_core():
     logits = F.logits_flops(LLAMA, 16) * 8
     assert full["recompute"] == pytest.approx(base["forward"] - logits)
     assert sel["recompute"] == pytest.approx(4 * 8 * F.attention_core_flops(LLAMA, 16, 16, causal=True))
+
+
+def test_a_module_list_remakes_only_its_modules():
+    """Megatron-Core's mla_up_proj re-runs MLA's two up-projection GEMMs (q from its LoRA rank,
+    k/v from the kv LoRA rank), mlp the dense layers' MLP; neither re-runs core attention, so no
+    attention FLOPs are counted again (compute._module_recompute)."""
+    base = predict(MLA, L())[0]
+    up = predict(MLA, L(recompute="selective:mla_up_proj"))[0]
+    upm = predict(MLA, L(recompute="selective:mla_up_proj+mlp"))[0]
+    a, T, nmb = MLA.mla, 16, 8
+    per_layer = 2 * T * (a.q_lora_rank * 4 * 12 + a.kv_lora_rank * 4 * 16)
+    assert up.flops["recompute"] == pytest.approx(nmb * 4 * per_layer)
+    assert upm.flops["recompute"] == pytest.approx(nmb * (4 * per_layer + F.mlp_flops(MLA, T)))   # 1 dense layer
+    assert up.attention_flops.get("recompute", 0.0) == 0.0 and "recompute" not in base.flops
+    assert up.flops["forward"] == base.flops["forward"]
 
 
 def test_point_to_point_is_symmetric():

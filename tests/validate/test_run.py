@@ -374,6 +374,14 @@ def test_dropping_without_padding_is_refused_in_one_line():
         api.supported(MOE, L(dp=2, ep=2), capacity_factor=1.0)
 
 
+def test_a_recompute_module_list_is_refused_in_one_line():
+    """validate's model recomputes core attention or whole layers; a Megatron-Core module list
+    would run as none while the cost model prices it, so it is refused before any rank starts
+    (RUN_STACK has no Stack.recompute_modules: rules.stack_recompute_modules)."""
+    with pytest.raises(PlannerError, match="names Megatron-Core recompute modules, which validate does not"):
+        api.supported(MOE, L(dp=2, ep=2, recompute="selective:moe_act"))
+
+
 # expert TP: the etp group gathers the tokens its ranks received and reduce-scatters the experts'
 # partial outputs; counts are even only with experts padded to capacity (gloo has no uneven all-gather)
 MOE_NB = dataclasses.replace(MOE, bias=False)       # Megatron refuses expert TP with linear biases
