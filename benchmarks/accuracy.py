@@ -92,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--csv", default=str(DEFAULT_CSV))
     ap.add_argument("--format", choices=("table", "csv"), default="table")
     ap.add_argument("--cross-validate", action="store_true", help="leave-one-source-out refits (minutes)")
-    ap.add_argument("--iters", type=int, default=150, help="Nelder-Mead iterations per fold")
+    ap.add_argument("--iters", type=int, default=150, help="Nelder-Mead iterations per round (each fold restarts until it stops improving: fitting.fit)")
     ap.add_argument("--jobs", type=int, default=2, help="folds fitted at once")
     ap.add_argument("--start", choices=("shipped", "neutral"), default="shipped",
                     help="each fold's starting parameters: the shipped fit, or the planner's data-free defaults")

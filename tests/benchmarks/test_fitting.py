@@ -33,3 +33,22 @@ def test_the_neutral_start_is_the_planners_defaults_not_a_fit():
     assert set(p) == set(fitting.PARAMS)
     assert p["hopper.gemm16"] == Efficiency().gemm_max["bf16"] and p["blackwell.attn"] == Efficiency().attention_max
     assert p["torchtitan.gemm"] == p["llm-foundry.gemm"] == p["grouped_gemm"] == 1.0
+
+
+def test_a_fit_restarts_from_its_best_point_until_it_stops_improving(monkeypatch):
+    """One short simplex stops far from the minimum of a smooth loss; restarting it from its best
+    point walks on, and the rounds end once a round gains less than tol."""
+    monkeypatch.setattr(fitting, "identified", lambda rows: ["hopper.gemm16"])
+    calls = []
+
+    def loss(p, rows, names):
+        calls.append(1)
+        return (p["hopper.gemm16"] - 0.30) ** 2
+    monkeypatch.setattr(fitting, "loss", loss)
+    start = dict(fitting.current(), **{"hopper.gemm16": 0.90})
+    one = fitting.fit([], start, iters=3, rounds=1)["hopper.gemm16"]
+    many = fitting.fit([], start, iters=3, rounds=50, tol=1e-9)["hopper.gemm16"]
+    assert abs(many - 0.30) < 0.01 < abs(one - 0.30)
+    calls.clear()
+    fitting.fit([], start, iters=3, rounds=50, tol=1.0)      # the 2nd round gains < 1: no 3rd
+    assert len(calls) <= 2 * (2 + 3 * 3)
