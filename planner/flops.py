@@ -11,17 +11,24 @@ from __future__ import annotations
 from .model_spec import ModelSpec
 
 
+def mla_up_proj_flops(m: ModelSpec, tokens) -> tuple:
+    """(q, kv) up-projection GEMM FLOPs of MLA, forward (DeepSeek-V3 sec. 2.1.1 eqs. (2), (4), (8)):
+    q from its LoRA rank (or from h without one: the q projection itself), k/v from the kv LoRA rank."""
+    a = m.mla
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    return (2 * tokens * (a.q_lora_rank or m.hidden) * m.heads * qk,
+            2 * tokens * a.kv_lora_rank * m.heads * (a.qk_nope_head_dim + a.v_head_dim))
+
+
 def attention_gemm_flops(m: ModelSpec, tokens) -> dict:
     """Projection GEMMs of attention (forward)."""
     h = m.hidden
     if m.mla:
         a = m.mla
-        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         # DeepSeek-V3 sec. 2.1.1 eqs. (1)-(11): low-rank q and kv paths
-        q = (2 * tokens * (h * a.q_lora_rank + a.q_lora_rank * m.heads * qk) if a.q_lora_rank
-             else 2 * tokens * h * m.heads * qk)
-        kv = 2 * tokens * h * (a.kv_lora_rank + a.qk_rope_head_dim)
-        kv = kv + 2 * tokens * a.kv_lora_rank * m.heads * (a.qk_nope_head_dim + a.v_head_dim)
+        q_up, kv_up = mla_up_proj_flops(m, tokens)
+        q = q_up + (2 * tokens * h * a.q_lora_rank if a.q_lora_rank else 0)
+        kv = 2 * tokens * h * (a.kv_lora_rank + a.qk_rope_head_dim) + kv_up
         return {"attn_qkv": q + kv, "attn_out": 2 * tokens * m.v_dim * h}
     kv_dim = m.kv_heads * m.head_dim
     # Q, K, V projections (GQA: K and V have kv_heads heads) and output projection

@@ -67,6 +67,11 @@ class Recompute(_Coded):
         """Megatron-Core's --recompute-modules of a selective policy (() for none and full)."""
         return RECOMPUTE_MODULES[self.label]
 
+    @property
+    def reruns_core(self) -> bool:
+        """Core attention runs again in backward (selective's core_attn, full): so does CP's K/V ring."""
+        return self in (Recompute.SELECTIVE, Recompute.FULL)
+
     @classmethod
     def rows(cls, value) -> list:
         """[value(code) for every code]: a per-code option list (costmodel.knobs.by_code)."""

@@ -141,7 +141,7 @@ def _layer_collectives(rc: RankCounts, model, eb, lk, L: Layout, nmb, imb, first
     passes = 2 + full                                # forward, backward, forward again under full recompute
     rc.add(X.tp_layer(model, lk, eb, False), ndense * passes * nmb)
     rc.add(X.tp_layer(model, lk, eb, True), nmoe * passes * nmb)
-    core_again = L.recompute in ("selective", "full")  # core attention re-run: its K/V ring again (stages.py)
+    core_again = Recompute.of(L.recompute).reruns_core   # core attention re-run: its K/V ring again
     rc.add(X.cp_layer(model, lk, eb, False), len(rc.layers) * (1 + core_again) * nmb)
     rc.add(X.cp_layer(model, lk, eb, True), len(rc.layers) * nmb)
     rc.add(X.ep_layer(model, lk, eb, imb, True), nmoe * (1 + full) * nmb)

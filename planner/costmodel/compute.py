@@ -249,9 +249,9 @@ def _module_recompute(model, cluster, stack, g, k, modules, parts, load):
     if "mla_up_proj" in modules and model.mla:
         a = model.mla
         qk, kvo = a.qk_nope_head_dim + a.qk_rope_head_dim, a.qk_nope_head_dim + a.v_head_dim
-        q_in = a.q_lora_rank or h        # without a q LoRA the q projection itself is re-run
-        fq, fkv = 2 * T * q_in * model.heads * qk / tp, 2 * T * a.kv_lora_rank * model.heads * kvo / tp
-        up = g(fq, T, model.heads * qk / tp, q_in) + g(fkv, T, model.heads * kvo / tp, a.kv_lora_rank)
+        fq, fkv = (x / tp for x in F.mla_up_proj_flops(model, T))
+        up = (g(fq, T, model.heads * qk / tp, a.q_lora_rank or h)
+              + g(fkv, T, model.heads * kvo / tp, a.kv_lora_rank))
         t, fl = [x + up for x in t], [x + fq + fkv for x in fl]
     if "mlp" in modules:
         t[0], fl[0] = t[0] + t_mlp + t_ew_dense, fl[0] + F.mlp_flops(model, T) / tp

@@ -100,6 +100,6 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
         w=ndense * c.w_dense + nmoe * c.w_moe + _on(last, c.lg_f), rc=rc,
         tp=tp1 * (2 + rec_comm) + tp_edges,
         # recomputing core attention (selective, full) runs the K/V ring again too
-        cp=layers * (m.cp_f + m.cp_b + pick(Recompute.rows(lambda r: float(r in (Recompute.SELECTIVE, Recompute.FULL)))) * m.cp_f),
+        cp=layers * (m.cp_f + m.cp_b + pick(Recompute.rows(lambda r: float(r.reruns_core))) * m.cp_f),
         ep=ep, tf=tf + emb + lg + tp_edges / 2,
         flops=fl, flops_rc=fl_rc)
