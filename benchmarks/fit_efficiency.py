@@ -3,7 +3,8 @@
     python benchmarks/fit_efficiency.py [--iters N]
 
 The fit itself is benchmarks/fitting.py (one owner; accuracy.py --cross-validate refits the same
-parameters with each source left out): GEMM and attention efficiency per GPU generation (fp8
+parameters with each source left out): GEMM efficiency per GPU generation and Ampere's attention
+efficiency (Hopper's and Blackwell's are published kernel figures, fitting.PUBLISHED_ATTN) (fp8
 tied to 0.9 x bf16, the cuBLAS ratio on large H100 GEMMs), the MoE grouped-GEMM factor, the
 per-kernel launch cost and the factors of the non-default stacks. The loss is the mean absolute
 log error of predicted vs measured tokens/s per GPU, each run's contribution capped at
@@ -41,7 +42,8 @@ def write(p: dict) -> None:
     for name, fam in fitting.FAMILY.items():
         path = ROOT / "hwprofiles" / f"{name}.toml"
         t = path.read_text()
-        t = _set(t, "attention_max", p[f"{fam}.attn"])
+        if f"{fam}.attn" in fitting.PARAMS:       # Hopper's and Blackwell's are published (fitting.PUBLISHED_ATTN)
+            t = _set(t, "attention_max", p[f"{fam}.attn"])
         t = _set(t, "grouped_gemm", p["grouped_gemm"])
         for dt, v in (("bf16", p[f"{fam}.gemm16"]), ("fp16", p[f"{fam}.gemm16"]),
                       ("fp8", fitting.FP8_RATIO * p[f"{fam}.gemm16"])):

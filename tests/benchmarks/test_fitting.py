@@ -13,13 +13,28 @@ def test_parameters_no_training_run_identifies_are_not_left_at_the_shipped_fit()
     them), those parameters are neutral or transferred from the fitted generations -- the shipped
     values were fitted with the left-out source's runs."""
     shipped = fitting.current()
-    fitted = dict(shipped, **{"ampere.gemm16": 0.70, "hopper.gemm16": 0.60, "ampere.attn": 0.8, "hopper.attn": 0.6})
+    fitted = dict(shipped, **{"ampere.gemm16": 0.70, "hopper.gemm16": 0.60, "ampere.attn": 0.8})
     names = [k for k in fitting.PARAMS if k.split(".")[0] not in ("torchtitan", "blackwell") and k != "grouped_gemm"]
     p = fitting.without_unseen(fitted, names)
     assert p["torchtitan.gemm"] == p["grouped_gemm"] == 1.0
-    assert abs(p["blackwell.gemm16"] - 0.65) < 1e-12 and abs(p["blackwell.attn"] - 0.7) < 1e-12
+    assert abs(p["blackwell.gemm16"] - 0.65) < 1e-12
+    # Blackwell's attention is a published kernel figure, not a fit: it stays as published
+    assert p["blackwell.attn"] == shipped["blackwell.attn"] != 0.5 * (0.8 + shipped["hopper.attn"])
     assert p["llm-foundry.gemm"] == fitted["llm-foundry.gemm"]         # identified: kept as fitted
     assert p["hopper.gemm16"] == 0.60
+
+
+def test_an_unseen_generation_with_fitted_attention_takes_the_others_mean():
+    shipped = fitting.current()
+    names = [k for k in fitting.PARAMS if not k.startswith("ampere.")]
+    p = fitting.without_unseen(dict(shipped, **{"ampere.attn": 0.99}), names)
+    assert abs(p["ampere.attn"] - 0.5 * (shipped["hopper.attn"] + shipped["blackwell.attn"])) < 1e-12
+
+
+def test_published_attention_is_not_a_fitted_parameter():
+    from planner.profiles import load_hardware
+    assert not {f"{f}.attn" for f in fitting.PUBLISHED_ATTN} & set(fitting.PARAMS)
+    assert fitting.current()["hopper.attn"] == load_hardware("h100-sxm").efficiency.attention_max == 0.53
 
 
 def test_with_every_parameter_identified_nothing_changes():
@@ -30,8 +45,9 @@ def test_with_every_parameter_identified_nothing_changes():
 def test_the_neutral_start_is_the_planners_defaults_not_a_fit():
     from planner.hardware import Efficiency
     p = fitting.neutral()
-    assert set(p) == set(fitting.PARAMS)
-    assert p["hopper.gemm16"] == Efficiency().gemm_max["bf16"] and p["blackwell.attn"] == Efficiency().attention_max
+    assert set(p) == set(fitting.PARAMS) | {f"{f}.attn" for f in fitting.PUBLISHED_ATTN}
+    assert p["hopper.gemm16"] == Efficiency().gemm_max["bf16"] and p["ampere.attn"] == Efficiency().attention_max
+    assert p["blackwell.attn"] == fitting.current()["blackwell.attn"]        # published, not a default
     assert p["torchtitan.gemm"] == p["llm-foundry.gemm"] == p["grouped_gemm"] == 1.0
 
 
