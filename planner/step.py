@@ -130,7 +130,7 @@ def _flops(rc: RankCounts, lt, L: Layout, nmb: int, nl: int, nmoe: int, last: bo
         code = Recompute.of(rec)
         rc.flops["recompute"] = nmb * float((nl - nmoe) * c.fl_rc_dense[code][0] + nmoe * c.fl_rc_moe[code][0])
         # op-level SAC saves the SDPA outputs, and a module list without core_attn keeps them
-        reruns = code == Recompute.FULL or (code == Recompute.SELECTIVE and selective != "op")
+        reruns = code.reruns_core and not (code == Recompute.SELECTIVE and selective == "op")
         rc.attention_flops["recompute"] = nmb * a if reruns else 0.0
 
 

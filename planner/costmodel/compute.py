@@ -139,7 +139,7 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     t_router = g(2 * local * h * mo.experts, local, mo.experts, h)
     act_rw = 3 if model.gated else 2
     ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
-          + 2 * routed * mo.expert_ffn_hidden / etp * act_rw
+          + _expert_act_bytes(model, k, load)
           + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
     hbm = cluster.gpu.hbm_bandwidth * e.hbm
     gemm_w = t_experts + t_shared + t_router      # weight-gradient GEMMs = forward GEMMs
@@ -149,12 +149,25 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     return gemm_w + ew * stack.elementwise / hbm, gemm_w, flops
 
 
+def _norm_bytes(model: ModelSpec, k: LayerKnobs):
+    """HBM bytes of a layer's two norms forward: read + write, 2 bytes, on the SP shard (TE fused)."""
+    return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
+
+
+def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):
+    """HBM bytes of the experts' activation forward on the busiest rank: read 2f (gated) or f, write f
+    per routed token (Megatron-Core moe/experts.py, bias + activation fused)."""
+    mo = model.moe
+    routed = k.tokens / k.tp * mo.top_k * load
+    return 2 * routed * mo.expert_ffn_hidden / k.etp * (3 if model.gated else 2)
+
+
 def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs):
     """(shared, dense-MLP) elementwise seconds per layer forward: LayerNorm x2 r+w, two residual
     adds r2+w1, activation r+w, dropout mask -- fused kernels as in Transformer Engine."""
     T, tp, h = k.tokens, k.tp, model.hidden
     tok_sp = T / np.where(k.sp, tp, 1)
-    common = 2 * tok_sp * h * (2 + 2 + 3 + 3 + (1 if model.dropout else 0))
+    common = _norm_bytes(model, k) + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
     # fp8 casts of GEMM inputs are fused into LayerNorm / activation kernels by Transformer Engine
     # (LayerNormLinear, fused cast-transpose); what remains is the cast of the attention output
     common = common + np.where(k.precision == Precision.FP8, 3 * T * model.v_dim / tp, 0.0)
@@ -256,9 +269,7 @@ def _module_recompute(model, cluster, stack, g, k, modules, parts, load):
     if "mlp" in modules:
         t[0], fl[0] = t[0] + t_mlp + t_ew_dense, fl[0] + F.mlp_flops(model, T) / tp
     if "layernorm" in modules:
-        norms = 2 * 2 * T / np.where(k.sp, tp, 1) * h * 2         # 2 norms, read + write, 2 bytes
-        ew = [x + norms for x in ew]
+        ew = [x + _norm_bytes(model, k) for x in ew]
     if "moe_act" in modules and model.moe:
-        e = model.moe
-        ew[1] = ew[1] + 2 * T / tp * e.top_k * load * e.expert_ffn_hidden / k.etp * (3 if model.gated else 2)
+        ew[1] = ew[1] + _expert_act_bytes(model, k, load)
     return (t[0] + ew[0] * stack.elementwise / hbm, t[1] + ew[1] * stack.elementwise / hbm, fl[0], fl[1])
