@@ -21,7 +21,7 @@ from .rules import Context, divisors
 from .frozen import frozen
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
-VPP_VALUES = (1, 2, 3, 4, 6, 8)
+MAX_VPP = 64                 # virtual stages per rank searched (126 layers on pp 2: one layer per chunk)
 # Bounds that keep absurd but well-formed input answerable in seconds and bounded memory:
 MAX_DEGREE_ROWS = 1 << 17    # (tp, pp, cp, dp, ep, etp, micro-batch) rows of one search; the
                              # catalog's largest is 53,568 (deepseek-v3 on 2^30 GPUs)
@@ -126,10 +126,21 @@ def split_layers(L: int, pp, split):
     return first, last, exact & ((split == 0) | (pp >= 2)) & ~same
 
 
-def pipe_table(ctx: Context, fixed: dict, pipelined: bool) -> dict:
-    """(schedule, vpp, split) combinations; only 1F1B / vpp 1 / split 0 without pipelining."""
+def vpp_values(layers: int, pps) -> list:
+    """The virtual-stage counts worth searching for pipeline degrees `pps`: every divisor of a
+    rank's layer count, or of that count plus the embedding or the loss counted as a layer
+    (what _equal_chunks lets through), so 112 layers on pp 16 reach vpp 7 -- not a fixed short
+    list, which had left such a model on 1F1B with a 3x larger bubble. At most MAX_VPP chunks per
+    rank (search policy, bounding the space; --vpp takes any count the rules allow)."""
+    counts = {c for p in pps if p > 1 for c in (layers // p - 1, layers // p, layers // p + 1) if c > 0}
+    return sorted({1} | {int(d) for c in counts for d in divisors(c) if d <= MAX_VPP})
+
+
+def pipe_table(ctx: Context, fixed: dict, pipelined: bool, pps=()) -> dict:
+    """(schedule, vpp, split) combinations for the pipeline degrees `pps`; only 1F1B / vpp 1 /
+    split 0 without pipelining."""
     sched = _axis(ctx, fixed, "schedule", SCHEDULES, searched=pipelined)
-    vpp = _axis(ctx, fixed, "vpp", VPP_VALUES, searched=pipelined)
+    vpp = _axis(ctx, fixed, "vpp", vpp_values(ctx.model.layers, pps), searched=pipelined)
     given = fixed.get("first_stage_layers") or fixed.get("last_stage_layers")
     split = np.array([0] if (given or not pipelined) else SPLITS)
     s, v, p = _cross(ctx, sched, vpp, split)
@@ -148,24 +159,43 @@ _DEFAULTS = {"sp": (False, True), "precision": ("bf16", "fp8"), "cp_comm": CP_CO
 
 
 def _pairs(ctx: Context, deg: dict, pipe: dict, fixed: dict):
-    """Valid (degree row, pipeline knobs) pairs: (degree index, pipe index, first, last)."""
+    """Valid (degree row, pipeline knobs) pairs: (degree index, pipe index, first, last). The
+    split policies and equal chunks depend on pp alone, so the pipe rows are first kept per
+    distinct pp and only those are joined to the degree rows of that pp."""
     L = ctx.model.layers
-    di, pi = (x.ravel() for x in np.meshgrid(np.arange(len(deg["tp"])), np.arange(len(pipe["vpp"])),
-                                             indexing="ij"))
-    pp = deg["pp"][di]
+    pps = distinct(deg["pp"])
+    ip, pi = (x.ravel() for x in np.meshgrid(np.arange(len(pps)), np.arange(len(pipe["vpp"])), indexing="ij"))
+    pp = pps[ip]
     fl, ll = fixed.get("first_stage_layers") or 0, fixed.get("last_stage_layers") or 0
     if fl or ll:
-        first, last, ok = np.full(len(di), fl), np.full(len(di), ll), np.ones(len(di), bool)
+        first, last, ok = np.full(len(ip), fl), np.full(len(ip), ll), np.ones(len(ip), bool)
     else:
         first, last, ok = split_layers(L, pp, pipe["split"][pi])
     first, last = np.where(pp > 1, first, 0), np.where(pp > 1, last, 0)
-    cols = {k: v[di] for k, v in deg.items()}
+    if fixed.get("vpp") is None:
+        ok &= _equal_chunks(ctx, {"pp": pp, "vpp": pipe["vpp"][pi], "first_stage_layers": first,
+                                  "last_stage_layers": last})
+    di, k = _join(ctx, np.searchsorted(pps, deg["pp"]), ip[ok])
+    pi, first, last = pi[ok][k], first[ok][k], last[ok][k]
+    cols = {name: v[di] for name, v in deg.items()}
     cols.update(schedule=pipe["schedule"][pi], vpp=pipe["vpp"][pi], first_stage_layers=first,
                 last_stage_layers=last)
-    ok &= rules.mask(cols, ctx, involving=("schedule", "vpp", "first_stage_layers", "last_stage_layers"))
-    if fixed.get("vpp") is None:
-        ok &= _equal_chunks(ctx, cols)
+    ok = rules.mask(cols, ctx, involving=("schedule", "vpp", "first_stage_layers", "last_stage_layers"))
     return di[ok], pi[ok], first[ok].astype(np.int64), last[ok].astype(np.int64)
+
+
+def _join(ctx: Context, left_key, right_key):
+    """(left index, right index) of every pair with equal keys (an inner join of two integer
+    columns, vectorised: each right row repeated over the left rows of its key)."""
+    order = np.argsort(left_key, kind="stable")
+    start = np.searchsorted(left_key[order], right_key, side="left")
+    count = np.searchsorted(left_key[order], right_key, side="right") - start
+    total = int(count.sum())
+    if total > _MAX_CROSS:
+        raise _too_large(ctx, f"{total:,} with their pipeline schedules")
+    k = np.repeat(np.arange(len(right_key)), count)
+    offset = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    return order[np.repeat(start, count) + offset], k
 
 
 def _equal_chunks(ctx: Context, cols: dict):
@@ -191,7 +221,7 @@ def _classes(ctx: Context, fixed: dict):
     steps = knob_table(ctx, fixed, _STEP_KNOBS, _DEFAULTS, {})
     for key in distinct(cls):
         deg = {k: v[cls == key] for k, v in deg_all.items()}
-        pipe = pipe_table(ctx, fixed, bool(key & 4))
+        pipe = pipe_table(ctx, fixed, bool(key & 4), distinct(deg["pp"]).tolist())
         pairs = _pairs(ctx, deg, pipe, fixed)
         if len(pairs[0]):
             lk = knob_table(ctx, fixed, _LAYER_KNOBS, _DEFAULTS, {"cp_comm": bool(key & 2), "sp": bool(key & 1)})

@@ -48,3 +48,17 @@ def test_each_class_is_one_table_of_layer_rows():
     for c in iter_candidates(ctx, {"precision": ["bf16"]}):
         assert c.deg_table is not None and c.deg_index.max() < len(c.deg_table["tp"])
         np.testing.assert_array_equal(c.deg_table["tp"][c.deg_index], c.tp)
+
+
+def test_every_equal_virtual_stage_count_is_searched():
+    # 112 layers on pp 16 = 7 per rank: vpp 7 (one layer per chunk) must be among the searched
+    # counts -- a fixed list (1, 2, 3, 4, 6, 8) had left such a model on 1F1B (Megatron-LM
+    # README's GPT 462B, 6144 H100s)
+    import dataclasses
+    from planner.candidates import vpp_values
+    assert vpp_values(112, [16]) == [1, 2, 3, 4, 6, 7, 8]       # divisors of 6, 7 and 8
+    m = dataclasses.replace(LLAMA70, layers=112)
+    ctx = Context(m, 1024, 4096, 1024, STACKS["megatron-core"])
+    fixed = {"tp": 8, "pp": 16, "precision": "bf16", "zero": 1, "recompute": "none", "micro_batch": 1}
+    searched = {int(v) for c in iter_candidates(ctx, fixed) for v in np.unique(c.vpp)}
+    assert searched == {1, 7}        # 2, 4, 8 divide the first or last rank's 8 only, not the 7 between
