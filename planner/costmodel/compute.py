@@ -149,6 +149,18 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     return gemm_w + ew * stack.elementwise / hbm, gemm_w, flops
 
 
+def _expert_launches(model: ModelSpec, stack: Stack, k: LayerKnobs):
+    """Kernels an MoE block's experts launch per forward beyond the two grouped GEMMs that
+    KERNELS_MOE_FWD counts, on a stack whose grouped GEMM is one GEMM per local expert (Transformer
+    Engine GroupedLinear: general_grouped_gemm over multi-stream cuBLAS, and under fp8 one input
+    quantization per expert, fused_multi_quantize; transformer_engine/pytorch/module/grouped_linear.py
+    _GroupedLinear.forward): fc1 and fc2 each launch (1 + fp8) kernels per local expert."""
+    if not model.moe or stack.expert_launches != "per_expert":
+        return 0.0
+    per_linear = 1 + (k.precision == Precision.FP8)
+    return 2 * per_linear * model.moe.experts / k.ep - 2
+
+
 def _norm_bytes(model: ModelSpec, k: LayerKnobs):
     """HBM bytes of a layer's two norms forward: read + write, 2 bytes, on the SP shard (TE fused)."""
     return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
@@ -196,7 +208,7 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     # (+ an eager TP stack's host cost per TP-sharded layer: DTensor dispatch, measured by calibrate)
     k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
     k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s + k_tp
-    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD) * stack.kernel_overhead_s + k_tp
+    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD + _expert_launches(model, stack, k)) * stack.kernel_overhead_s + k_tp
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
     # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
     # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)

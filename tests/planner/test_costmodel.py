@@ -308,3 +308,26 @@ def test_unprefetched_gathers_add_to_the_step_without_changing_the_bytes_moved()
     got, free = evaluate_layout(m, a100, L, stack=ds), evaluate_layout(m, a100, L, stack=lifted)
     assert got.time_breakdown_s["compute"] == pytest.approx(free.time_breakdown_s["compute"])
     assert got.time_breakdown_s["dp_comm"] > free.time_breakdown_s["dp_comm"] * 1.5
+
+
+def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert():
+    """Transformer Engine's GroupedLinear runs one cuBLAS GEMM per local expert (and under fp8
+    one input quantization per expert): an MoE layer's forward pays 2 x (1 + fp8) launches per
+    local expert beyond the two grouped GEMMs counted; a one-kernel grouped GEMM pays none."""
+    import dataclasses
+    from planner.costmodel.compute import layer_compute
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = load_model("deepseek-v3")                     # 256 routed experts
+    cols = dict(tp=[1] * 4, pp=[1] * 4, dp=[8] * 4, cp=[1] * 4, ep=[8, 8, 32, 32], etp=[1] * 4,
+                micro_batch=[1] * 4, seq_len=[4096] * 4, sp=[False] * 4,
+                precision=[Precision.BF16, Precision.FP8] * 2, cp_comm=[0] * 4, overlap_tp=[True] * 4,
+                overlap_ep=[True] * 4, shard_group=[1] * 4)
+    k = LayerKnobs.of(cols)
+    te = STACKS["megatron-core"]
+    one = dataclasses.replace(te, expert_launches="grouped")
+    extra = (layer_compute(m, H100, te, k, np.ones(4)).f_moe - layer_compute(m, H100, one, k, np.ones(4)).f_moe)
+    local = 256 / np.array([8, 8, 32, 32])
+    np.testing.assert_allclose(extra, (2 * np.array([1, 2, 1, 2]) * local - 2) * te.kernel_overhead_s, rtol=1e-9)
+    assert STACKS["torchtitan"].expert_launches == "grouped"       # torch._grouped_mm
