@@ -21,10 +21,10 @@ from .results import Plan, SearchResult, plan_from_eval
 from .stacks import STACKS, Stack
 
 # layouts one search may score; more is refused (issue 7: answer or refuse within 10 s). Calibrated on
-# a 2-core CPU: 0.9-1.1M layouts/s for one GPU count (6M: ~7 s with start-up and the count; deepseek-v3
-# fits up to 2,048 GPUs), ~0.65M/s over a range, which also keeps a Pareto front (4M: ~6 s). Raise
-# them as scoring gets faster.
-MAX_LAYOUTS = 6_000_000
+# a 2-core CPU: 1.1-1.5M layouts/s for one GPU count (10M: ~8 s with start-up and the count; deepseek-v3
+# is 5.6M on 2,048 GPUs, 8.2M and 6 s on 16,384, 816 MiB peak), ~0.65M/s over a range, which also keeps
+# a Pareto front (4M: ~6 s). Raise them as scoring gets faster.
+MAX_LAYOUTS = 10_000_000
 MAX_RANGE_LAYOUTS = 4_000_000
 PRECOUNT_ROWS = 2048         # degree rows above which a search counts its layouts before scoring
 
