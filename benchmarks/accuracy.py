@@ -47,7 +47,8 @@ def run(csv_path=None, quiet=False):
         L = plan.layout
         rows.append(dict(row_id=r["row_id"], model=r["model"][:22], gpu=ri.hardware, n=ri.gpus, stack=ri.stack,
                          layout=f"tp{L.tp} pp{L.pp} dp{L.dp} cp{L.cp} ep{L.ep} v{L.vpp} mb{L.micro_batch} "
-                                f"{L.recompute.replace('selective:', 'sel:') if ':' in L.recompute else L.recompute[:4]} z{L.zero} {L.precision}{' sp' if L.sp else ''}",
+                                f"{L.recompute.replace('selective:', 'sel:') if ':' in L.recompute else L.recompute[:4]} z{L.zero} {L.precision}{' sp' if L.sp else ''}"
+                                f"{f' off{L.offload_layers}' if L.offload_layers else ''}",
                          measured=ri.measured, predicted=pred, err=(pred - ri.measured) / ri.measured,
                          mem_gib=plan.memory_gib, fits=plan.feasible, status="ok"))
     return rows

@@ -28,7 +28,7 @@ MAX_DEGREE_ROWS = 1 << 17    # (tp, pp, cp, dp, ep, etp, micro-batch) rows of on
 _MAX_CROSS = 1 << 24         # elements of one intermediate cross product (128 MiB per column)
 _DEGREES = ("tp", "pp", "cp", "dp", "ep", "etp", "micro_batch")
 _LAYER_KNOBS = ("sp", "precision", "cp_comm")
-_STEP_KNOBS = ("recompute", "zero")
+_STEP_KNOBS = ("recompute", "zero", "offload_layers")
 
 
 def _too_large(ctx: Context, rows) -> PlannerError:
@@ -154,6 +154,16 @@ def knob_table(ctx: Context, fixed: dict, names, defaults, relevant) -> dict:
     return dict(zip(names, _cross(ctx, *axes)))
 
 
+def offload_values(ctx: Context) -> tuple:
+    """Activation-offload layer counts searched: none, and a quarter, half and three quarters of
+    the layers where the stack offloads and the GPU's host link is known (search policy; the
+    rules keep them to pp 1 without recompute, and --offload-layers takes any count)."""
+    L = ctx.model.layers
+    if not ctx.stack.activation_offload or ctx.host_bandwidth <= 0:
+        return (0,)
+    return tuple(sorted({0} | {n for n in (-(-L // 4), -(-L // 2), -(-3 * L // 4)) if 0 < n < L}))
+
+
 _DEFAULTS = {"sp": (False, True), "precision": ("bf16", "fp8"), "cp_comm": CP_COMM, "recompute": RECOMPUTE,
              "zero": (0, 1, 2, 3)}
 
@@ -218,12 +228,16 @@ def _classes(ctx: Context, fixed: dict):
     if len(deg_all["tp"]) == 0:
         return
     cls = (deg_all["pp"] > 1) * 4 + (deg_all["cp"] > 1) * 2 + (deg_all["tp"] > 1)
-    steps = knob_table(ctx, fixed, _STEP_KNOBS, _DEFAULTS, {})
+    steps_all = knob_table(ctx, fixed, _STEP_KNOBS, {**_DEFAULTS, "offload_layers": offload_values(ctx)}, {})
+    steps_all = {k: v[rules.mask(steps_all, ctx)] for k, v in steps_all.items()}   # e.g. offload x recompute
     for key in distinct(cls):
         deg = {k: v[cls == key] for k, v in deg_all.items()}
+        # offloading runs without a pipeline only: pipelined classes never enumerate it
+        keep = steps_all["offload_layers"] == 0 if key & 4 else np.ones(len(steps_all["zero"]), bool)
+        steps = {k: v[keep] for k, v in steps_all.items()}
         pipe = pipe_table(ctx, fixed, bool(key & 4), distinct(deg["pp"]).tolist())
         pairs = _pairs(ctx, deg, pipe, fixed)
-        if len(pairs[0]):
+        if len(pairs[0]) and len(steps["zero"]):
             lk = knob_table(ctx, fixed, _LAYER_KNOBS, _DEFAULTS, {"cp_comm": bool(key & 2), "sp": bool(key & 1)})
             yield deg, pipe, pairs, lk, steps
 
@@ -387,7 +401,7 @@ def _chunks(ctx, fixed, overlap, ct: ClassTables, chunk):
 # knobs that decide whether a layout exists (the others -- sp, recompute, zero, precision, cp_comm --
 # are searched over values the rules already filtered)
 _VALIDITY_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "schedule",
-                   "first_stage_layers", "last_stage_layers", "shard_group")
+                   "first_stage_layers", "last_stage_layers", "shard_group", "offload_layers")
 _HINTS = {
     "vpp": "every virtual stage must hold a layer; stacks that split evenly need the layers divisible by "
            "pp x vpp",
@@ -395,6 +409,7 @@ _HINTS = {
     "first_stage_layers": "the layers left must split evenly over the other stages",
     "last_stage_layers": "the layers left must split evenly over the other stages",
     "shard_group": "the shard group must divide dp x cp",
+    "offload_layers": "offloading needs --pp 1, --recompute none and fewer layers than the model has",
     "etp": "ep x etp must divide tp x cp x dp",
     "ep": "ep x etp must divide tp x cp x dp",
 }

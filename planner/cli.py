@@ -48,6 +48,9 @@ def build_parser() -> Parser:
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO/FSDP stage (1 = distributed optimizer)")
     m.add_argument("--shard-group", type=int_arg("--shard-group"),
                    help="with --zero 3: shard within groups of N ranks, replicate across groups (HSDP)")
+    m.add_argument("--offload-layers", type=int_arg("--offload-layers", 0),
+                   help="activations of the first N layers to host memory between forward and backward "
+                        "(Megatron-Core --cpu-offloading-num-layers; pp 1, no recompute; 0 = off)")
     m.add_argument("--no-overlap", default="", help="comma list of tp,dp,pp,ep: turn that overlap off")
     x = p.add_argument_group("mixture of experts")
     x.add_argument("--moe-imbalance", type=float_arg("--moe-imbalance", 1.0), default=1.0,
@@ -83,7 +86,7 @@ def _fixed(a) -> dict:
             "micro_batch": a.micro_batch, "sp": a.sp, "recompute": a.recompute, "zero": a.zero,
             "shard_group": a.shard_group, "precision": a.precision, "schedule": a.schedule,
             "cp_comm": a.cp_comm, "first_stage_layers": a.first_stage_layers,
-            "last_stage_layers": a.last_stage_layers}
+            "last_stage_layers": a.last_stage_layers, "offload_layers": a.offload_layers}
 
 
 def _overlap(text: str) -> dict:

@@ -34,6 +34,7 @@ TIME_LABEL = {
     "bubble": "pipeline bubble",
     "optimizer": "optimizer step",
     "overhead": "per-step overhead",
+    "offload": "exposed offload (host copies)",
 }
 MEMORY_LABEL = {
     "weights": "weights",
@@ -48,7 +49,7 @@ MEMORY_LABEL = {
 # knobs shown when two layouts differ, in the order a user reads a layout
 _DIFF_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "schedule", "sp", "micro_batch", "recompute",
                "zero", "shard_group", "precision", "cp_comm", "first_stage_layers", "last_stage_layers",
-               "overlap_tp", "overlap_dp", "overlap_pp")
+               "overlap_tp", "overlap_dp", "overlap_pp", "offload_layers")
 MAX_RUNNERS_UP = 5
 TIE = 0.001          # relative differences below this are reported as ties
 
@@ -76,8 +77,9 @@ def _short(L: Layout) -> str:
         s += f" vpp={L.vpp}"
     if L.pp > 1:
         s += f" {L.schedule}"
-    return s + (f" sp={'on' if L.sp else 'off'} mb={L.micro_batch} recompute={L.recompute} "
-                f"zero={L.zero} {L.precision}")
+    s += (f" sp={'on' if L.sp else 'off'} mb={L.micro_batch} recompute={L.recompute} "
+          f"zero={L.zero} {L.precision}")
+    return s + (f" offload={L.offload_layers} layers" if L.offload_layers else "")
 
 
 def _fmt_val(k, v):
@@ -229,8 +231,9 @@ def _cause(term, p, b, cluster, delta=None) -> str:
         if (L.pp, L.first_stage_layers, L.last_stage_layers) != (B.pp, B.first_stage_layers, B.last_stage_layers):
             return f"the slowest pipeline stage carries more work: {cost}"
         return cost
-    if term == "overhead":
-        return cost
+    if term == "offload":
+        return (f"offload_layers={L.offload_layers} copies those layers' activations to host memory and back "
+                f"(host link {cluster.gpu.host_bandwidth / 1e9:.0f} GB/s per direction): {cost}")
     return cost
 
 

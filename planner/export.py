@@ -67,7 +67,7 @@ MEGATRON_FLAGS = {
     # training (_add_training_args)
     "--micro-batch-size": "int", "--global-batch-size": "int", "--sequence-parallel": "flag",
     "--recompute-granularity": "str", "--recompute-method": "str", "--recompute-num-layers": "int",
-    "--recompute-modules": "list",
+    "--recompute-modules": "list", "--cpu-offloading-num-layers": "int",
     "--tp-comm-overlap": "flag", "--no-gradient-accumulation-fusion": "flag", "--disable-bias-linear": "flag",
     "--train-iters": "int", "--log-interval": "int",
     # network size (_add_network_size_args)
@@ -217,6 +217,9 @@ def _megatron_parallel(a: _Args, L, model) -> None:
         add("--recompute-granularity", "full")
         add("--recompute-method", "uniform")
         add("--recompute-num-layers", 1)
+    # activation offloading: arguments.py validate_args sets cpu_offloading when this is > 0
+    if L.offload_layers:
+        add("--cpu-offloading-num-layers", L.offload_layers)
 
 
 def _megatron_model(a: _Args, L, model) -> None:
@@ -487,6 +490,10 @@ def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_f
                            "emit megatron, or plan without --grad-dtype")
     if fmt == "megatron":
         return _megatron(plan, model, cluster, out, capacity_factor, pad_to_capacity, grad_bf16)
+    if plan.layout.offload_layers:
+        raise PlannerError(f"activation offloading (--offload-layers {plan.layout.offload_layers}) is Megatron-Core's "
+                           f"--cpu-offloading-num-layers; a {fmt} configuration cannot express it: emit megatron, or "
+                           "plan with --offload-layers 0")
     from .export_torchtitan import torchtitan_emit
     return {"torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster, out)
 

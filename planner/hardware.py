@@ -76,12 +76,19 @@ class GPU:
     # device. Above 1 the rates above are one rank's share while every rank works, and the cost
     # model composes a step as a work-conserving shared processor does (planner/costmodel.py)
     shared_by: float = 1.0
+    # bytes/s per direction between the GPU and its host's memory (PCIe, NVLink-C2C), what
+    # activation offloading moves over; 0 = not given, offloading refused
+    host_bandwidth: float = 0.0
 
     def __post_init__(self):
         v = self.shared_by
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
             raise PlannerError(f"GPU {self.name}: shared_by (ranks sharing one device) must be a number "
                                f">= 1, got {v!r}")
+        h = self.host_bandwidth
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h < 0:
+            raise PlannerError(f"GPU {self.name}: host_bandwidth (bytes/s to host memory) must be a number "
+                               f">= 0, got {h!r}")
 
     def peak(self, precision: str) -> float:
         try:

@@ -104,7 +104,7 @@ class Precision(_Coded):
 
 # integer knobs held as int64 columns; string knobs are held as codes into the tuples above
 INT_KNOBS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq_len",
-             "zero", "shard_group", "first_stage_layers", "last_stage_layers")
+             "zero", "shard_group", "first_stage_layers", "last_stage_layers", "offload_layers")
 BOOL_KNOBS = ("sp", "overlap_tp", "overlap_dp", "overlap_pp", "overlap_ep")
 CODE_KNOBS = {"recompute": RECOMPUTE, "schedule": SCHEDULES, "cp_comm": CP_COMM,
               "precision": PRECISIONS}
@@ -139,13 +139,15 @@ class Layout:
     overlap_ep: bool = True       # EP all-to-all hidden behind another micro-batch's compute where
                                   # Megatron-Core accepts --overlap-moe-expert-parallel-comm
                                   # (costmodel.stages.ep_overlap_allowed: pp 1 or interleaved, no full recompute)
+    offload_layers: int = 0       # layers whose activations go to host memory between forward and
+                                  # backward (Megatron-Core --cpu-offloading --cpu-offloading-num-layers)
 
     def __post_init__(self):
         for n in INT_KNOBS:
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise PlannerError(f"layout: {n} must be an integer, got {v!r}")
-            lo = 0 if n in ("shard_group", "first_stage_layers", "last_stage_layers", "zero") else 1
+            lo = 0 if n in ("shard_group", "first_stage_layers", "last_stage_layers", "zero", "offload_layers") else 1
             if v < lo:
                 raise PlannerError(f"layout: {n} must be >= {lo}, got {v}")
         if self.zero not in ZERO_STAGES:

@@ -1,6 +1,7 @@
 """The best layout's one-knob neighbours: the same layout with TP, PP, CP, EP, micro-batch,
-recompute, ZeRO stage, SP or precision changed (degree changes trade with DP so the GPU count
-holds), each valid by planner/rules.py, scored together in one cost-model call."""
+recompute, ZeRO stage, SP, precision or offloaded layers changed (degree changes trade with DP so
+the GPU count holds; a pipeline or a recompute drops offloading, which Megatron runs without
+them), each valid by planner/rules.py, scored together in one cost-model call."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -25,7 +26,7 @@ def with_pp(model, B: Layout, pp: int, dp: int, stack=None, cluster=None):
     (candidates.split_layers), and 1F1B where B's virtual stages no longer fit."""
     first, last, _ = split_layers(model.layers, np.array([pp]), np.array([0]))
     kw = dict(pp=pp, dp=dp, first_stage_layers=int(first[0]) if pp > 1 else 0,
-              last_stage_layers=int(last[0]) if pp > 1 else 0)
+              last_stage_layers=int(last[0]) if pp > 1 else 0, offload_layers=B.offload_layers if pp == 1 else 0)
     if pp == 1 or B.pp == 1:
         kw.update(schedule="1f1b", vpp=1)
     cand = replace(B, **kw)
@@ -79,7 +80,10 @@ def neighbours(model, cluster, best: Layout, stack=None) -> list:
             add(f"micro_batch {B.micro_batch}->{mb}", lambda mb=mb: replace(B, micro_batch=mb))
     for r in ("none", "selective", "full"):
         if r != B.recompute:
-            add(f"recompute {B.recompute}->{r}", lambda r=r: replace(B, recompute=r))
+            add(f"recompute {B.recompute}->{r}",
+                lambda r=r: replace(B, recompute=r, offload_layers=B.offload_layers if r == "none" else 0))
+    for n in sorted({0, model.layers // 2} - {B.offload_layers}):
+        add(f"offload_layers {B.offload_layers}->{n}", lambda n=n: replace(B, offload_layers=n))
     zs = tuple(getattr(stack, "zero_stages", (0, 1, 2, 3))) if stack is not None else (0, 1, 2, 3)
     for z in zs:
         if z != B.zero:

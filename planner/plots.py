@@ -25,13 +25,13 @@ from .neighbours import valid, with_pp
 # one colour per term, stable across plots (tab10 / tab20 entries)
 TIME_COLOR = {"compute": "#4c72b0", "recompute": "#8172b3", "tp_comm": "#dd8452", "cp_comm": "#da8bc3",
               "ep_comm": "#937860", "pp_comm": "#ccb974", "dp_comm": "#c44e52", "bubble": "#8c8c8c",
-              "optimizer": "#55a868", "overhead": "#64b5cd"}
+              "optimizer": "#55a868", "overhead": "#64b5cd", "offload": "#a6761d"}
 MEMORY_COLOR = {"weights": "#4c72b0", "gradients": "#55a868", "optimizer": "#8172b3", "activations": "#dd8452",
                 "logits": "#ccb974", "buffers": "#64b5cd", "fragmentation": "#b0b0b0",
                 "reserved": "#8c8c8c"}
 SHORT_TIME = {"compute": "compute", "recompute": "recompute", "tp_comm": "TP comm", "cp_comm": "CP comm",
               "ep_comm": "EP all-to-all", "pp_comm": "PP send/recv", "dp_comm": "DP comm", "bubble": "PP bubble",
-              "optimizer": "optimizer", "overhead": "overhead"}
+              "optimizer": "optimizer", "overhead": "overhead", "offload": "activation offload"}
 SHORT_MEM = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
              "activations": "activations", "logits": "logits", "buffers": "comm buffers",
              "fragmentation": "allocator reserve", "reserved": "reserved"}

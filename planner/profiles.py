@@ -66,7 +66,8 @@ def _gpu(g, w: str, default_name) -> GPU:
               hbm_bytes=_num(g, "hbm_bytes", f"{w}: gpu"),
               hbm_bandwidth=_num(g, "hbm_bandwidth", f"{w}: gpu"),
               reserved_bytes=_num(g, "reserved_bytes", f"{w}: gpu", required=False, default=0.0),
-              shared_by=_num(g, "shared_by", f"{w}: gpu", required=False, default=1.0))
+              shared_by=_num(g, "shared_by", f"{w}: gpu", required=False, default=1.0),
+              host_bandwidth=_num(g, "host_bandwidth", f"{w}: gpu", required=False, default=0.0))
     if gpu.hbm_bytes <= 0 or gpu.hbm_bandwidth <= 0:
         raise PlannerError(f"{w}: gpu.hbm_bytes and gpu.hbm_bandwidth must be > 0")
     return gpu

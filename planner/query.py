@@ -49,7 +49,8 @@ class Query:
 
     def context(self, gpus: int) -> Context:
         precisions = tuple(p for p in ("bf16", "fp8", "fp16") if p in self.cluster.gpu.peak_flops)
-        return Context(self.model, gpus, self.seq_len, self.global_batch, self.stack, precisions, self.cluster.name)
+        return Context(self.model, gpus, self.seq_len, self.global_batch, self.stack, precisions, self.cluster.name,
+                       self.cluster.gpu.host_bandwidth)
 
     @property
     def single(self) -> bool:
@@ -94,7 +95,7 @@ def _check_inputs(model, seq_len, global_batch, fixed, top, tokens, price, moe_i
         if v is not None:
             _check_int(name, v)
     _check_int("--top", top, 1, MAX_TOP)
-    zero_ok = ("zero", "shard_group", "first_stage_layers", "last_stage_layers")
+    zero_ok = ("zero", "shard_group", "first_stage_layers", "last_stage_layers", "offload_layers")
     for k in INT_KNOBS:
         for v in (fixed[k] if isinstance(fixed.get(k), (list, tuple)) else [fixed.get(k)]):
             if v is not None:

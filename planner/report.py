@@ -10,7 +10,7 @@ from .results import flat_rows
 
 TERM_LABEL = {"compute": "compute", "recompute": "recompute", "tp_comm": "TP", "cp_comm": "CP",
               "ep_comm": "EP", "pp_comm": "PP", "dp_comm": "DP", "bubble": "bubble",
-              "optimizer": "optimizer", "overhead": "overhead"}
+              "optimizer": "optimizer", "overhead": "overhead", "offload": "offload"}
 
 
 def _top_terms(p, n=3):
@@ -28,6 +28,8 @@ _WHEN_DIFFERENT = (("etp", "etp"), ("cp_comm", "cp_comm"), ("shard", "shard_grou
                    ("first_L", "first_stage_layers"), ("last_L", "last_stage_layers"),
                    ("ovl_tp", "overlap_tp"), ("ovl_dp", "overlap_dp"), ("ovl_pp", "overlap_pp"),
                    ("ovl_ep", "overlap_ep"))
+# knobs shown whenever any row printed uses them (0 = off)
+_WHEN_SET = (("offload", "offload_layers"),)
 
 
 def _knob(v) -> str:
@@ -40,6 +42,7 @@ def knob_columns(plans) -> list:
     for head, f in _WHEN_DIFFERENT:
         if len({getattr(p.layout, f) for p in plans}) > 1:
             cols.append((head, f))
+    cols += [(head, f) for head, f in _WHEN_SET if any(getattr(p.layout, f) for p in plans)]
     return cols
 
 

@@ -34,6 +34,7 @@ class Context:
     stack: Stack = STACKS["megatron-core"]
     precisions: tuple = ("bf16", "fp8", "fp16")   # what the hardware has a peak for
     hardware: str = "the hardware"
+    host_bandwidth: float = 1.0       # bytes/s from a GPU to host memory (0: unknown, no offloading)
 
 
 @frozen
@@ -334,6 +335,23 @@ RULES: tuple = (
          lambda v, x: f"--recompute {RECOMPUTE[v['recompute']]}: {_module_misfit(v['recompute'], x.model)}",
          "Megatron-Core transformer_config.py __post_init__: mla_up_proj only with multi_latent_attention, "
          "moe_act only with moe_grouped_gemm"),
+    Rule("offload_layers", ("offload_layers",), lambda c, x: c.offload_layers < x.model.layers,
+         lambda v, x: f"--offload-layers {v['offload_layers']}: {x.model.name} has {x.model.layers} layers; "
+                      f"at most {x.model.layers - 1} can be offloaded",
+         "Megatron-Core transformer_config.py __post_init__: offloading only for layers less than num_layers"),
+    Rule("offload_pp", ("offload_layers", "pp"), lambda c, x: (c.offload_layers == 0) | (c.pp == 1),
+         lambda v, x: f"--offload-layers runs with --pp 1 only (got --pp {v['pp']})",
+         "Megatron-Core transformer_config.py __post_init__: no CPU offloading with pipeline parallelism"),
+    Rule("offload_recompute", ("offload_layers", "recompute"),
+         lambda c, x: (c.offload_layers == 0) | (c.recompute == Recompute.NONE),
+         lambda v, x: f"--offload-layers runs with --recompute none only (got {RECOMPUTE[v['recompute']]})",
+         "Megatron-Core transformer_config.py __post_init__: no CPU offloading with activation recomputation"),
+    Rule("offload_where", ("offload_layers",),
+         lambda c, x: (c.offload_layers == 0) | (np.asarray(x.stack.activation_offload) & (x.host_bandwidth > 0)),
+         lambda v, x: (f"{x.stack.name} has no activation offloading (--offload-layers){_who_runs('activation_offload', True)}"
+                       if not x.stack.activation_offload else f"--offload-layers: {x.hardware} has no gpu.host_bandwidth "
+                       "in its profile to time the copies; drop it"),
+         "stacks.py Stack.activation_offload (Megatron-Core --cpu-offloading-num-layers); hwprofiles gpu.host_bandwidth"),
     Rule("precision_on_gpu", ("precision",), lambda c, x: np.isin(c.precision, [_PREC[p] for p in x.precisions]),
          lambda v, x: f"--precision {['bf16', 'fp8', 'fp16'][v['precision']]}: {x.hardware} has no "
                       f"{['bf16', 'fp8', 'fp16'][v['precision']]} peak; valid: {', '.join(x.precisions)}",
@@ -425,10 +443,11 @@ def context_for(model: ModelSpec, layout: Layout, stack: Stack | None = None, cl
 
 
 def hardware_facts(cluster) -> tuple:
-    """(precisions with a peak, name) of a cluster, for Context."""
+    """(precisions with a peak, name, host bandwidth) of a cluster, for Context."""
     if cluster is None:
-        return ("bf16", "fp8", "fp16"), "the hardware"
-    return tuple(p for p in ("bf16", "fp8", "fp16") if p in cluster.gpu.peak_flops), cluster.name
+        return ("bf16", "fp8", "fp16"), "the hardware", 1.0
+    return (tuple(p for p in ("bf16", "fp8", "fp16") if p in cluster.gpu.peak_flops), cluster.name,
+            cluster.gpu.host_bandwidth)
 
 
 # ----------------------------------------------------------------------------------- fixed knobs

@@ -82,6 +82,9 @@ def supported(spec: ModelSpec, layout: Layout, capacity_factor: float = 0.0, pad
                            f"rotates pairs of channels and needs an even head_dim")
     if layout.first_stage_layers or layout.last_stage_layers:
         raise PlannerError("uneven pipeline stages (first/last stage layers) are not implemented")
+    if layout.offload_layers:
+        raise PlannerError("activation offloading (--offload-layers) is not implemented: validate's ranks keep "
+                           "every activation on the device")
     if spec.layers % (layout.pp * layout.vpp):
         raise PlannerError(f"the {spec.layers} layers of {spec.name} must split evenly over pp x vpp = "
                            f"{layout.pp * layout.vpp} stages")

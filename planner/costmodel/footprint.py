@@ -12,6 +12,7 @@ from ..layout import Precision
 from ..model_spec import ModelSpec
 from .elements import ElementBytes, fp8_params
 from .knobs import StepKnobs, by_recompute
+from .offload import offloaded_layers
 from .records import Record, record, on
 from .state import LayerParams, StageParams
 
@@ -109,6 +110,16 @@ class _Moments:
     m_end: np.ndarray
 
 
+def resident_activations(a, k: StepKnobs, layers, ndense):
+    """Bytes of activations a rank keeps on the GPU through one micro-batch: every layer's, less
+    the offloaded layers'. At the end of the forward, the peak, their copies out are long done; in
+    backward they come back one or two at a time (TE's double buffer) while the kept layers'
+    activations are being freed (validate memory --offload-layers: the tracker sees the same)."""
+    dense, moe = by_recompute(a, "dense", k), by_recompute(a, "moe", k)
+    od, om = offloaded_layers(k, layers, ndense)
+    return (ndense - od) * dense + (layers - ndense - om) * moe
+
+
 def _moments(eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, prefetch, inflight, first, last,
              unit) -> _Moments:
     """The terms and the three moments of rank_memory (its docstring says which)."""
@@ -117,7 +128,7 @@ def _moments(eb: ElementBytes, stack, lt, k: StepKnobs, layers, ndense, rs, pref
     z3 = (k.zero == 3) if staged is False else (k.zero == 3) & ~staged
     gathered = on(z3, prefetch)                     # two layers (prefetch_bytes)
     live = by_recompute(a, "live", k)
-    kept = (ndense * by_recompute(a, "dense", k) + (layers - ndense) * by_recompute(a, "moe", k)) * inflight
+    kept = resident_activations(a, k, layers, ndense) * inflight
     kept = kept + on(first, a.emb * inflight)
     logits = on(last, a.logits)
     # DTensor TP's full-vocab embedding gradient at the end of the first stage's backward

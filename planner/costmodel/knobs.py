@@ -84,6 +84,7 @@ class StepKnobs:
     overlap_dp: np.ndarray
     overlap_pp: np.ndarray
     sp: np.ndarray           # sequence parallelism in effect (asked for and tp > 1)
+    offload: np.ndarray      # layers whose activations are offloaded to host memory (pp 1 only)
     zero_values: tuple       # the ZeRO stages present (one, in a search chunk)
     recompute_values: tuple  # the recompute codes present
 
@@ -94,7 +95,8 @@ class StepKnobs:
                          recompute=c.recompute.astype(np.int64), zero=c.zero, schedule=c.schedule,
                          precision=c.precision, first_given=_f(c.first_stage_layers),
                          last_given=_f(c.last_stage_layers), overlap_dp=c.overlap_dp, overlap_pp=c.overlap_pp,
-                         sp=np.asarray(c.sp, bool) & (np.asarray(c.tp) > 1), zero_values=_values(c.zero),
+                         sp=np.asarray(c.sp, bool) & (np.asarray(c.tp) > 1), offload=_f(c.offload_layers),
+                         zero_values=_values(c.zero),
                          recompute_values=_values(c.recompute))
 
     @property

@@ -15,7 +15,7 @@ from .stages import StageSums
 from .state import DpTimes, StageParams
 
 TIME_TERMS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm",
-              "bubble", "optimizer", "overhead")
+              "bubble", "optimizer", "overhead", "offload")
 ADAM_BYTES_PER_PARAM = 38   # Adam step traffic per fp32 master parameter: read grad/master/m/v (16),
                             # write master/m/v (12), bf16 weight copy (2), grad-norm read (4), zero grad (4)
                             # (apex/TE FusedAdam multi_tensor_adam kernel)
@@ -34,6 +34,7 @@ class TimeBreakdown(Record):
     bubble: np.ndarray
     optimizer: np.ndarray
     overhead: np.ndarray
+    offload: np.ndarray        # exposed activation offloading to host memory
 
     def total(self):
         return sum(self.named().values())
@@ -55,7 +56,7 @@ def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp) ->
     dp_mb = np.where(overlap_dp, np.maximum(dp.per_mb_f - sums.fwd, 0.0)
                      + np.maximum(dp.per_mb_b - sums.bwd - sums.rc, 0.0), dp.per_mb_f + dp.per_mb_b) + dp.serial
     return Stage(sums, params, dp, dp_mb,
-                 sums.fwd + sums.bwd + sums.rc + sums.tp + sums.cp + sums.ep + dp_mb)
+                 sums.fwd + sums.bwd + sums.rc + sums.tp + sums.cp + sums.ep + sums.off + dp_mb)
 
 
 def effective_vpp(k: StepKnobs, split) -> np.ndarray:
@@ -135,5 +136,6 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
         compute=nmb * pick(lambda s: s.sums.fwd + s.sums.bwd), recompute=nmb * pick(lambda s: s.sums.rc),
         tp_comm=nmb * pick(lambda s: s.sums.tp), cp_comm=nmb * pick(lambda s: s.sums.cp),
         ep_comm=nmb * pick(lambda s: s.sums.ep), pp_comm=_pp_comm(lt, k, shared, stack), dp_comm=dp_exposed,
-        bubble=bubble, optimizer=t_opt, overhead=np.full(k.n, stack.step_overhead_s))
+        bubble=bubble, optimizer=t_opt, overhead=np.full(k.n, stack.step_overhead_s),
+        offload=nmb * pick(lambda s: s.sums.off))
     return tb, pick

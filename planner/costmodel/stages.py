@@ -9,6 +9,7 @@ from ..layout import Recompute, Schedule
 from ..model_spec import ModelSpec
 from .compute import ATTN_BWD_FACTOR
 from .knobs import StepKnobs, by_code, by_recompute
+from .offload import exposed_seconds
 from .records import Record, record
 from .records import on as _on
 
@@ -50,6 +51,7 @@ class StageSums(Record):
     cp: np.ndarray             # exposed CP communication
     ep: np.ndarray             # exposed EP all-to-all
     tf: np.ndarray             # forward share: compute + exposed forward communication
+    off: np.ndarray            # exposed activation offloading (host copies and their HBM traffic)
     flops: np.ndarray          # hardware FLOPs: fwd + bwd (flash backward 2.5x core) + recompute
     flops_rc: np.ndarray       # of which recompute
 
@@ -102,4 +104,6 @@ def stage_sums(lt, k: StepKnobs, layers, ndense, first, last, flops: bool = True
         # recomputing core attention (selective, full) runs the K/V ring again too
         cp=layers * (m.cp_f + m.cp_b + pick(Recompute.rows(lambda r: float(r.reruns_core))) * m.cp_f),
         ep=ep, tf=tf + emb + lg + tp_edges / 2,
+        off=exposed_seconds(lt.host, k, layers, ndense, c.f_dense, c.f_moe, c.b_dense, c.b_moe) if k.offload.any()
+        else np.zeros(k.n),
         flops=fl, flops_rc=fl_rc)

@@ -13,6 +13,7 @@ from .comm import DpGroups, LayerComm, dp_groups, layer_comm
 from .compute import LayerCompute, layer_compute
 from .elements import ElementBytes
 from .knobs import LAYER_COLS, LayerKnobs
+from .offload import HostCopy, host_copy
 from .records import Record, record
 from .routing import routed_load
 from ..frozen import frozen
@@ -24,6 +25,7 @@ class LayerTerms(Record):
     comm: LayerComm
     groups: DpGroups
     acts: LayerActivations
+    host: HostCopy
 
 
 @frozen
@@ -55,8 +57,9 @@ def layer_terms(st: Settings, cols: dict) -> LayerTerms:
     k = LayerKnobs.of(cols)
     load = st.routed_load(k)
     lc = layer_compute(st.model, st.cluster, st.stack, k, load)
+    acts = layer_activations(st.model, st.stack, k, load, st.eb)
     return LayerTerms(lc, layer_comm(st.model, st.cluster, st.stack, k, lc, load, st.eb),
-                      dp_groups(st.cluster, st.stack, k), layer_activations(st.model, st.stack, k, load, st.eb))
+                      dp_groups(st.cluster, st.stack, k), acts, host_copy(st.cluster, acts))
 
 
 class Gathered:

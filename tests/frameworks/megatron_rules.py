@@ -171,6 +171,13 @@ def check(argv: list, world: int) -> list:
             bad.append("T:1969 mla_up_proj recompute needs --multi-latent-attention")
         if a.fp8 and {"moe_act", "layernorm"} & set(mods) and a.fp8_recipe == "delayed":
             bad.append("T:2000-2004 moe_act / layernorm recompute refuse delayed scaling under fp8")
+    if a.cpu_offloading_num_layers > 0:        # A:1950 sets cpu_offloading
+        if a.cpu_offloading_num_layers >= a.num_layers:
+            bad.append("T:1884 cpu_offloading_num_layers below num_layers")
+        if pp > 1:
+            bad.append("T:1891 CPU offloading without pipeline parallelism")
+        if a.recompute_granularity is not None:
+            bad.append("T:1896 CPU offloading without activation recomputation")
     if a.use_megatron_fsdp and not a.use_distributed_optimizer:
         bad.append("A Megatron-FSDP runs with the distributed optimizer")
     if a.fp8_param_gather and not (a.use_distributed_optimizer or a.use_torch_fsdp2 or a.use_megatron_fsdp):

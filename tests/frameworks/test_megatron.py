@@ -137,3 +137,18 @@ def test_a_recompute_module_list_is_emitted_as_megatron_takes_it(model, gpus, hw
     a = R.parse(argv)
     assert a.recompute_granularity == "selective"
     assert a.recompute_modules == plan.layout.recompute.split(":")[1].split("+")
+
+
+def test_activation_offloading_is_emitted_as_megatron_takes_it():
+    """A plan offloading activations (Megatron-Core --cpu-offloading-num-layers, as NVIDIA's GB200
+    recipes run Llama 3 70B under Megatron-FSDP) is emitted with that flag, which the parser takes
+    and TransformerConfig's rules accept (pp 1, no recompute, fewer layers than the model); the
+    mirrored rules refuse what Megatron refuses."""
+    text, plan = _emit("llama-3-70b", 64, "gb200-nvl72",
+                       dict(tp=1, pp=1, cp=1, zero=3, micro_batch=2, precision="fp8", offload_layers=40))
+    argv = R.emitted_args(text)
+    assert R.check(argv, 64) == []
+    assert R.parse(argv).cpu_offloading_num_layers == 40 == plan.layout.offload_layers
+    assert any("T:1891" in b for b in R.check(argv + ["--pipeline-model-parallel-size", "2"], 64))
+    assert any("T:1896" in b for b in R.check(argv + ["--recompute-granularity", "selective"], 64))
+    assert any("T:1884" in b for b in R.check(argv + ["--cpu-offloading-num-layers", "80"], 64))

@@ -45,6 +45,21 @@ def test_json_contract(capsys):
     assert sum(lay["memory_breakdown_gib"].values()) == pytest.approx(lay["memory_gib"], rel=1e-9)
 
 
+def test_offloaded_layers_are_held_shown_and_in_json(capsys):
+    """--offload-layers N is held like any knob, shown in the table (column `offload`) and written
+    to JSON as `offload_layers`, with the exposed copies as time term `offload`."""
+    args = ["--model", "llama-3-70b", "--gpus", "64", "--hardware", "gb200-nvl72", "--tp", "1", "--pp", "1",
+            "--cp", "1", "--zero", "3", "--micro-batch", "2", "--seq-len", "8192", "--global-batch", "256",
+            "--precision", "fp8", "--offload-layers", "40", "--top", "2"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    head = out.splitlines()[1].split()
+    assert "offload" in head and out.splitlines()[2].split()[head.index("offload")] == "40"
+    code, out, _ = run(args + ["--format", "json"], capsys)
+    lay = json.loads(out)["layouts"][0]
+    assert lay["offload_layers"] == 40 and lay["recompute"] == "none" and lay["time_breakdown_s"]["offload"] > 0
+
+
 def test_csv_flat(capsys):
     code, out, _ = run(["--model", "llama-3-8b", "--gpus", "16", "--format", "csv", "--top", "2"], capsys)
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -76,6 +91,13 @@ def test_fixed_knobs_are_held(capsys):
     (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "bf16", "--stack", "torchtitan"],
      "--grad-dtype is modelled for the megatron-core stack"),
     (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "fp16"], "invalid choice: 'fp16'"),
+    (["--model", "gpt-20b", "--gpus", "64", "--offload-layers", "-1"], "--offload-layers must be >= 0"),
+    (["--model", "gpt-20b", "--gpus", "64", "--offload-layers", "8", "--recompute", "full"],
+     "--offload-layers runs with --recompute none only"),
+    (["--model", "gpt-20b", "--gpus", "64", "--offload-layers", "8", "--stack", "torchtitan"],
+     "torchtitan has no activation offloading"),
+    (["--model", "gpt-20b", "--gpus", "64", "--offload-layers", "8", "--emit", "deepspeed"],
+     "a deepspeed configuration cannot express it"),
     (["--model", "gpt-20b", "--gpus", "64", "--grad-dtype", "bf16", "--emit", "deepspeed"],
      "bf16 gradients (--grad-dtype bf16) cannot be expressed in a deepspeed configuration"),
 ])

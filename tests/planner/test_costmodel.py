@@ -331,3 +331,44 @@ def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert():
     local = 256 / np.array([8, 8, 32, 32])
     np.testing.assert_allclose(extra, (2 * np.array([1, 2, 1, 2]) * local - 2) * te.kernel_overhead_s, rtol=1e-9)
     assert STACKS["torchtitan"].expert_launches == "grouped"       # torch._grouped_mm
+
+
+def test_offloaded_layers_leave_the_gpu_and_their_copies_are_timed():
+    """--offload-layers N keeps N fewer layers' activations on the GPU at the peak (validate memory
+    holds that to the tracker) and adds what its host copies cannot hide: each copy beside the
+    next layer's forward (out) and backward (in), plus their HBM reads and writes."""
+    import dataclasses
+    from planner.costmodel.offload import host_copy
+    from planner.costmodel.terms import layer_terms, Settings
+    from planner.layout import Candidates
+    from planner.stacks import STACKS
+    m, cl = load_model("llama-3-70b"), load_hardware("gb200-nvl72")
+    base = Layout(tp=1, pp=1, dp=64, micro_batch=2, global_batch=256, seq_len=8192, zero=3, precision="fp8")
+    lays = [dataclasses.replace(base, offload_layers=n) for n in (0, 20, 40)]
+    ev = evaluate(m, cl, Candidates.from_layouts(lays), STACKS["megatron-core"])
+    act = ev.detail.memory.activations
+    per_layer = (act[0] - act[1]) / 20
+    np.testing.assert_allclose(act[0] - act[2], 40 * per_layer, rtol=1e-9)
+    off = ev.detail.time.offload
+    assert off[0] == 0.0 and 0 < off[1] < off[2]
+    # the same from the formula: 2 micro-batches x N layers x (exposed out + exposed in + HBM)
+    c = Candidates.from_layouts(lays[:1])
+    lt = layer_terms(Settings(m, cl, STACKS["megatron-core"]), {k: c.cols[k] for k in c.cols})
+    hc, lc = host_copy(cl, lt.acts), lt.compute
+    one = (max(hc.link_dense[0] - lc.f_dense[0], 0) + max(hc.link_dense[0] - lc.b_dense[0], 0)
+           + 2 * hc.hbm_dense[0])
+    np.testing.assert_allclose(off[1:], 2 * np.array([20, 40]) * one, rtol=1e-9)
+    assert hc.link_dense[0] == lt.acts.dense[0][0] / cl.gpu.host_bandwidth      # Recompute.NONE row
+
+
+def test_the_search_offloads_only_where_memory_asks_for_it():
+    """Llama 3 70B on GB200 under Megatron-FSDP at micro-batch 2, cp 1 (NVIDIA's FP8-CS recipe)
+    does not fit without recompute: offloading layers beats full recompute; where everything fits,
+    offloading only costs, and the best layout keeps every activation on the GPU."""
+    from planner.engine import search
+    m, cl = load_model("llama-3-70b"), load_hardware("gb200-nvl72")
+    fixed = dict(tp=1, pp=1, cp=1, zero=3, micro_batch=2, precision="fp8")
+    best = search(m, cl, 64, seq_len=8192, global_batch=256, fixed=fixed, top=1).best.layout
+    assert best.offload_layers > 0 and best.recompute == "none"
+    small = search(m, cl, 64, seq_len=2048, global_batch=256, fixed=fixed, top=1).best.layout
+    assert small.offload_layers == 0

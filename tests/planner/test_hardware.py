@@ -80,6 +80,8 @@ def test_all_reduce_is_twice_all_gather_bandwidth_term():
     (lambda d: d["gpu"]["peak_flops"]["bf16"].pop("source"), "needs a non-empty 'source'"),
     (lambda d: d["gpu"]["peak_flops"]["bf16"].__setitem__("sparsity", "2:4"), "only dense"),
     (lambda d: d["network"][0].__setitem__("algorithm", "magic"), "algorithm must be one of"),
+    (lambda d: d["gpu"]["host_bandwidth"].__setitem__("value", -1), "host_bandwidth"),
+    (lambda d: d["gpu"]["host_bandwidth"].pop("source"), "needs a non-empty 'source'"),
 ])
 def test_bad_profiles_rejected(mutate, needle):
     d = tomllib.load(open(PROFILE_DIR / "h100-sxm.toml", "rb"))

@@ -243,13 +243,15 @@ def monotone_pairs(m, layouts):
       which can outgrow the weights it sheds -- real, not a fault.
     - ZeRO 2 -> 3: FSDP holds two gathered layers beside its shard, which costs more than it saves
       when 2 / (layers per stage) > 1 - 1/shard: real too (e.g. 3 layers per stage, shard of 2).
-      A shard group of one rank gathers nothing."""
+      A shard group of one rank gathers nothing.
+    - Not PP from a layout that offloads activations: offloading runs with pp 1 only (Megatron-Core),
+      so a second stage would bring them back to the GPU."""
     attn = m.heads if m.mla else m.kv_heads
     out = []
     for L in layouts:
         if m.heads % (2 * L.tp) == 0 and attn % (2 * L.tp) == 0 and L.etp == 1:
             out.append((L, dataclasses.replace(L, tp=2 * L.tp), "tp"))
-        if m.layers % (2 * L.pp) == 0:
+        if m.layers % (2 * L.pp) == 0 and not L.offload_layers:
             held = dataclasses.replace(L, global_batch=L.dp * L.micro_batch * L.pp)
             out.append((held, dataclasses.replace(held, pp=2 * L.pp), "pp"))
         sd, se = _shards(L)

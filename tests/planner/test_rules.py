@@ -65,6 +65,11 @@ TABLE = [
      "does not combine context parallelism"),
     (MIXTRAL, L(tp=2, ep=2, etp=2, dp=2, zero=3), "torchtitan", "stack_etp", "no expert tensor parallelism"),
     (load_model("gpt-oss-120b"), L(tp=2, ep=4, etp=2, dp=4), "megatron-core", "etp_bias", "linear biases"),
+    # activation offloading (Megatron-Core TransformerConfig __post_init__)
+    (LLAMA8, L(dp=8, offload_layers=32), "megatron-core", "offload_layers", "at most 31 can be offloaded"),
+    (LLAMA8, L(pp=2, dp=4, offload_layers=8), "megatron-core", "offload_pp", "--pp 1 only"),
+    (LLAMA8, L(dp=8, recompute="full", offload_layers=8), "megatron-core", "offload_recompute", "--recompute none"),
+    (LLAMA8, L(dp=8, zero=3, offload_layers=8), "torchtitan", "offload_where", "no activation offloading"),
 ]
 
 
@@ -91,6 +96,7 @@ def test_rule_table(model, layout, stack, rule, phrase):
              last_stage_layers=6, global_batch=1024), "megatron-core"),      # DeepSeek-V3's NeMo layout
     (LLAMA8, L(pp=4, schedule="zbv", dp=2, zero=3), "torchtitan"),
     (MIXTRAL, L(tp=2, sp=True, ep=8, dp=8), "megatron-core"),
+    (LLAMA8, L(dp=8, zero=3, offload_layers=31), "megatron-core"),
 ])
 def test_valid_layouts_pass(model, layout, stack):
     assert rules.violations(layout, rules.context_for(model, layout, STACKS[stack])) == []
@@ -122,3 +128,15 @@ def test_check_fixed_names_the_knob():
 def test_stage_layers_even_and_given():
     first, mid, last = rules.stage_layers(61, np.array([8, 8, 2]), np.array([7, 0, 31]), np.array([6, 0, 30]))
     assert first.tolist() == [7, -1, 31] and mid.tolist() == [8, -1, 0] and last.tolist() == [6, -1, 30]
+
+
+def test_offloading_needs_the_gpus_host_link():
+    """Without gpu.host_bandwidth in the profile the copies cannot be timed: refused in one line."""
+    import dataclasses
+    from planner.profiles import load_hardware
+    cl = load_hardware("h100-sxm")
+    lay = L(dp=8, offload_layers=8)
+    assert rules.violations(lay, rules.context_for(LLAMA8, lay, STACKS["megatron-core"], cl)) == []
+    bare = dataclasses.replace(cl, gpu=dataclasses.replace(cl.gpu, host_bandwidth=0.0))
+    bad = rules.violations(lay, rules.context_for(LLAMA8, lay, STACKS["megatron-core"], bare))
+    assert [r.name for r, _ in bad] == ["offload_where"] and "gpu.host_bandwidth" in bad[0][1]

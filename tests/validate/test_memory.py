@@ -35,6 +35,10 @@ CASES = {
     "megatron-moe-mla": ["--model", "deepseek-v3", "--gpus", "64", "--stack", "megatron-core", "--zero", "1",
                          "--tp", "2", "--sp", "--pp", "1", "--cp", "1", "--ep", "32", "--etp", "1",
                          "--recompute", "full", "--layers", "4", *S],
+    # Megatron-Core --cpu-offloading-num-layers: TE's saved-tensors hook, emulated (blocks._offload)
+    "megatron-offload": ["--model", "llama-3-8b", "--gpus", "8", "--stack", "megatron-core", "--zero", "1",
+                         "--tp", "1", "--pp", "1", "--cp", "1", "--recompute", "none", "--layers", "4",
+                         "--offload-layers", "2", *S],
     "megatron-gpt-tied-bias": ["--model", "gpt-175b", "--gpus", "64", "--stack", "megatron-core", "--zero", "1",
                                "--tp", "8", "--sp", "--pp", "1", "--cp", "1", "--recompute", "selective",
                                "--layers", "2", *S],

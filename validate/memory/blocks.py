@@ -157,6 +157,7 @@ class Stage(nn.Module):
         self.output = Linear(s.hidden, s.vocab, False, "col") if last and not self.tied else None
         rd = s.mla.qk_rope_head_dim if s.mla else s.head_dim
         self.register_buffer("rope_cs", torch.empty(seq, rd), persistent=False)   # cos | sin halves
+        self.offload = frozenset()         # layer ids whose saved activations leave the device
 
     def embed(self, ids):
         x = self.tok_embeddings(ids)
@@ -169,14 +170,39 @@ class Stage(nn.Module):
         if self.tok_embeddings is not None:
             x = self.embed(x)
         cs = self.rope_cs
-        for layer in self.layers.values():
-            x = layer(x, cs)
+        for i, layer in self.layers.items():
+            if int(i) in self.offload:
+                with torch.autograd.graph.saved_tensors_hooks(_offload, _reload):
+                    x = layer(x, cs)
+            else:
+                x = layer(x, cs)
         if self.tied:
             from .fakemodel import _LinearFn
             return _LinearFn.apply(self.norm(x), self.tok_embeddings.weight, None, "col" if Ctx.tp > 1 else "rep")
         if self.output is not None:
             x = self.output(self.norm(x))
         return x
+
+
+def _is_weight(t) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
+def _offload(t):
+    """Activation offloading as Transformer Engine's cpu_offload does it (a saved-tensors hook,
+    weights left alone): the saved activation leaves the device; only its shape is kept, since on
+    fake tensors the host copy's bytes are all that matter."""
+    if _is_weight(t):
+        return t
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _reload(p):
+    """Back on the device for the layer's backward: a new tensor of the saved shape."""
+    if isinstance(p, torch.Tensor):
+        return p
+    shape, stride, dtype, device, _ = p
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
 class _VocabParallelCE(torch.autograd.Function):

@@ -96,7 +96,8 @@ def rank_spec(model, L, rank, stack_name: str):
     return RankSpec(shape=Shape.of(model), world=L.gpus, tp=L.tp, pp=L.pp, dp=L.dp, cp=L.cp, ep=L.ep, sp=L.sp,
                     micro_batch=L.micro_batch, seq_len=L.seq_len, recompute=L.recompute,
                     selective=STACKS[stack_name].selective, tp_mode=EMULATED[stack_name], zero=L.zero,
-                    stage=rank.stage, layer_ids=ids, first=rank.first, last=rank.last, inflight=rank.inflight)
+                    stage=rank.stage, layer_ids=ids, first=rank.first, last=rank.last, inflight=rank.inflight,
+                    offload_layers=L.offload_layers)
 
 
 def _pick(ranks, which: str):

@@ -45,6 +45,7 @@ class RankSpec:
     first: bool
     last: bool
     inflight: int
+    offload_layers: int = 0    # its first layers' saved activations off the device (pp 1 only)
 
     @property
     def rank(self) -> int:
@@ -90,6 +91,7 @@ def _build(spec: RankSpec):
     if spec.tp > 1 and spec.tp_mode == "dtensor":
         apply_dtensor_tp(model, mesh["tp"], spec.sp)
     apply_recompute(model, spec.recompute, spec.selective)
+    model.offload = frozenset(spec.layer_ids[:spec.offload_layers])
     if spec.zero == 3:
         # torchtitan: reshard after forward without PP; with PP the stage keeps its gathered weights
         apply_fsdp(model, shard_mesh, reshard_after_forward=spec.pp == 1, ep_mesh=ep_mesh)
