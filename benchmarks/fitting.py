@@ -10,9 +10,10 @@ re-scores them (planner.costmodel.evaluate) and takes each run's best layout tha
 
 Parameters are shared, never per run or per source: GEMM efficiency per GPU generation,
 Ampere's attention efficiency (Hopper's and Blackwell's are published: PUBLISHED_ATTN), the MoE
-grouped-GEMM factor, the per-kernel launch cost, and the factors of the non-default stacks. The loss is the mean absolute log error of predicted vs measured tokens/s,
-each run's contribution capped at log(1.65) so that a few runs with unstated, unusual settings
-cannot dominate; a refused run costs the cap.
+grouped-GEMM factor, the per-kernel launch cost, and the factors of the non-default stacks. The
+loss is the mean absolute log error of predicted vs measured tokens/s, each run's contribution
+capped at log(1.65) so that a few runs with unstated, unusual settings cannot dominate; a refused
+run costs the cap.
 """
 from __future__ import annotations
 

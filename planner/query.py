@@ -10,6 +10,7 @@ from .errors import PlannerError
 from .hardware import Cluster
 from .layout import INT_KNOBS
 from .model_spec import ModelSpec
+from . import rules
 from .rules import MAX_GPUS, Context
 from .stacks import STACKS, Stack, get_stack
 from .frozen import frozen
@@ -48,9 +49,8 @@ class Query:
     pad_to_capacity: bool = False    # experts padded to capacity (Megatron --moe-pad-expert-input-to-capacity)
 
     def context(self, gpus: int) -> Context:
-        precisions = tuple(p for p in ("bf16", "fp8", "fp16") if p in self.cluster.gpu.peak_flops)
-        return Context(self.model, gpus, self.seq_len, self.global_batch, self.stack, precisions, self.cluster.name,
-                       self.cluster.gpu.host_bandwidth)
+        return Context(self.model, gpus, self.seq_len, self.global_batch, self.stack,
+                       *rules.hardware_facts(self.cluster))
 
     @property
     def single(self) -> bool:

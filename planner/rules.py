@@ -34,7 +34,8 @@ class Context:
     stack: Stack = STACKS["megatron-core"]
     precisions: tuple = ("bf16", "fp8", "fp16")   # what the hardware has a peak for
     hardware: str = "the hardware"
-    host_bandwidth: float = 1.0       # bytes/s from a GPU to host memory (0: unknown, no offloading)
+    host_bandwidth: float = 1.0       # bytes/s from a GPU to host memory (0: unknown, no offloading;
+                                      # without a cluster, nonzero: no link to refuse offloading for)
 
 
 @frozen

@@ -2,6 +2,8 @@
 linears and attention."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -171,10 +173,8 @@ class Stage(nn.Module):
             x = self.embed(x)
         cs = self.rope_cs
         for i, layer in self.layers.items():
-            if int(i) in self.offload:
-                with torch.autograd.graph.saved_tensors_hooks(_offload, _reload):
-                    x = layer(x, cs)
-            else:
+            off = int(i) in self.offload
+            with torch.autograd.graph.saved_tensors_hooks(_offload, _reload) if off else nullcontext():
                 x = layer(x, cs)
         if self.tied:
             from .fakemodel import _LinearFn
@@ -194,14 +194,14 @@ def _offload(t):
     fake tensors the host copy's bytes are all that matter."""
     if _is_weight(t):
         return t
-    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def _reload(p):
     """Back on the device for the layer's backward: a new tensor of the saved shape."""
     if isinstance(p, torch.Tensor):
         return p
-    shape, stride, dtype, device, _ = p
+    shape, stride, dtype, device = p
     return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
