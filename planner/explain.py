@@ -27,10 +27,10 @@ TIME_LABEL = {
     "compute": "compute (forward + backward)",
     "recompute": "activation recompute",
     "tp_comm": "exposed TP communication",
-    "cp_comm": "exposed CP communication",
+    "cp_comm": "CP comm. (exposed + slowdown)",
     "ep_comm": "exposed EP all-to-all",
-    "pp_comm": "exposed PP send/recv",
-    "dp_comm": "exposed DP communication",
+    "pp_comm": "PP sends (exposed + slowdown)",
+    "dp_comm": "DP comm. (exposed + slowdown)",
     "bubble": "pipeline bubble",
     "optimizer": "optimizer step",
     "overhead": "per-step overhead",
@@ -435,6 +435,10 @@ def explain_text(res, model, cluster, stack=None) -> str:
         if not r["seconds"]:
             continue
         lines.append(f"  {r['label']:<30} {r['seconds']:9.3f} s {r['share']:6.1%}  {_bar(r['share'])}")
+    phi = cluster.efficiency.overlap_slowdown
+    if phi and any(r["seconds"] for r in b["time_breakdown"] if r["term"] in ("dp_comm", "cp_comm", "pp_comm")):
+        lines.append(f"  (slowdown: DP, CP and PP traffic hidden behind compute still costs {phi:.1%} of its time, "
+                     f"NCCL's kernels sharing the SMs; Lee et al. 2025, arXiv 2507.03114)")
     lines.append("")
     lines.append(f"Memory per GPU ({best.memory_gib:.1f} of {best.hbm_gib:.1f} GiB HBM, "
                  f"{best.hbm_gib - best.memory_gib:.1f} GiB free)")

@@ -115,6 +115,11 @@ class Efficiency:
     hbm: float = 0.8                # achievable fraction of HBM bandwidth for elementwise kernels
     network: float = 0.85           # achievable fraction of link bandwidth (NCCL busbw / line rate)
     grouped_gemm: float = 1.0       # MoE grouped-GEMM efficiency relative to a dense GEMM of the same shape
+    # compute time lost per second of a collective that runs hidden beside it: NCCL's kernels hold
+    # SMs and HBM bandwidth the GEMMs would use (Lee et al. 2025, 'Characterizing Compute-Communication
+    # Overlap in GPU-Accelerated Distributed Deep Learning', arXiv 2507.03114: compute overlapped with
+    # communication on A100/H100 runs 18.9% slower on average than alone, 40% at most)
+    overlap_slowdown: float = 0.189
     # fraction of the bf16 peak PyTorch SDPA's flash backend (FlashAttention-2) reaches on this GPU,
     # where it is below attention_max (stacks whose attention_kernel is "sdpa"); None: no lower
     sdpa_attention: float | None = None

@@ -127,7 +127,8 @@ def _efficiency(e, w: str, origin: str) -> Efficiency:
             raise PlannerError(f"{ew}.gemm_max.{_show(prec, 40)}: unknown precision; valid: {', '.join(PRECISIONS)}")
         gm[prec] = _num(e["gemm_max"], prec, f"{ew}.gemm_max")
     kw = {}
-    for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm", "optimizer", "sdpa_attention"):
+    for key in ("gemm_half_dim", "attention_max", "hbm", "network", "grouped_gemm", "optimizer", "sdpa_attention",
+                "overlap_slowdown"):
         if key in e:
             kw[key] = _num(e, key, ew)
     ab = {}
@@ -138,7 +139,9 @@ def _efficiency(e, w: str, origin: str) -> Efficiency:
         ab[prec] = _num(e["attention_by_precision"], prec, f"{ew}.attention_by_precision")
     for key, v in list(kw.items()) + [(f"gemm_max.{p}", v) for p, v in gm.items()] \
             + [(f"attention_by_precision.{p}", v) for p, v in ab.items()]:
-        if key != "gemm_half_dim" and not 0 < v <= 1:
+        if key == "overlap_slowdown" and not 0 <= v < 1:
+            raise PlannerError(f"{ew}.{key}: must be in [0, 1), got {v}")
+        if key not in ("gemm_half_dim", "overlap_slowdown") and not 0 < v <= 1:
             raise PlannerError(f"{ew}.{key}: must be in (0, 1], got {v}")
     for key in ("kernel_overhead", "step_overhead", "tp_layer_overhead"):      # seconds, >= 0
         if key in e:

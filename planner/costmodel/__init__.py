@@ -61,15 +61,16 @@ class Evaluation(Record):
     detail: Detail | None = None
 
 
-def stages(lt, rt, k: StepKnobs, shared: bool, flops: bool = True, moe: bool = True) -> list:
-    """Phase 5 on phase 4's rank terms `rt`: [Stage of the first, a middle, the last pipeline rank]."""
+def stages(lt, rt, k: StepKnobs, shared: bool, flops: bool = True, moe: bool = True, slowdown: float = 0.0) -> list:
+    """Phase 5 on phase 4's rank terms `rt`: [Stage of the first, a middle, the last pipeline rank];
+    `slowdown`: compute lost per second of DP traffic hidden beside it (Efficiency.overlap_slowdown)."""
     split, only = rt.split, k.pp == 1
     spec = ((split.first, split.dense_first, True, only, rt.first), (split.mid, split.dense_mid, False, False, rt.mid),
             (split.last, split.dense_last, False, k.pp > 1, rt.last))
     if k.single_rank:       # no pipeline in any candidate: the first rank is every rank
         spec = spec[:1]
     out = [make_stage(stage_sums(lt, k, layers, ndense, first, last, flops, moe), rs.params, rs.dp,
-                      k.overlap_dp & (not shared)) for layers, ndense, first, last, rs in spec]
+                      k.overlap_dp & (not shared), slowdown) for layers, ndense, first, last, rs in spec]
     return out * 3 if k.single_rank else out
 
 
@@ -119,7 +120,7 @@ def _step(model, cluster, stack, c, cache, detail, lt=None, rt=None, k=None) -> 
     lt = lt if lt is not None else cache.for_candidates(c)
     rt = rt if rt is not None else cache.ranks.for_candidates(c, cache, lt)
     k = k if k is not None else StepKnobs.of(c)
-    st = stages(lt, rt, k, cluster.gpu.shared_by > 1, detail, model.moe is not None)
+    st = stages(lt, rt, k, cluster.gpu.shared_by > 1, detail, model.moe is not None, cluster.efficiency.overlap_slowdown)
     tb, _ = compose_step(lt, k, cluster, stack, rt.split, st, detail)
     return tb, st
 

@@ -83,7 +83,8 @@ def _tp(model, cluster, stack, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes
 def _cp(model, cluster, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns: bool):
     """Exposed CP seconds per layer (forward, backward) of traffic.cp_layer's flows. A ring step
     ends with its slowest hop (collectives.ring_step) and overlaps the attention of the block
-    in hand (Megatron-Core p2p CP: the next K,V arrive while this block computes)."""
+    in hand (Megatron-Core p2p CP: the next K,V arrive while this block computes), slowing it by
+    Efficiency.overlap_slowdown per hidden second."""
     cp, tp = k.cp, k.tp
     step = C.ring_step(cluster, X.kv_bytes(model, k, eb), cp, tp)
     g = C.Group(cluster, cp, tp)
@@ -91,7 +92,8 @@ def _cp(model, cluster, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns:
     out = []
     for backward, t_core in ((False, lc.t_core_f), (True, lc.t_core_b)):
         flows = X.cp_layer(model, k, eb, backward)
-        ring = np.maximum(flows[0].calls * step - hide * t_core * (cp - 1) / cp, 0.0)
+        hidden = np.minimum(flows[0].calls * step, hide * t_core * (cp - 1) / cp)
+        ring = flows[0].calls * step - hidden + cluster.efficiency.overlap_slowdown * hidden
         a2a = flows[4].calls * C.all_to_all(cluster, flows[4].nbytes, cp, tp)
         out.append(np.where(cp > 1, ring + flows_time(g, flows[2:4]) + a2a, 0.0))
     return out

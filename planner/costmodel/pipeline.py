@@ -50,11 +50,14 @@ class Stage:
     t: np.ndarray              # busy seconds per micro-batch
 
 
-def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp) -> Stage:
-    """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped;
-    gathers no prefetch can issue early (state.unprefetched) never do."""
-    dp_mb = np.where(overlap_dp, np.maximum(dp.per_mb_f - sums.fwd, 0.0)
-                     + np.maximum(dp.per_mb_b - sums.bwd - sums.rc, 0.0), dp.per_mb_f + dp.per_mb_b) + dp.serial
+def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp, slowdown: float = 0.0) -> Stage:
+    """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped,
+    slowing that compute by `slowdown` per hidden second (Efficiency.overlap_slowdown); gathers no
+    prefetch can issue early (state.unprefetched) never do."""
+    b = sums.bwd + sums.rc
+    hidden = np.minimum(dp.per_mb_f, sums.fwd) + np.minimum(dp.per_mb_b, b)
+    dp_mb = np.where(overlap_dp, np.maximum(dp.per_mb_f - sums.fwd, 0.0) + np.maximum(dp.per_mb_b - b, 0.0)
+                     + slowdown * hidden, dp.per_mb_f + dp.per_mb_b) + dp.serial
     return Stage(sums, params, dp, dp_mb,
                  sums.fwd + sums.bwd + sums.rc + sums.tp + sums.cp + sums.ep + sums.off + dp_mb)
 
@@ -93,20 +96,21 @@ def _picker(k: StepKnobs, stages, shared: bool, vpp):
     return pick, t_slow, bubble
 
 
-def _pp_comm(lt, k: StepKnobs, shared: bool, stack: Stack):
+def _pp_comm(lt, k: StepKnobs, shared: bool, stack: Stack, slowdown: float = 0.0):
     """PP p2p: fill and drain sit on the critical path; steady-state sends overlap where the
     stack's schedule overlaps them (Stack.p2p_overlap_schedules: Megatron only with virtual
     stages, --overlap-p2p-communication; its plain 1F1B exchanges blocking send/recv pairs) and
-    --no-overlap pp is not given. On shared processors a send is CPU work of both ends that
-    nothing hides: each micro-batch crosses pp - 1 boundaries both ways, a rank's mean share
-    2 (pp-1)/pp."""
+    --no-overlap pp is not given, and slow the compute beside them by `slowdown` per hidden
+    second (Efficiency.overlap_slowdown: NCCL's send/recv kernels hold SMs too). On shared
+    processors a send is CPU work of both ends that nothing hides: each micro-batch crosses
+    pp - 1 boundaries both ways, a rank's mean share 2 (pp-1)/pp."""
     nmb = k.micro_batches
     cross = S.p2p_crossings(k.schedule, k.pp, k.vpp, nmb)
     t = lt.comm.t_p2p
     if shared:
         return 2 * t * cross * nmb * (k.pp - 1) / k.pp
     ovl = k.overlap_pp & np.isin(k.schedule, [SCHEDULES.index(n) for n in stack.p2p_overlap_schedules])
-    return 2 * t * cross * (k.pp - 1) + np.where(ovl, 0.0, 2 * t * cross * nmb)
+    return 2 * t * cross * (k.pp - 1) + np.where(ovl, slowdown, 1.0) * 2 * t * cross * nmb
 
 
 def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages, detail: bool = True) -> tuple:
@@ -120,8 +124,11 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
     # Megatron overlap_grad_reduce) and the first forward (param all-gather, overlap_param_gather);
     # nothing overlaps on shared processors, where communication is CPU work of the same ranks
     ovl = k.overlap_dp & (not shared)
+    # (the hidden part slows the compute beside it: Efficiency.overlap_slowdown)
     window = np.where(ovl, pick(lambda s: s.sums.bwd + s.sums.rc + s.sums.fwd * (k.zero == 1)), 0.0)
-    dp_exposed = np.maximum(pick(lambda s: s.dp.per_step) - window, 0.0) + pick(lambda s: s.dp_mb) * nmb
+    per_step = pick(lambda s: s.dp.per_step)
+    dp_exposed = (np.maximum(per_step - window, 0.0) + cluster.efficiency.overlap_slowdown * np.minimum(per_step, window)
+                  + pick(lambda s: s.dp_mb) * nmb)
     # optimizer step over the parameters this rank owns (sharded by ZeRO >= 1)
     g = lt.groups
     sharded = k.zero >= 1
@@ -129,13 +136,14 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
              + pick(lambda s: s.params.expert) / np.where(sharded, g.eshard, 1))
     opt_bw = gpu.hbm_bandwidth * (cluster.efficiency.optimizer or cluster.efficiency.hbm)
     t_opt = owned * ADAM_BYTES_PER_PARAM * S.weight_copies(k.schedule) / opt_bw
+    t_pp = _pp_comm(lt, k, shared, stack, cluster.efficiency.overlap_slowdown)
     if not detail:
-        return (nmb * t_slow + _pp_comm(lt, k, shared, stack) + bubble + dp_exposed - pick(lambda s: s.dp_mb) * nmb
+        return (nmb * t_slow + t_pp + bubble + dp_exposed - pick(lambda s: s.dp_mb) * nmb
                 + t_opt + stack.step_overhead_s), None
     tb = TimeBreakdown(
         compute=nmb * pick(lambda s: s.sums.fwd + s.sums.bwd), recompute=nmb * pick(lambda s: s.sums.rc),
         tp_comm=nmb * pick(lambda s: s.sums.tp), cp_comm=nmb * pick(lambda s: s.sums.cp),
-        ep_comm=nmb * pick(lambda s: s.sums.ep), pp_comm=_pp_comm(lt, k, shared, stack), dp_comm=dp_exposed,
+        ep_comm=nmb * pick(lambda s: s.sums.ep), pp_comm=t_pp, dp_comm=dp_exposed,
         bubble=bubble, optimizer=t_opt, overhead=np.full(k.n, stack.step_overhead_s),
         offload=nmb * pick(lambda s: s.sums.off))
     return tb, pick

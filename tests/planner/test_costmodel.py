@@ -372,3 +372,54 @@ def test_the_search_offloads_only_where_memory_asks_for_it():
     assert best.offload_layers > 0 and best.recompute == "none"
     small = search(m, cl, 64, seq_len=2048, global_batch=256, fixed=fixed, top=1).best.layout
     assert small.offload_layers == 0
+
+
+def _slowdown(cluster, phi):
+    import dataclasses
+    return dataclasses.replace(cluster, efficiency=dataclasses.replace(cluster.efficiency, overlap_slowdown=phi))
+
+
+def test_hidden_dp_traffic_slows_the_compute_beside_it():
+    """A gradient reduce-scatter the last backward hides costs overlap_slowdown of its own time
+    (NCCL's kernels share the SMs); not overlapped, it costs its whole time; nothing else moves."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    L = Layout(tp=1, dp=64, micro_batch=2, global_batch=128, seq_len=4096, zero=1)
+    free = evaluate_layout(m, _slowdown(H100, 0.0), L)
+    assert free.time_breakdown_s["dp_comm"] == 0.0              # wholly hidden by the backward
+    whole = evaluate_layout(m, H100, dataclasses.replace(L, overlap_dp=False)).time_breakdown_s["dp_comm"]
+    assert whole > 0
+    phi = H100.efficiency.overlap_slowdown
+    got = evaluate_layout(m, H100, L)
+    assert 0 < phi < 1
+    assert got.time_breakdown_s["dp_comm"] == pytest.approx(phi * whole, rel=1e-9)
+    for term in ("compute", "tp_comm", "bubble", "optimizer"):
+        assert got.time_breakdown_s[term] == pytest.approx(free.time_breakdown_s[term])
+
+
+def test_hidden_cp_ring_traffic_slows_the_attention_beside_it():
+    """The K/V ring's hidden part costs overlap_slowdown of its time: linear in the factor, and at
+    a factor of 1 the ring costs what it would exposed."""
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    L = Layout(tp=1, cp=4, dp=2, micro_batch=1, global_batch=8, seq_len=32768, zero=1, recompute="full")
+    cp = {phi: evaluate_layout(m, _slowdown(H100, phi), L).time_breakdown_s["cp_comm"] for phi in (0.0, 0.5, 1.0)}
+    assert cp[1.0] > cp[0.0]
+    assert cp[0.5] - cp[0.0] == pytest.approx((cp[1.0] - cp[0.0]) / 2, rel=1e-9)
+
+
+def test_hidden_pipeline_sends_slow_the_compute_beside_them():
+    """Interleaved steady-state sends that overlap cost overlap_slowdown of what they would cost
+    exposed; fill and drain, on the critical path either way, do not change."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    m = load_model("llama-3-8b")
+    L = Layout(tp=2, pp=4, vpp=2, schedule="interleaved", dp=2, micro_batch=1, global_batch=32, seq_len=4096,
+               zero=1, sp=True)
+    pp = lambda cl, lay: evaluate_layout(m, cl, lay).time_breakdown_s["pp_comm"]  # noqa: E731
+    free, phi = pp(_slowdown(H100, 0.0), L), pp(_slowdown(H100, 0.25), L)
+    exposed = pp(_slowdown(H100, 0.0), dataclasses.replace(L, overlap_pp=False))
+    assert exposed > free > 0
+    assert phi - free == pytest.approx(0.25 * (exposed - free), rel=1e-9)
+    assert pp(_slowdown(H100, 0.25), dataclasses.replace(L, overlap_pp=False)) == pytest.approx(exposed)

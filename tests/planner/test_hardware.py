@@ -82,6 +82,7 @@ def test_all_reduce_is_twice_all_gather_bandwidth_term():
     (lambda d: d["network"][0].__setitem__("algorithm", "magic"), "algorithm must be one of"),
     (lambda d: d["gpu"]["host_bandwidth"].__setitem__("value", -1), "host_bandwidth"),
     (lambda d: d["gpu"]["host_bandwidth"].pop("source"), "needs a non-empty 'source'"),
+    (lambda d: d["efficiency"]["overlap_slowdown"].__setitem__("value", 1.0), r"overlap_slowdown: must be in \[0, 1\)"),
 ])
 def test_bad_profiles_rejected(mutate, needle):
     d = tomllib.load(open(PROFILE_DIR / "h100-sxm.toml", "rb"))
