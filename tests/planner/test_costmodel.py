@@ -423,3 +423,27 @@ def test_hidden_pipeline_sends_slow_the_compute_beside_them():
     assert exposed > free > 0
     assert phi - free == pytest.approx(0.25 * (exposed - free), rel=1e-9)
     assert pp(_slowdown(H100, 0.25), dataclasses.replace(L, overlap_pp=False)) == pytest.approx(exposed)
+
+
+def test_torchao_dynamic_fp8_casts_add_their_counted_passes():
+    """torchtitan's Float8Linear (tensorwise dynamic scaling) pays an amax pass, a cast and the
+    transposed copies per GEMM operand, 7T(K+N) + 2KN bytes per linear over forward and backward
+    (torchao float8_linear.py); Transformer Engine's fused casts do not; bf16 pays none."""
+    import dataclasses
+    from planner.engine import evaluate_layout
+    from planner.stacks import STACKS
+    m = load_model("llama-3-8b")
+    tt = STACKS["torchtitan"]
+    fused = dataclasses.replace(tt, fp8_casts="fused")
+    H96 = load_hardware("h100-sxm-96gb")
+    L = Layout(tp=1, dp=8, micro_batch=1, global_batch=8, seq_len=8192, zero=3, precision="fp8", recompute="none")
+    T, h, f = 8192, 4096, 14336
+    linears = [(h, 4096 + 2 * 1024), (4096, h), (h, f), (h, f), (f, h)]
+    per_layer = sum(7 * T * (K + N) + 2 * K * N for K, N in linears)     # bytes, forward + backward
+    hbm = H96.gpu.hbm_bandwidth * H96.efficiency.hbm
+    got = evaluate_layout(m, H96, L, stack=tt).time_breakdown_s["compute"]
+    base = evaluate_layout(m, H96, L, stack=fused).time_breakdown_s["compute"]
+    assert got - base == pytest.approx(32 * per_layer / hbm, rel=1e-6)
+    bf16 = dataclasses.replace(L, precision="bf16")
+    assert evaluate_layout(m, H96, bf16, stack=tt).step_time_s == pytest.approx(
+        evaluate_layout(m, H96, bf16, stack=fused).step_time_s)
