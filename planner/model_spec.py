@@ -171,6 +171,13 @@ class ModelSpec:
         return self.heads * self.head_dim
 
     @property
+    def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection as the attention GEMMs and the K/V
+        exchange see it: kv_heads x head_dim; under MLA the up-projected keys are as wide as the
+        queries (q_dim; DeepSeek-V2 sec. 2.1.2)."""
+        return self.q_dim if self.mla else self.kv_heads * self.head_dim
+
+    @property
     def v_dim(self) -> int:
         """Width of all value heads together (input of the output projection)."""
         if self.mla:

@@ -61,7 +61,7 @@ class Evaluation(Record):
     detail: Detail | None = None
 
 
-def stages(lt, rt, k: StepKnobs, shared: bool, flops: bool = True, moe: bool = True, slowdown: float = 0.0) -> list:
+def stages(lt, rt, k: StepKnobs, shared: bool, flops: bool, moe: bool, slowdown: float) -> list:
     """Phase 5 on phase 4's rank terms `rt`: [Stage of the first, a middle, the last pipeline rank];
     `slowdown`: compute lost per second of DP traffic hidden beside it (Efficiency.overlap_slowdown)."""
     split, only = rt.split, k.pp == 1
@@ -120,7 +120,8 @@ def _step(model, cluster, stack, c, cache, detail, lt=None, rt=None, k=None) -> 
     lt = lt if lt is not None else cache.for_candidates(c)
     rt = rt if rt is not None else cache.ranks.for_candidates(c, cache, lt)
     k = k if k is not None else StepKnobs.of(c)
-    st = stages(lt, rt, k, cluster.gpu.shared_by > 1, detail, model.moe is not None, cluster.efficiency.overlap_slowdown)
+    st = stages(lt, rt, k, cluster.gpu.shared_by > 1, detail, model.moe is not None,
+                cluster.efficiency.overlap_slowdown)
     tb, _ = compose_step(lt, k, cluster, stack, rt.split, st, detail)
     return tb, st
 

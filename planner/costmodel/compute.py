@@ -90,8 +90,7 @@ def _attention(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, 
     tp, cp, b, s, T = k.tp, k.cp, k.b, k.s, k.tokens
     e, h = cluster.efficiency, model.hidden
     a = F.attention_gemm_flops(model, T)
-    kv_dim = model.kv_heads * model.head_dim if not model.mla else model.q_dim
-    t_gemm = (g(a["attn_qkv"] / tp, T, (model.q_dim + 2 * kv_dim) / tp, h)
+    t_gemm = (g(a["attn_qkv"] / tp, T, (model.q_dim + 2 * model.kv_dim) / tp, h)
               + g(a["attn_out"] / tp, T, h, model.v_dim / tp))
     # causal core attention, load-balanced over CP ranks (Megatron-Core CP splits each sequence
     # into 2cp chunks, pairing early and late chunks)
@@ -202,10 +201,9 @@ def _dynamic_fp8_casts(model: ModelSpec, stack: Stack, k: LayerKnobs):
     if stack.fp8_casts != "dynamic":
         return 0.0, 0.0
     T, tp, h = k.tokens, k.tp, model.hidden
-    kv = model.kv_heads * model.head_dim if not model.mla else model.q_dim
     f = model.ffn_hidden / tp
     lin = lambda K, N, m=1: m * (7 * T * (K + N) + 2 * K * N) / 3.0  # noqa: E731
-    att = lin(h, (model.q_dim + 2 * kv) / tp) + lin(model.v_dim / tp, h)
+    att = lin(h, (model.q_dim + 2 * model.kv_dim) / tp) + lin(model.v_dim / tp, h)
     mlp = lin(h, f, model.mlp_matrices - 1) + lin(f, h)
     fp8 = k.precision == Precision.FP8
     return np.where(fp8, att, 0.0), np.where(fp8, mlp, 0.0)
@@ -230,7 +228,8 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     # (+ an eager TP stack's host cost per TP-sharded layer: DTensor dispatch, measured by calibrate)
     k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
     k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s + k_tp
-    k_moe = (KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD + _expert_launches(model, stack, k)) * stack.kernel_overhead_s + k_tp
+    k_moe = ((KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD + _expert_launches(model, stack, k)) * stack.kernel_overhead_s
+             + k_tp)
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
     # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
     # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)

@@ -50,7 +50,7 @@ class Stage:
     t: np.ndarray              # busy seconds per micro-batch
 
 
-def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp, slowdown: float = 0.0) -> Stage:
+def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp, slowdown: float) -> Stage:
     """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped,
     slowing that compute by `slowdown` per hidden second (Efficiency.overlap_slowdown); gathers no
     prefetch can issue early (state.unprefetched) never do."""
@@ -96,7 +96,7 @@ def _picker(k: StepKnobs, stages, shared: bool, vpp):
     return pick, t_slow, bubble
 
 
-def _pp_comm(lt, k: StepKnobs, shared: bool, stack: Stack, slowdown: float = 0.0):
+def _pp_comm(lt, k: StepKnobs, shared: bool, stack: Stack, slowdown: float):
     """PP p2p: fill and drain sit on the critical path; steady-state sends overlap where the
     stack's schedule overlaps them (Stack.p2p_overlap_schedules: Megatron only with virtual
     stages, --overlap-p2p-communication; its plain 1F1B exchanges blocking send/recv pairs) and
@@ -122,13 +122,12 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
     pick, t_slow, bubble = _picker(k, stages, shared, effective_vpp(k, split))
     # DP once per step: overlapped with the last micro-batch's backward (grad reduce-scatter,
     # Megatron overlap_grad_reduce) and the first forward (param all-gather, overlap_param_gather);
-    # nothing overlaps on shared processors, where communication is CPU work of the same ranks
+    # nothing overlaps on shared processors, where communication is CPU work of the same ranks; the
+    # hidden part slows the compute beside it (Efficiency.overlap_slowdown)
     ovl = k.overlap_dp & (not shared)
-    # (the hidden part slows the compute beside it: Efficiency.overlap_slowdown)
     window = np.where(ovl, pick(lambda s: s.sums.bwd + s.sums.rc + s.sums.fwd * (k.zero == 1)), 0.0)
-    per_step = pick(lambda s: s.dp.per_step)
-    dp_exposed = (np.maximum(per_step - window, 0.0) + cluster.efficiency.overlap_slowdown * np.minimum(per_step, window)
-                  + pick(lambda s: s.dp_mb) * nmb)
+    per_step, phi = pick(lambda s: s.dp.per_step), cluster.efficiency.overlap_slowdown
+    dp_exposed = np.maximum(per_step - window, 0.0) + phi * np.minimum(per_step, window) + pick(lambda s: s.dp_mb) * nmb
     # optimizer step over the parameters this rank owns (sharded by ZeRO >= 1)
     g = lt.groups
     sharded = k.zero >= 1
@@ -136,7 +135,7 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
              + pick(lambda s: s.params.expert) / np.where(sharded, g.eshard, 1))
     opt_bw = gpu.hbm_bandwidth * (cluster.efficiency.optimizer or cluster.efficiency.hbm)
     t_opt = owned * ADAM_BYTES_PER_PARAM * S.weight_copies(k.schedule) / opt_bw
-    t_pp = _pp_comm(lt, k, shared, stack, cluster.efficiency.overlap_slowdown)
+    t_pp = _pp_comm(lt, k, shared, stack, phi)
     if not detail:
         return (nmb * t_slow + t_pp + bubble + dp_exposed - pick(lambda s: s.dp_mb) * nmb
                 + t_opt + stack.step_overhead_s), None

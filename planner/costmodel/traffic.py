@@ -71,9 +71,8 @@ def tp_edges(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, first: bool) -> 
 def kv_bytes(model: ModelSpec, k: LayerKnobs, eb: ElementBytes):
     """K and V of this rank's heads for one micro-batch (kv heads split by tp; Megatron
     replicates them when tp > kv_heads)."""
-    kv_dim = model.kv_heads * model.head_dim if not model.mla else model.q_dim
     kv_split = k.tp if model.mla else np.minimum(k.tp, model.kv_heads)
-    return eb.act * k.tokens * 2 * kv_dim / kv_split
+    return eb.act * k.tokens * 2 * model.kv_dim / kv_split
 
 
 def cp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, backward: bool) -> list:
@@ -86,8 +85,7 @@ def cp_layer(model: ModelSpec, k: LayerKnobs, eb: ElementBytes, backward: bool) 
     kv = kv_bytes(model, k, eb)
     ring = on * (cc == CpComm.P2P) * (cp - 1) * (2 if backward else 1)
     ag = on * (cc == CpComm.ALLGATHER)
-    kv_dim = model.kv_heads * model.head_dim if not model.mla else model.q_dim
-    qkvo = eb.act * k.tokens * (model.q_dim + 2 * kv_dim + model.v_dim) / k.tp
+    qkvo = eb.act * k.tokens * (model.q_dim + 2 * model.kv_dim + model.v_dim) / k.tp
     return [Flow("cp", "send", ring, kv), Flow("cp", "recv", ring, kv),
             Flow("cp", "all_gather", ag, kv * cp), Flow("cp", "reduce_scatter", ag * backward, kv * cp),
             Flow("cp", "all_to_all", on * (cc == CpComm.A2A), qkvo)]
