@@ -36,7 +36,7 @@ from planner.layout import Candidates  # noqa: E402
 from planner.profiles import load_hardware  # noqa: E402
 from planner.query import make_query  # noqa: E402
 
-from published import inputs_of, read_runs, source_of  # noqa: E402
+from published import inputs_of, read_runs, source_of, stack_for  # noqa: E402
 
 FAMILY = {"a100-sxm-40gb": "ampere", "a100-sxm-80gb": "ampere", "h100-sxm": "hopper", "h100-sxm-96gb": "hopper",
           "h200-sxm": "hopper", "h800-sxm": "hopper", "b200": "blackwell", "gb200-nvl72": "blackwell"}
@@ -86,7 +86,7 @@ def load_rows(csv_path=None) -> list:
         cl = load_hardware(ri.hardware)
         try:
             q = make_query(ri.model, cl, ri.gpus, ri.seq_len, ri.global_batch, ri.fixed, 1,
-                           precisions=[ri.fixed["precision"]], stack=ri.stack)
+                           precisions=[ri.fixed["precision"]], stack=stack_for(ri))
             parts = list(iter_candidates(q.context(ri.gpus), q.fixed, {}))
         except PlannerError:
             parts = []
@@ -148,7 +148,7 @@ def predict(p: dict, rows) -> np.ndarray:
     for i, r in enumerate(rows):
         if r.cands is None:
             continue
-        ev = evaluate(r.model, clusters[r.hardware], r.cands, stacks[r.stack], detail=False)
+        ev = evaluate(r.model, clusters[r.hardware], r.cands, stack_for(r.inputs, stacks), detail=False)
         tps = np.where(ev.feasible, np.where(ev.tight, ev.tokens_per_s_per_gpu - 1e15, ev.tokens_per_s_per_gpu),
                        -np.inf)
         j = int(np.argmax(tps))

@@ -140,7 +140,7 @@ def reference_rows():
     reports memory, its layout fixed."""
     from planner.engine import search
     from planner.profiles import load_hardware
-    from published import inputs_of, read_runs
+    from published import inputs_of, read_runs, stack_for
     out = []
     for r in read_runs():
         if not (r.get("mem_gib_per_gpu") or "").strip():
@@ -148,7 +148,7 @@ def reference_rows():
         ri = inputs_of(r)
         res = search(ri.model, load_hardware(ri.hardware), ri.gpus, seq_len=ri.seq_len,
                      global_batch=ri.global_batch, fixed=ri.fixed, top=1, precisions=[ri.fixed["precision"]],
-                     stack=ri.stack)
+                     stack=stack_for(ri))
         plan = res.best
         loc = r["source_locator"]
         group = loc[loc.rfind("Table"):] if "Table" in loc else r["source"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from planner.errors import PlannerError
 from planner.profiles import load_hardware
 from planner.model_spec import ModelSpec, MoESpec
-from planner.stacks import STACKS
+from planner.stacks import STACKS, with_compile
 
 DEFAULT_CSV = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "published_runs.csv"
 
@@ -188,6 +188,7 @@ class RunInputs:
     fixed: dict
     stack: str
     measured: float | None
+    compiled: bool = False        # torchtitan under torch.compile (plan --compile)
 
 
 def inputs_of(row: dict) -> RunInputs:
@@ -224,7 +225,17 @@ def inputs_of(row: dict) -> RunInputs:
     return RunInputs(row_id=row["row_id"], model=model_of(row), hardware=hardware_of(row["gpu_type"]),
                      gpus=gpus, seq_len=_int(row["seq_len"]), global_batch=_int(row["global_batch"]),
                      fixed={k: v for k, v in fixed.items() if v is not None}, stack=stack,
-                     measured=float(meas) if meas else None)
+                     measured=float(meas) if meas else None, compiled=compiled_of(stack, row.get("framework", "")))
+
+
+def compiled_of(stack: str, framework: str) -> bool:
+    """A torchtitan row whose framework text names torch.compile ('FSDP + torch.compile', '2D + compile')."""
+    return stack == "torchtitan" and "compile" in framework.lower()
+
+
+def stack_for(ri: RunInputs, stacks=STACKS):
+    """The Stack a row ran: its named stack (from `stacks`, e.g. with fitted factors), compiled where stated."""
+    return with_compile(stacks[ri.stack], ri.compiled)
 
 
 def predict_run(row: dict, cluster_override=None):
@@ -235,5 +246,5 @@ def predict_run(row: dict, cluster_override=None):
     cluster = cluster_override or load_hardware(ri.hardware)
     precisions = [ri.fixed["precision"]]
     res = search(ri.model, cluster, ri.gpus, seq_len=ri.seq_len, global_batch=ri.global_batch,
-                 fixed=ri.fixed, top=1, precisions=precisions, stack=ri.stack)
+                 fixed=ri.fixed, top=1, precisions=precisions, stack=stack_for(ri))
     return ri, res.best, res          # None: refused (a miss, never scored as its closest layout)

@@ -31,6 +31,9 @@ def build_parser() -> Parser:
     r.add_argument("--grad-dtype", choices=GRAD_DTYPES,
                    help="megatron-core: gradients kept and reduced in bf16 (Megatron --grad-reduce-in-bf16, "
                         "as NVIDIA's performance recipes run) or fp32 (default)")
+    r.add_argument("--compile", action="store_true",
+                   help="torchtitan: each TransformerBlock under torch.compile (fused norms, RoPE, SwiGLU); "
+                        "default eager, torchtitan's own default")
     d = p.add_argument_group("parallel degrees (given: held; omitted: searched)")
     for k in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp"):
         d.add_argument(f"--{k}", type=int_arg(f"--{k}"))
@@ -109,11 +112,11 @@ def run(argv) -> int:
     from .profiles import load_hardware
     from .model_io import load_model
     from .engine import search
-    from .stacks import get_stack, with_grad_dtype
+    from .stacks import get_stack, with_compile, with_grad_dtype
     from .units import parse_count
     model = load_model(a.model)
     cluster = load_hardware(a.hardware)
-    stack = with_grad_dtype(get_stack(a.stack), a.grad_dtype)
+    stack = with_compile(with_grad_dtype(get_stack(a.stack), a.grad_dtype), a.compile)
     tokens = parse_count(a.tokens, "--tokens") if a.tokens is not None else None
     fixed = _fixed(a)
     if a.vpp and a.vpp > 1 and not a.schedule:

@@ -21,7 +21,7 @@ import math
 from .costmodel import MEMORY_TERMS, TIME_TERMS
 from .layout import LAYOUT_FIELDS, Layout, Recompute
 from .neighbours import evaluate_neighbours, neighbours, valid, with_pp  # noqa: F401 (explain's API)
-from .stacks import get_stack
+from .stacks import compiled, get_stack
 
 TIME_LABEL = {
     "compute": "compute (forward + backward)",
@@ -336,6 +336,7 @@ def explain_dict(res, model, cluster, stack=None) -> dict:
     stack = _stack_of(res, stack)
     best = res.best
     out = {"model": model.name, "hardware": cluster.name, "stack": getattr(stack, "name", None),
+           "compile": compiled(stack),
            "domains": [{"level": lv.name, "gpus": int(d) if d else None}
                        for lv, d in zip(cluster.levels, cluster.domain_sizes)]}
     if best is None:
@@ -418,7 +419,7 @@ def explain_text(res, model, cluster, stack=None) -> str:
     best = res.best
     L = best.layout
     lines.append(f"Why this layout: {model.name} on {best.gpus} x {cluster.name}"
-                 f"{' (' + d['stack'] + ')' if d['stack'] else ''}")
+                 f"{' (' + d['stack'] + (', compiled' if d['compile'] else '') + ')' if d['stack'] else ''}")
     lines.append(f"  {_short(L)}, {micro_batches(L)} micro-batches per step")
     lines.append(f"  step {best.step_time_s:.3f} s, {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
                  f"MFU {best.mfu:.1%}")

@@ -34,7 +34,7 @@ from .uncertainty import generation_of
 from .costmodel.elements import fp8_params
 from .costmodel.stages import ep_overlap_allowed
 from .layout import Recompute, Schedule
-from .stacks import STACKS, grad_dtype
+from .stacks import STACKS, compiled, grad_dtype
 
 FORMATS = ("megatron", "torchtitan", "deepspeed")
 
@@ -495,7 +495,9 @@ def emit(plan, model, fmt: str, cluster=None, out: str | None = None, capacity_f
                            f"--cpu-offloading-num-layers; a {fmt} configuration cannot express it: emit megatron, or "
                            "plan with --offload-layers 0")
     from .export_torchtitan import torchtitan_emit
-    return {"torchtitan": torchtitan_emit, "deepspeed": _deepspeed}[fmt](plan, model, cluster, out)
+    if fmt == "torchtitan":
+        return torchtitan_emit(plan, model, cluster, out, compiled=stack is not None and compiled(stack))
+    return _deepspeed(plan, model, cluster, out)
 
 
 __all__ = ["emit", "megatron_args", "deepspeed_config", "launch_line", "node_layout",

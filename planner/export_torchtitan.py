@@ -100,8 +100,9 @@ def _settings(plan, model) -> list:
     return s
 
 
-def torchtitan_module(plan, model, cluster=None) -> str:
-    """The text of a Python configuration module for torchtitan 0.3."""
+def torchtitan_module(plan, model, cluster=None, compiled: bool = False) -> str:
+    """The text of a Python configuration module for torchtitan 0.3; `compiled`: planned with
+    --compile (torch.compile of each TransformerBlock), else eager as torchtitan's default."""
     L = plan.layout
     if model.name not in TORCHTITAN_MODEL:
         _refuse(f"torchtitan ships no recipe for {model.name}; it ships {', '.join(TORCHTITAN_MODEL)} "
@@ -110,8 +111,8 @@ def torchtitan_module(plan, model, cluster=None) -> str:
         _refuse("torchtitan trains in bf16 or fp8, not fp16")
     module, recipe, flavor = TORCHTITAN_MODEL[model.name]
     settings = _settings(plan, model)
-    # eager, as --stack torchtitan predicts it (no torch.compile, so no async TP, which needs it:
-    # config/configs.py CompileConfig; ZBV and DualPipeV refuse compiled stages)
+    # torch.compile as planned (plan --compile; eager otherwise); async TP stays off, as the
+    # planner prices TP collectives unoverlapped (config/configs.py CompileConfig: async TP needs compile)
     conv = "[Float8LinearConverter.Config(filter_fqns=['lm_head'])]" if L.precision == "fp8" else "None"
     ac = {"none": "None", "selective": "SelectiveAC.Config()", "full": "FullAC.Config()"}[L.recompute]
     hw = f" x {cluster.name}" if cluster is not None else " GPUs"
@@ -132,7 +133,7 @@ def torchtitan_module(plan, model, cluster=None) -> str:
         f"    config = {recipe}()",
         f"    config.model_spec = model_registry({flavor!r}, converters={conv})",
         f"    config.activation_checkpoint = {ac}",
-        "    config.compile.enable = False",
+        f"    config.compile.enable = {compiled}",
         "    config.compile.enable_async_tensor_parallel = False",
     ]
     lines += [f"    config.{k} = {v!r}" for k, v in settings]
@@ -140,9 +141,9 @@ def torchtitan_module(plan, model, cluster=None) -> str:
     return "\n".join(lines)
 
 
-def torchtitan_emit(plan, model, cluster, out=None) -> tuple:
+def torchtitan_emit(plan, model, cluster, out=None, compiled: bool = False) -> tuple:
     """(module text, launch line); the launch line imports the module from --out's folder."""
-    text = torchtitan_module(plan, model, cluster)
+    text = torchtitan_module(plan, model, cluster, compiled)
     name = os.path.splitext(os.path.basename(out))[0] if out else "dtplanner_plan"
     folder = os.path.dirname(os.path.abspath(out)) if out else "."
     if not name.isidentifier():

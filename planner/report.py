@@ -54,8 +54,8 @@ def _range(p) -> str:
 
 
 def to_table(res, model, cluster, stack, a=None, goodput=None) -> str:
-    from .stacks import grad_dtype
-    grads = ", bf16 grads" if grad_dtype(stack) == "bf16" else ""
+    from .stacks import compiled, grad_dtype
+    grads = (", bf16 grads" if grad_dtype(stack) == "bf16" else "") + (", compiled" if compiled(stack) else "")
     lines = [f"{model.name} on {res.gpus} x {cluster.name} ({stack.name}{grads}) | seq {res.seq_len}, "
              f"global batch {res.global_batch} seqs | {res.evaluated:,} layouts scored, {res.feasible:,} fit, "
              f"{res.search_seconds:.2f} s"]
@@ -105,9 +105,9 @@ def _clean(x):
 
 
 def to_json(res, model, cluster, stack, a=None, goodput=None) -> str:
-    from .stacks import grad_dtype
+    from .stacks import compiled, grad_dtype
     out = {"model": model.name, "hardware": cluster.name, "gpus": res.gpus, "stack": stack.name,
-           "grad_dtype": grad_dtype(stack),
+           "grad_dtype": grad_dtype(stack), "compile": compiled(stack),
            "seq_len": res.seq_len, "global_batch": res.global_batch,
            "evaluated": res.evaluated, "feasible": res.feasible, "search_seconds": res.search_seconds,
            "layouts": [p.to_dict() for p in res.plans]}

@@ -31,7 +31,12 @@ class Stack:
     attention: float = 1.0        # multiplier on the profile's attention-kernel efficiency
     pooled_nics: bool = True      # DP collectives drive every NIC of a node at once (NCCL channels);
                                   # False: each rank's traffic leaves through its own NIC only
-    elementwise: float = 1.0      # multiplier on memory-bound traffic (1.0 = fused kernels)
+    elementwise: float = 1.0      # multiplier on memory-bound traffic counted as fused kernels (1.0 = TE's);
+                                  # not applied where elementwise_ops counts a stack's ops one by one
+    # how a layer's norms, RoPE, residual adds and activation run (costmodel/elementwise.py counts
+    # each): "fused" TE / Apex kernels; "eager" torchtitan's Llama block op by op in eager PyTorch;
+    # "compiled" that block under torch.compile (plan --compile, with_compile)
+    elementwise_ops: str = "fused"
     grad_reduce_bytes: int = 4    # bytes per gradient element in the DP reduction
     grad_bytes: int = 4           # bytes per gradient element held (fp32 main grads)
     fsdp_regather_backward: bool = True   # ZeRO-3 gathers parameters again in backward
@@ -45,7 +50,7 @@ class Stack:
     sp_keeps_gathered_inputs: bool = False   # SP keeps the all-gathered input of column-parallel
                                   # linears for backward (PyTorch ColwiseParallel); Megatron re-gathers
     step_overhead_s: float = 0.0  # fixed per-step host overhead
-    kernel_overhead_s: float = 8.64e-06   # launch + sync gap per kernel, fitted once over all runs
+    kernel_overhead_s: float = 8.83e-06   # launch + sync gap per kernel, fitted once over all runs
                                      # (benchmarks/fit_efficiency.py; above CUDA launch latency, ~3-5 us, it carries
                                      # the host and sync gaps the planner's kernel count misses)
     tp_layer_overhead_s: float = 0.0    # host seconds per TP-sharded layer forward (backward 2x) beyond
@@ -192,8 +197,10 @@ STACKS = {
     "torchtitan": Stack(
         "torchtitan",
         "torchtitan (FSDP2 + DTensor TP, eager or torch.compile)",
-        gemm=1.035,                    # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
+        gemm=0.925,                    # fitted (benchmarks/fit_efficiency.py, 14 torchtitan runs)
         attention_kernel="sdpa",       # F.scaled_dot_product_attention (torchtitan models/llama/model.py, 2024)
+        # elementwise: assumed 2x TE's bytes for what elementwise_ops does not count op by op -- the
+        # eager loss on fp32 logits and the MoE token permutation
         elementwise=2.0, tp_overlap=False, ep_overlap=False, zero_stages=(0, 3),
         schedules=("1f1b", "interleaved", "zbv"),   # torch.distributed.pipelining schedules with one
                                                     # stage per rank, or V / interleaved stages
@@ -204,6 +211,7 @@ STACKS = {
         gated_mlp_tensors=4, selective="op", tp_embedding_grad_bytes=2.0, fsdp_reduce_bytes=6.0,
         full_recompute_skips_last_gemm=True, p2p_overlap_schedules=("1f1b", "interleaved", "zbv"),
         expert_tp=False, expert_launches="grouped", fp8_casts="dynamic",
+        elementwise_ops="eager",         # torchtitan's default (compile.enable false); --compile
         fp8_weight_cache_bytes=0.0, fp8_saved_input_bytes=2.0, fsdp_fp32_params=True, fsdp_pp_unsharded=True,
         # reserved over allocated, fitted once over the 14 torchtitan rows that report memory
         # (benchmarks/memory.py --reference: leave-one-table-out mean |error| 5.0%, 16.8% without)
@@ -212,7 +220,7 @@ STACKS = {
     "llm-foundry": Stack(
         "llm-foundry",
         "MosaicML Composer / llm-foundry with PyTorch FSDP (FULL_SHARD)",
-        gemm=1.005,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
+        gemm=1.002,                    # fitted (benchmarks/fit_efficiency.py, 11 llm-foundry runs)
         elementwise=1.5, tp_overlap=False, ep_overlap=False, zero_stages=(2, 3), schedules=("1f1b",), cp_comms=(),
         zero3_padding="unit",            # FSDP1 FULL_SHARD, one flat parameter per wrapped block
         source="llm-foundry scripts/train/benchmarking/README.md; factors from benchmarks/fit_efficiency.py"),
@@ -266,3 +274,21 @@ def grad_dtype(stack: Stack) -> str:
     """What a stack keeps its gradients in, as `plan --grad-dtype` names it (16-bit stacks: the
     training precision's own, e.g. DeepSpeed's fp16)."""
     return "fp32" if stack.grad_bytes == 4 else ("bf16" if stack.name == "megatron-core" else "16-bit")
+
+
+def with_compile(stack: Stack, on: bool) -> Stack:
+    """The stack under torch.compile (plan --compile): torchtitan compiles each TransformerBlock
+    (distributed/compile.py apply_compile), so its norms, RoPE and activation run fused
+    (costmodel/elementwise.py "compiled"). Off: the stack as it is (torchtitan's default is eager,
+    config CompileConfig.enable = False)."""
+    if not on:
+        return stack
+    if stack.elementwise_ops != "eager":
+        raise PlannerError(f"--compile is modelled for torchtitan (torch.compile of each TransformerBlock); "
+                           f"{stack.name} runs its own fused kernels, drop --compile")
+    return replace(stack, elementwise_ops="compiled")
+
+
+def compiled(stack: Stack) -> bool:
+    """Whether the stack runs its blocks under torch.compile (plan --compile)."""
+    return stack.elementwise_ops == "compiled"

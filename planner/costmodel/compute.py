@@ -10,6 +10,7 @@ from ..hardware import Cluster
 from ..layout import Precision, Recompute
 from ..model_spec import ModelSpec
 from ..stacks import Stack
+from . import elementwise as E
 from .knobs import LayerKnobs
 from .records import Record, record, full
 
@@ -160,11 +161,6 @@ def _expert_launches(model: ModelSpec, stack: Stack, k: LayerKnobs):
     return 2 * per_linear * model.moe.experts / k.ep - 2
 
 
-def _norm_bytes(model: ModelSpec, k: LayerKnobs):
-    """HBM bytes of a layer's two norms forward: read + write, 2 bytes, on the SP shard (TE fused)."""
-    return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
-
-
 def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):
     """HBM bytes of the experts' activation forward on the busiest rank: read 2f (gated) or f, write f
     per routed token (Megatron-Core moe/experts.py, bias + activation fused)."""
@@ -174,19 +170,13 @@ def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):
 
 
 def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs):
-    """(shared, dense-MLP) elementwise seconds per layer forward: LayerNorm x2 r+w, two residual
-    adds r2+w1, activation r+w, dropout mask -- fused kernels as in Transformer Engine."""
-    T, tp, h = k.tokens, k.tp, model.hidden
-    tok_sp = T / np.where(k.sp, tp, 1)
-    common = _norm_bytes(model, k) + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
-    # fp8 casts of GEMM inputs are fused into LayerNorm / activation kernels by Transformer Engine
-    # (LayerNormLinear, fused cast-transpose); what remains is the cast of the attention output
-    common = common + np.where(k.precision == Precision.FP8, 3 * T * model.v_dim / tp, 0.0)
-    act_rw = 3 if model.gated else 2
+    """(shared, dense-MLP) elementwise seconds per layer forward, as the stack runs them
+    (elementwise.layer_bytes); the `elementwise` multiplier scales TE-style fused counts only."""
     hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
-    dense = 2 * T * model.ffn_hidden / tp * act_rw * stack.elementwise / hbm
+    common, dense = E.layer_bytes(model, k, stack.elementwise_ops)
+    scale = stack.elementwise if stack.elementwise_ops == "fused" else 1.0
     cast_att, cast_mlp = _dynamic_fp8_casts(model, stack, k)     # counted passes: no elementwise factor
-    return common * stack.elementwise / hbm + cast_att / hbm, dense + cast_mlp / hbm
+    return (common * scale + cast_att) / hbm, (dense * scale + cast_mlp) / hbm
 
 
 def _dynamic_fp8_casts(model: ModelSpec, stack: Stack, k: LayerKnobs):
@@ -227,9 +217,10 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     # fixed per-kernel launch/sync cost: what FLOP and byte counts miss for small layers
     # (+ an eager TP stack's host cost per TP-sharded layer: DTensor dispatch, measured by calibrate)
     k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
-    k_dense = KERNELS_DENSE_FWD * stack.kernel_overhead_s + k_tp
-    k_moe = ((KERNELS_DENSE_FWD - 3 + KERNELS_MOE_FWD + _expert_launches(model, stack, k)) * stack.kernel_overhead_s
-             + k_tp)
+    x_att, x_mlp = E.extra_kernels(model, stack.elementwise_ops)
+    k_dense = (KERNELS_DENSE_FWD + x_att + x_mlp) * stack.kernel_overhead_s + k_tp
+    k_moe = ((KERNELS_DENSE_FWD - 3 + x_att + KERNELS_MOE_FWD + _expert_launches(model, stack, k))
+             * stack.kernel_overhead_s + k_tp)
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
     # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):
     # GEMM fwd + 2x bwd, fp32 logits read/written ~4 times (Megatron fused_vocab_parallel_cross_entropy)
@@ -302,7 +293,7 @@ def _module_recompute(model, cluster, stack, g, k, modules, parts, load):
     if "mlp" in modules:
         t[0], fl[0] = t[0] + t_mlp + t_ew_dense, fl[0] + F.mlp_flops(model, T) / tp
     if "layernorm" in modules:
-        ew = [x + _norm_bytes(model, k) for x in ew]
+        ew = [x + E.norm_bytes(model, k) for x in ew]
     if "moe_act" in modules and model.moe:
         ew[1] = ew[1] + _expert_act_bytes(model, k, load)
     return (t[0] + ew[0] * stack.elementwise / hbm, t[1] + ew[1] * stack.elementwise / hbm, fl[0], fl[1])

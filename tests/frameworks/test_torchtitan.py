@@ -12,7 +12,7 @@ from planner.errors import PlannerError
 from planner.export import emit
 from planner.model_io import load_model
 from planner.profiles import load_hardware
-from planner.stacks import STACKS
+from planner.stacks import STACKS, with_compile
 
 from .driver import ask
 
@@ -31,7 +31,9 @@ CASES = {
     "pp4-zbv": ("llama-3-8b", 64, dict(tp=2, pp=4, schedule="zbv")),
     "deepseek-v3-ep": ("deepseek-v3", 256, dict(pp=8, recompute="selective")),
     "qwen3-moe": ("qwen3-30b-a3b", 64, {}),
+    "fsdp64-compiled": ("llama-3-8b", 64, dict(tp=1, pp=1, cp=1)),
 }
+COMPILED = {"fsdp64-compiled"}    # planned with --compile
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,12 @@ def verdicts(tmp_path_factory):
     cases, plans = [], {}
     for name, (model, gpus, fixed) in CASES.items():
         m, cl = load_model(model), load_hardware("h100-sxm")
-        res = search(m, cl, gpus, fixed=fixed, top=1, precisions=["bf16"], stack=TT)
+        stack = with_compile(TT, name in COMPILED)
+        res = search(m, cl, gpus, fixed=fixed, top=1, precisions=["bf16"], stack=stack)
         assert res.best is not None, res.empty_reason
         plans[name] = res.best
         module = "plan_" + name.replace("-", "_")
-        text, _ = emit(res.best, m, "torchtitan", cl, out=str(folder / f"{module}.py"))
+        text, _ = emit(res.best, m, "torchtitan", cl, out=str(folder / f"{module}.py"), stack=stack)
         (folder / f"{module}.py").write_text(text)
         cases.append({"name": name, "folder": str(folder), "module": module, "world": gpus})
     return ask(HERE / "tt_accept.py", cases, timeout=900), plans
@@ -58,6 +61,7 @@ def test_torchtitan_accepts_the_emitted_module(verdicts, name):
     L = plans[name].layout
     assert v[name]["ok"], v[name]["error"]
     assert v[name]["dp_replicate"] * v[name]["dp_shard"] == L.dp
+    assert v[name]["compile"] == (name in COMPILED)
     if L.pp > 1:
         assert v[name]["stages"] == L.pp * (2 if L.schedule == "zbv" else L.vpp)
 

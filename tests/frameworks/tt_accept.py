@@ -6,7 +6,7 @@ the stage split, the rank-to-stage map and the real torch.distributed.pipelining
 over stages of the meta-device model.
 
 stdin: JSON list of {"name", "folder", "module", "world"}; stdout: JSON list of
-{"name", "ok", "error" | "dp_replicate", "dp_shard", "stages", "schedule"}."""
+{"name", "ok", "error" | "dp_replicate", "dp_shard", "stages", "schedule", "compile"}."""
 import sys
 import warnings
 
@@ -42,7 +42,8 @@ def check(case: dict) -> dict:
     gbs = tr.global_batch_size if tr.global_batch_size > 0 else tr.local_batch_size * dp
     if gbs % (tr.local_batch_size * dp):
         raise ValueError(f"global batch {gbs} not a multiple of local {tr.local_batch_size} x dp {dp}")
-    out = {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "stages": 1, "schedule": None}
+    out = {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "stages": 1, "schedule": None,
+           "compile": bool(cfg.compile.enable)}
     if pd.pp_enabled:
         nvs, nl, iw, ow = ttpp._get_pipeline_metadata(pd, par, mcfg)
         parts = par.module_fqns_per_model_part or ttpp._generate_llm_fqn_per_model_part(nvs, nl, iw, ow)

@@ -1,0 +1,84 @@
+"""HBM bytes and extra kernel launches of a layer's elementwise work per forward on one rank, by how
+the stack runs it (Stack.elementwise_ops):
+
+- "fused": Transformer Engine / Apex kernels, one read-write pass per norm, residual add and
+  activation (Megatron-Core TransformerLayer with TE modules);
+- "eager": torchtitan's Llama block op by op in eager PyTorch (torchtitan 9dec370,
+  models/norms.py RMSNorm, models/llama/model.py apply_rotary_emb, repeat_kv, FeedForward);
+- "compiled": that block under torch.compile (torchtitan apply_compile compiles each
+  TransformerBlock; Inductor fuses each run of pointwise ops and its reduction into one kernel).
+
+Widths are per TP rank; norms and residual adds run on the sequence-parallel shard. Bytes are
+activations at 2 B, fp32 temporaries at 4 B."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..layout import Precision
+from ..model_spec import ModelSpec
+from .knobs import LayerKnobs
+
+MODES = ("fused", "eager", "compiled")
+
+# eager RMSNorm per element (norms.py RMSNorm: x.float() r2 w4, pow r4 w4, mean r4, x * rsqrt r4 w4,
+# type_as r4 w2, * weight r2 w2) and its launches (the six, plus + eps and rsqrt on the row means)
+EAGER_NORM_BYTES, EAGER_NORM_KERNELS = 36, 8
+# eager RoPE per element of q or k (apply_rotary_emb: .float() r2 w4, complex multiply r4 w4,
+# type_as r4 w2; view_as_complex / view_as_real are views) and its launches per tensor
+EAGER_ROPE_BYTES, EAGER_ROPE_KERNELS = 20, 3
+
+
+def norm_bytes(model: ModelSpec, k: LayerKnobs):
+    """HBM bytes of a layer's two fused norms forward: read + write, 2 bytes, on the SP shard (TE)."""
+    return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
+
+
+def _common_fused(model: ModelSpec, k: LayerKnobs, tok_sp):
+    """TE: two norms r+w, two residual adds r2+w1, dropout, the fp8 cast of the attention output
+    (TE folds the other input casts into LayerNormLinear and the activation kernels)."""
+    h, tp = model.hidden, k.tp
+    common = norm_bytes(model, k) + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
+    return common + np.where(k.precision == Precision.FP8, 3 * k.tokens * model.v_dim / tp, 0.0)
+
+
+def _common_torchtitan(model: ModelSpec, k: LayerKnobs, tok_sp, eager: bool):
+    """torchtitan's attention side: norms, residual adds, RoPE on q and k, repeat_kv's copies of
+    K and V to every query head (expand + reshape), the output's transpose().contiguous()."""
+    T, h, tp = k.tokens, model.hidden, k.tp
+    q, kv, v = model.q_dim / tp, model.kv_dim / tp, model.v_dim / tp
+    norm = EAGER_NORM_BYTES if eager else 4
+    repeats = model.kv_dim < model.q_dim
+    rep = 2 * (2 * kv + 2 * q) if repeats else 0.0
+    if eager:
+        rope = EAGER_ROPE_BYTES * (q + kv)
+    else:            # q in one pass; k's rotation folds into its repeat copy when there is one
+        rope = 4 * q + (0.0 if repeats else 4 * kv)
+    return (2 * norm * tok_sp * h + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
+            + T * (rope + rep + 4 * v))
+
+
+def layer_bytes(model: ModelSpec, k: LayerKnobs, mode: str):
+    """(attention-side, dense-MLP activation) HBM bytes per layer forward."""
+    T, tp = k.tokens, k.tp
+    tok_sp = T / np.where(k.sp, tp, 1)
+    f = model.ffn_hidden / tp
+    if mode == "fused":
+        return _common_fused(model, k, tok_sp), 2 * T * f * (3 if model.gated else 2)
+    eager = mode == "eager"
+    common = _common_torchtitan(model, k, tok_sp, eager)
+    # FeedForward w2(silu(w1 x) * w3 x): eager silu r2 w2 then mul r4 w2; compiled one pass r4 w2
+    act = (10 if eager else 6) if model.gated else 4
+    return common, T * f * act
+
+
+def extra_kernels(model: ModelSpec, mode: str) -> tuple:
+    """(attention-side, dense-MLP) launches per layer forward beyond TE's (compute.KERNELS_DENSE_FWD):
+    eager norms and RoPE op by op, the repeat_kv copies, the transpose copy, and torchtitan's w1 and
+    w3 as two GEMMs where TE runs one fused fc1."""
+    if mode == "fused":
+        return 0, 0
+    rep = 2 if model.kv_dim < model.q_dim else 0
+    gated = 1 if model.gated else 0
+    if mode == "eager":
+        return 2 * (EAGER_NORM_KERNELS - 1) + 2 * EAGER_ROPE_KERNELS - 1 + rep + 1, 2 * gated
+    return max(rep, 1) + 1, gated
