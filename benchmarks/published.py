@@ -14,7 +14,7 @@ from pathlib import Path
 from planner.errors import PlannerError
 from planner.profiles import load_hardware
 from planner.model_spec import ModelSpec, MoESpec
-from planner.stacks import STACKS, with_compile
+from planner.stacks import STACKS, with_compile, with_grad_dtype
 
 DEFAULT_CSV = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "published_runs.csv"
 
@@ -189,6 +189,7 @@ class RunInputs:
     stack: str
     measured: float | None
     compiled: bool = False        # torchtitan under torch.compile (plan --compile)
+    grad_dtype: str | None = None   # gradients kept and reduced in bf16 (plan --grad-dtype)
 
 
 def inputs_of(row: dict) -> RunInputs:
@@ -225,7 +226,8 @@ def inputs_of(row: dict) -> RunInputs:
     return RunInputs(row_id=row["row_id"], model=model_of(row), hardware=hardware_of(row["gpu_type"]),
                      gpus=gpus, seq_len=_int(row["seq_len"]), global_batch=_int(row["global_batch"]),
                      fixed={k: v for k, v in fixed.items() if v is not None}, stack=stack,
-                     measured=float(meas) if meas else None, compiled=compiled_of(stack, row.get("framework", "")))
+                     measured=float(meas) if meas else None, compiled=compiled_of(stack, row.get("framework", "")),
+                     grad_dtype=grad_dtype_of(row))
 
 
 def compiled_of(stack: str, framework: str) -> bool:
@@ -233,9 +235,22 @@ def compiled_of(stack: str, framework: str) -> bool:
     return stack == "torchtitan" and "compile" in framework.lower()
 
 
+def grad_dtype_of(row: dict) -> str | None:
+    """bf16 where the run's recipe keeps and reduces gradients in bf16 (None: the stack's own):
+    Megatron-Bridge's performance recipes set grad_reduce_in_fp32 false for every model family
+    (scripts/performance/configs/*/..._llm_pretrain.yaml of 2025-09, .py since); of NeMo 24.07's
+    launcher recipes only nemotron_340b.yaml sets optim.grad_sync_dtype: bf16
+    (NeMo-Framework-Launcher launcher_scripts/conf/training/nemotron/nemotron_340b.yaml)."""
+    f = row.get("framework", "").lower()
+    if "megatron-bridge" in f or ("nemo 24.07" in f and row.get("model", "").lower() == "nemotron-340b"):
+        return "bf16"
+    return None
+
+
 def stack_for(ri: RunInputs, stacks=STACKS):
-    """The Stack a row ran: its named stack (from `stacks`, e.g. with fitted factors), compiled where stated."""
-    return with_compile(stacks[ri.stack], ri.compiled)
+    """The Stack a row ran: its named stack (from `stacks`, e.g. with fitted factors), compiled
+    and with bf16 gradients where its recipe says so."""
+    return with_grad_dtype(with_compile(stacks[ri.stack], ri.compiled), ri.grad_dtype)
 
 
 def predict_run(row: dict, cluster_override=None):

@@ -21,7 +21,7 @@ def _plan(row):
     from planner.profiles import load_hardware
     ri = published.inputs_of(row)
     res = search(ri.model, load_hardware(ri.hardware), ri.gpus, seq_len=ri.seq_len, global_batch=ri.global_batch,
-                 fixed=ri.fixed, top=1, precisions=[ri.fixed["precision"]], stack=ri.stack)
+                 fixed=ri.fixed, top=1, precisions=[ri.fixed["precision"]], stack=published.stack_for(ri))
     return res
 
 
@@ -59,3 +59,20 @@ def test_torchtitan_2024_pipeline_splits_each_rank_batch_into_pp_micro_batches()
     rows = {r["row_id"]: r for r in ROWS}
     if "64" in rows:
         assert published.inputs_of(rows["64"]).fixed["micro_batch"] == 4
+
+
+def test_rows_are_read_with_their_recipes_compile_and_gradient_dtype():
+    """torchtitan rows under torch.compile where the framework text says so; bf16 gradients where
+    the recipe keeps them (Megatron-Bridge's performance recipes; NeMo 24.07's Nemotron-340B)."""
+    from planner.stacks import compiled, grad_dtype
+    assert published.compiled_of("torchtitan", "torchtitan: FSDP + torch.compile")
+    assert not published.compiled_of("torchtitan", "torchtitan: FSDP (eager)")
+    assert not published.compiled_of("megatron-core", "NeMo + compile")
+    assert published.grad_dtype_of({"framework": "Megatron-Bridge (Megatron-Core) 25.11", "model": "x"}) == "bf16"
+    assert published.grad_dtype_of({"framework": "NeMo 24.07 (Megatron-Core, TE)", "model": "Nemotron-340B"}) == "bf16"
+    assert published.grad_dtype_of({"framework": "NeMo 24.07 (Megatron-Core, TE)", "model": "GPT3-175B"}) is None
+    assert published.grad_dtype_of({"framework": "Megatron-Core r0.8.0", "model": "GPT 1.7B"}) is None
+    ri = published.RunInputs("x", None, "h100-sxm", 8, 8192, 16, {}, "torchtitan", None, compiled=True)
+    assert compiled(published.stack_for(ri))
+    ri = published.RunInputs("x", None, "h100-sxm", 8, 8192, 16, {}, "megatron-core", None, grad_dtype="bf16")
+    assert grad_dtype(published.stack_for(ri)) == "bf16"
