@@ -33,12 +33,16 @@ def norm_bytes(model: ModelSpec, k: LayerKnobs):
     return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
 
 
+def _residual_bytes(model: ModelSpec, tok_sp):
+    """Two residual adds (read two, write one, 2 B each) and the dropout mask, on the SP shard."""
+    return 2 * tok_sp * model.hidden * (3 + 3 + (1 if model.dropout else 0))
+
+
 def _common_fused(model: ModelSpec, k: LayerKnobs, tok_sp):
-    """TE: two norms r+w, two residual adds r2+w1, dropout, the fp8 cast of the attention output
+    """TE: two norms r+w, two residual adds, dropout, the fp8 cast of the attention output
     (TE folds the other input casts into LayerNormLinear and the activation kernels)."""
-    h, tp = model.hidden, k.tp
-    common = norm_bytes(model, k) + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
-    return common + np.where(k.precision == Precision.FP8, 3 * k.tokens * model.v_dim / tp, 0.0)
+    common = norm_bytes(model, k) + _residual_bytes(model, tok_sp)
+    return common + np.where(k.precision == Precision.FP8, 3 * k.tokens * model.v_dim / k.tp, 0.0)
 
 
 def _common_torchtitan(model: ModelSpec, k: LayerKnobs, tok_sp, eager: bool):
@@ -46,15 +50,14 @@ def _common_torchtitan(model: ModelSpec, k: LayerKnobs, tok_sp, eager: bool):
     K and V to every query head (expand + reshape), the output's transpose().contiguous()."""
     T, h, tp = k.tokens, model.hidden, k.tp
     q, kv, v = model.q_dim / tp, model.kv_dim / tp, model.v_dim / tp
-    norm = EAGER_NORM_BYTES if eager else 4
+    norm = EAGER_NORM_BYTES if eager else 4          # compiled: one pass, read 2 B + write 2 B
     repeats = model.kv_dim < model.q_dim
     rep = 2 * (2 * kv + 2 * q) if repeats else 0.0
     if eager:
         rope = EAGER_ROPE_BYTES * (q + kv)
     else:            # q in one pass; k's rotation folds into its repeat copy when there is one
         rope = 4 * q + (0.0 if repeats else 4 * kv)
-    return (2 * norm * tok_sp * h + 2 * tok_sp * h * (3 + 3 + (1 if model.dropout else 0))
-            + T * (rope + rep + 4 * v))
+    return 2 * norm * tok_sp * h + _residual_bytes(model, tok_sp) + T * (rope + rep + 4 * v)
 
 
 def layer_bytes(model: ModelSpec, k: LayerKnobs, mode: str):
