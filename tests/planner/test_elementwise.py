@@ -80,7 +80,12 @@ def _knobs(T):
 def test_eager_llama_block_bytes_and_launches_match_dispatch():
     m = load_model("llama-3-8b")
     T = 8
-    t = _eager_block(m, T)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # no OpenMP workers in the test process: validate forks its ranks from it
+    try:
+        t = _eager_block(m, T)
+    finally:
+        torch.set_num_threads(threads)
     common, mlp = E.layer_bytes(m, _knobs(T), "eager")
     # what the planner leaves out: RoPE's frequency table, the norm weights, the per-row means
     assert float(common[0] + mlp[0]) == pytest.approx(t.bytes, rel=0.02)
