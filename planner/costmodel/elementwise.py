@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import PlannerError
 from ..layout import Precision
 from ..model_spec import ModelSpec
 from .knobs import LayerKnobs
@@ -62,6 +63,8 @@ def _common_torchtitan(model: ModelSpec, k: LayerKnobs, tok_sp, eager: bool):
 
 def layer_bytes(model: ModelSpec, k: LayerKnobs, mode: str):
     """(attention-side, dense-MLP activation) HBM bytes per layer forward."""
+    if mode not in MODES:
+        raise PlannerError(f"Stack.elementwise_ops: unknown '{mode}'; valid: {', '.join(MODES)}")
     T, tp = k.tokens, k.tp
     tok_sp = T / np.where(k.sp, tp, 1)
     f = model.ffn_hidden / tp

@@ -119,3 +119,9 @@ def test_torchtitan_compile_is_faster_and_other_stacks_refuse_it():
     assert 1.05 < eager / fast < 1.4
     with pytest.raises(PlannerError, match="--compile is modelled for torchtitan"):
         with_compile(STACKS["megatron-core"], True)
+
+
+def test_an_unknown_elementwise_mode_is_refused():
+    from planner.errors import PlannerError
+    with pytest.raises(PlannerError, match="valid: fused, eager, compiled"):
+        E.layer_bytes(load_model("llama-3-8b"), _knobs(8), "inductor")
