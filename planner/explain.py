@@ -437,7 +437,7 @@ def explain_text(res, model, cluster, stack=None) -> str:
             continue
         lines.append(f"  {r['label']:<30} {r['seconds']:9.3f} s {r['share']:6.1%}  {_bar(r['share'])}")
     phi = cluster.efficiency.overlap_slowdown
-    if phi and any(r["seconds"] for r in b["time_breakdown"] if r["term"] in ("dp_comm", "cp_comm", "pp_comm")):
+    if phi and cluster.gpu.shared_by == 1 and any(r["seconds"] for r in b["time_breakdown"] if r["term"] in ("dp_comm", "cp_comm", "pp_comm")):
         lines.append(f"  (slowdown: DP, CP and PP traffic hidden behind compute still costs {phi:.1%} of its time, "
                      f"NCCL's kernels sharing the SMs; Lee et al. 2025, arXiv 2507.03114)")
     lines.append("")

@@ -138,7 +138,7 @@ class Stack:
     # LayerNormLinear and the activation kernels and casts-and-transposes gradients in one pass
     # (costmodel/compute.py _elementwise); "dynamic" = torchao Float8Linear's tensorwise dynamic
     # scaling (torchtitan): an amax pass and a cast per operand and a transposed copy for the
-    # weight-gradient GEMM (torchao/float8/float8_linear.py, compute._dynamic_fp8_casts)
+    # weight-gradient GEMM (torchao/float8/float8_linear.py, elementwise.dynamic_fp8_cast_bytes)
     fp8_casts: str = "fused"
     # activation offloading to host memory (--offload-layers): Megatron-Core --cpu-offloading
     # --cpu-offloading-num-layers through Transformer Engine's cpu_offload (TransformerConfig

@@ -60,6 +60,14 @@ def _exposed(comm, hideable):
     return comm - np.minimum(comm * (1 - TP_OVERLAP_RESIDUAL), hideable)
 
 
+def overlapped(traffic, window, slowdown):
+    """Seconds `traffic` seconds of communication cost beside `window` seconds of compute they may
+    hide behind: the part that sticks out, plus `slowdown` per hidden second (Efficiency.
+    overlap_slowdown: NCCL's kernels hold SMs; Lee et al. 2025, arXiv 2507.03114)."""
+    hidden = np.minimum(traffic, window)
+    return traffic - hidden + slowdown * hidden
+
+
 def flows_time(group: C.Group, flows) -> np.ndarray:
     """Seconds of `flows` on one group, back to back (traffic.Flow: calls x bytes per call)."""
     op = {"all_reduce": group.all_reduce, "all_gather": group.all_gather,
@@ -92,8 +100,7 @@ def _cp(model, cluster, k: LayerKnobs, lc: LayerCompute, eb: ElementBytes, owns:
     out = []
     for backward, t_core in ((False, lc.t_core_f), (True, lc.t_core_b)):
         flows = X.cp_layer(model, k, eb, backward)
-        hidden = np.minimum(flows[0].calls * step, hide * t_core * (cp - 1) / cp)
-        ring = flows[0].calls * step - hidden + cluster.efficiency.overlap_slowdown * hidden
+        ring = overlapped(flows[0].calls * step, hide * t_core * (cp - 1) / cp, cluster.efficiency.overlap_slowdown)
         a2a = flows[4].calls * C.all_to_all(cluster, flows[4].nbytes, cp, tp)
         out.append(np.where(cp > 1, ring + flows_time(g, flows[2:4]) + a2a, 0.0))
     return out

@@ -175,28 +175,8 @@ def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs
     hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
     common, dense = E.layer_bytes(model, k, stack.elementwise_ops)
     scale = stack.elementwise if stack.elementwise_ops == "fused" else 1.0
-    cast_att, cast_mlp = _dynamic_fp8_casts(model, stack, k)     # counted passes: no elementwise factor
+    cast_att, cast_mlp = E.dynamic_fp8_cast_bytes(model, stack.fp8_casts, k)     # counted passes: no elementwise factor
     return (common * scale + cast_att) / hbm, (dense * scale + cast_mlp) / hbm
-
-
-def _dynamic_fp8_casts(model: ModelSpec, stack: Stack, k: LayerKnobs):
-    """(attention, dense-MLP) HBM bytes per layer forward of torchao Float8Linear's tensorwise
-    dynamic scaling (Stack.fp8_casts == "dynamic"; torchao/float8/float8_linear.py,
-    float8_scaling_utils.hp_tensor_to_float8_dynamic). Per linear of K inputs, N outputs over T
-    tokens: forward, the input's amax (read 2TK) and cast (read 2TK, write TK); backward, the output
-    gradient's amax and cast (5TN), the fp8 copies _scaled_mm's layouts ask for in the gradient GEMMs
-    (output gradient and input transposed, 2TN + 2TK; the weight, 2KN): 7T(K+N) + 2KN in all,
-    counted a third in forward as the planner splits elementwise work (backward = 2x forward).
-    Dense layers only (torchtitan's MoE experts of 2024 run in bf16)."""
-    if stack.fp8_casts != "dynamic":
-        return 0.0, 0.0
-    T, tp, h = k.tokens, k.tp, model.hidden
-    f = model.ffn_hidden / tp
-    lin = lambda K, N, m=1: m * (7 * T * (K + N) + 2 * K * N) / 3.0  # noqa: E731
-    att = lin(h, (model.q_dim + 2 * model.kv_dim) / tp) + lin(model.v_dim / tp, h)
-    mlp = lin(h, f, model.mlp_matrices - 1) + lin(f, h)
-    fp8 = k.precision == Precision.FP8
-    return np.where(fp8, att, 0.0), np.where(fp8, mlp, 0.0)
 
 
 def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, moe_load) -> LayerCompute:

@@ -9,7 +9,8 @@ the stack runs it (Stack.elementwise_ops):
   TransformerBlock; Inductor fuses each run of pointwise ops and its reduction into one kernel).
 
 Widths are per TP rank; norms and residual adds run on the sequence-parallel shard. Bytes are
-activations at 2 B, fp32 temporaries at 4 B."""
+activations at 2 B, fp32 temporaries at 4 B. Also torchao's fp8 casts (Stack.fp8_casts), counted
+the same way."""
 from __future__ import annotations
 
 import numpy as np
@@ -88,3 +89,23 @@ def extra_kernels(model: ModelSpec, mode: str) -> tuple:
     if mode == "eager":
         return 2 * (EAGER_NORM_KERNELS - 1) + 2 * EAGER_ROPE_KERNELS - 1 + rep + 1, 2 * gated
     return max(rep, 1) + 1, gated
+
+
+def dynamic_fp8_cast_bytes(model: ModelSpec, fp8_casts: str, k: LayerKnobs):
+    """(attention, dense-MLP) HBM bytes per layer forward of torchao Float8Linear's tensorwise
+    dynamic scaling (Stack.fp8_casts == "dynamic"; torchao/float8/float8_linear.py,
+    float8_scaling_utils.hp_tensor_to_float8_dynamic). Per linear of K inputs, N outputs over T
+    tokens: forward, the input's amax (read 2TK) and cast (read 2TK, write TK); backward, the output
+    gradient's amax and cast (5TN), the fp8 copies _scaled_mm's layouts ask for in the gradient GEMMs
+    (output gradient and input transposed, 2TN + 2TK; the weight, 2KN): 7T(K+N) + 2KN in all,
+    counted a third in forward as the planner splits elementwise work (backward = 2x forward).
+    Dense layers only (torchtitan's MoE experts of 2024 run in bf16)."""
+    if fp8_casts != "dynamic":
+        return 0.0, 0.0
+    T, tp, h = k.tokens, k.tp, model.hidden
+    f = model.ffn_hidden / tp
+    lin = lambda K, N, m=1: m * (7 * T * (K + N) + 2 * K * N) / 3.0  # noqa: E731
+    att = lin(h, (model.q_dim + 2 * model.kv_dim) / tp) + lin(model.v_dim / tp, h)
+    mlp = lin(h, f, model.mlp_matrices - 1) + lin(f, h)
+    fp8 = k.precision == Precision.FP8
+    return np.where(fp8, att, 0.0), np.where(fp8, mlp, 0.0)

@@ -9,6 +9,7 @@ from .. import schedules as S
 from ..hardware import Cluster
 from ..layout import SCHEDULES
 from ..stacks import Stack
+from .comm import overlapped
 from .knobs import StepKnobs
 from .records import Record, record
 from .stages import StageSums
@@ -54,10 +55,8 @@ def make_stage(sums: StageSums, params: StageParams, dp: DpTimes, overlap_dp, sl
     """DP traffic issued per micro-batch hides behind that micro-batch's compute when overlapped,
     slowing that compute by `slowdown` per hidden second (Efficiency.overlap_slowdown); gathers no
     prefetch can issue early (state.unprefetched) never do."""
-    b = sums.bwd + sums.rc
-    hidden = np.minimum(dp.per_mb_f, sums.fwd) + np.minimum(dp.per_mb_b, b)
-    dp_mb = np.where(overlap_dp, np.maximum(dp.per_mb_f - sums.fwd, 0.0) + np.maximum(dp.per_mb_b - b, 0.0)
-                     + slowdown * hidden, dp.per_mb_f + dp.per_mb_b) + dp.serial
+    hid = overlapped(dp.per_mb_f, sums.fwd, slowdown) + overlapped(dp.per_mb_b, sums.bwd + sums.rc, slowdown)
+    dp_mb = np.where(overlap_dp, hid, dp.per_mb_f + dp.per_mb_b) + dp.serial
     return Stage(sums, params, dp, dp_mb,
                  sums.fwd + sums.bwd + sums.rc + sums.tp + sums.cp + sums.ep + sums.off + dp_mb)
 
@@ -127,7 +126,7 @@ def compose_step(lt, k: StepKnobs, cluster: Cluster, stack: Stack, split, stages
     ovl = k.overlap_dp & (not shared)
     window = np.where(ovl, pick(lambda s: s.sums.bwd + s.sums.rc + s.sums.fwd * (k.zero == 1)), 0.0)
     per_step, phi = pick(lambda s: s.dp.per_step), cluster.efficiency.overlap_slowdown
-    dp_exposed = np.maximum(per_step - window, 0.0) + phi * np.minimum(per_step, window) + pick(lambda s: s.dp_mb) * nmb
+    dp_exposed = overlapped(per_step, window, phi) + pick(lambda s: s.dp_mb) * nmb
     # optimizer step over the parameters this rank owns (sharded by ZeRO >= 1)
     g = lt.groups
     sharded = k.zero >= 1
