@@ -154,7 +154,7 @@ def model_of(row: dict) -> ModelSpec:
     if fam is not None:
         from planner.model_io import load_model
         ref = load_model(fam)
-        if ref.hidden == h:
+        if (ref.hidden, ref.heads) == (h, a):       # the same shape, not a sibling size
             mla, head_dim = ref.mla, ref.head_dim
             window, window_layers = ref.sliding_window, ref.sliding_window_layers
             if moe and ref.moe:
@@ -169,12 +169,16 @@ def model_of(row: dict) -> ModelSpec:
 
 
 def _family(name: str, attention: str) -> str | None:
-    n = name.lower().replace(" ", "").replace("-", "")
+    """The catalog entry a row's model belongs to: DeepSeek-V3's for MLA rows, else the entry whose
+    name is the row's model name without spaces and hyphens ('Qwen3 30B-A3B' -> qwen3-30b-a3b,
+    'GPT-OSS 120B' -> gpt-oss-120b), so that e.g. Qwen3's head_dim of 128 (config.json), twice its
+    hidden / heads, is not lost."""
+    from planner.model_io import list_models
+    squash = lambda s: s.lower().replace(" ", "").replace("-", "")  # noqa: E731
+    n = squash(name)
     if attention.strip().lower() == "mla" or "deepseekv3" in n:
         return "deepseek-v3"
-    if "gptoss" in n:
-        return "gpt-oss-120b"
-    return None
+    return next((m for m in list_models() if squash(m) == n), None)
 
 
 @dataclass

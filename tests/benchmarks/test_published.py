@@ -76,3 +76,21 @@ def test_rows_are_read_with_their_recipes_compile_and_gradient_dtype():
     assert compiled(published.stack_for(ri))
     ri = published.RunInputs("x", None, "h100-sxm", 8, 8192, 16, {}, "megatron-core", None, grad_dtype="bf16")
     assert grad_dtype(published.stack_for(ri)) == "bf16"
+
+
+def test_facts_the_csv_lacks_come_from_the_catalog_entry_of_the_same_shape():
+    """Qwen3's head_dim is 128 (config.json), twice hidden / heads: a row of it is read with the
+    catalog's; a row whose heads differ from its namesake entry's (MPT-30B: the CSV's 56 x 128 vs
+    the config's 64 x 112) keeps hidden / heads rather than mixing the two."""
+    row = dict(row_id="x", model="Qwen3 30B-A3B", hidden="2048", heads="32", kv_heads="4", layers="48",
+               ffn_hidden="", vocab="151936", mlp="swiglu", moe_experts="128", moe_topk="8",
+               moe_ffn_hidden="768", attention="gqa", seq_len="4096", framework="Megatron-Bridge")
+    m = published.model_of(row)
+    assert m.head_dim == 128 and m.q_dim == 4096 and m.kv_dim == 512
+    assert published._family("Qwen3 235B-A22B", "gqa") == "qwen3-235b-a22b"
+    assert published._family("GPT-OSS 120B", "gqa") == "gpt-oss-120b"
+    assert published._family("Some 7B", "gqa") is None
+    mpt = dict(row, model="MPT-30b", hidden="7168", heads="56", kv_heads="56", ffn_hidden="28672", mlp="gelu",
+               moe_experts="", moe_topk="", moe_ffn_hidden="", attention="mha")
+    assert published._family("MPT-30b", "mha") == "mpt-30b"
+    assert published.model_of(mpt).head_dim == 128
