@@ -57,6 +57,8 @@ PUBLISHED_ATTN = ("hopper", "blackwell")
 FP8_RATIO = 0.9
 CAP = math.log(1.65)
 FAMILIES = tuple(dict.fromkeys(FAMILY.values()))      # ampere, hopper, blackwell
+# the profile whose values stand for each generation's (current(), machine_balance)
+REPRESENTATIVE = {"ampere": "a100-sxm-80gb", "hopper": "h100-sxm", "blackwell": "b200"}
 FITTED_STACKS = ("torchtitan", "llm-foundry")
 FACTORS = [k for k in PARAMS if k.split(".")[0] in FITTED_STACKS or k == "grouped_gemm"]   # neutral at 1.0
 UPPER = {k: (1.5 if k.split(".")[0] in FITTED_STACKS else 5.0 if k == "kernel_overhead_us"
@@ -99,7 +101,7 @@ def load_rows(csv_path=None) -> list:
 def current() -> dict:
     """The shipped values of the parameters (profiles' [efficiency], planner/stacks.py)."""
     p = {}
-    for name, fam in (("a100-sxm-80gb", "ampere"), ("h100-sxm", "hopper"), ("b200", "blackwell")):
+    for fam, name in REPRESENTATIVE.items():
         e = load_hardware(name).efficiency
         p[f"{fam}.gemm16"], p[f"{fam}.attn"] = e.gemm_max["bf16"], e.attention_max
     p["grouped_gemm"] = load_hardware("h100-sxm").efficiency.grouped_gemm
@@ -222,7 +224,8 @@ def without_unseen(p: dict, names) -> dict:
     """The parameters no training run identifies, set from the fitted ones or to neutral -- never
     left at their start, the shipped values, which were fitted to every run (in a leave-one-source-
     out fold that would hand the left-out source its own fit). A GPU generation without a run
-    reaches the mean fraction of its peak that the fitted generations reach; a stack without a run
+    reaches the fraction of its peak that the fitted generation nearest in machine balance reaches
+    (nearest_generation); a stack without a run
     is as efficient as Megatron-Core (1.0: its modelled mechanisms -- eager elementwise kernels, no
     TP overlap -- stay in planner/stacks.py); without an MoE run, grouped GEMMs are as efficient
     as dense ones (1.0)."""
@@ -230,11 +233,28 @@ def without_unseen(p: dict, names) -> dict:
     fitted = [f for f in FAMILIES if f"{f}.gemm16" in names]
     for fam in FAMILIES:
         if fam not in fitted and fitted:
+            near = nearest_generation(fam, fitted)
             for k in ("gemm16", "attn"):
                 if f"{fam}.{k}" in PARAMS:        # a published value stays as published
-                    p[f"{fam}.{k}"] = float(np.mean([p[f"{g}.{k}"] for g in fitted]))
+                    p[f"{fam}.{k}"] = p[f"{near}.{k}"]
     p.update({k: 1.0 for k in FACTORS if k not in names})
     return p
+
+
+def machine_balance(fam: str) -> float:
+    """FLOP per byte at the roofline's ridge (Williams et al. 2009, 'Roofline', CACM 52(4)): the
+    dense bf16 peak over the HBM bandwidth of the generation's representative profile (A100 153,
+    H100 295, B200 292, from the datasheet figures in hwprofiles/)."""
+    g = load_hardware(REPRESENTATIVE[fam]).gpu
+    return g.peak_flops["bf16"] / g.hbm_bandwidth
+
+
+def nearest_generation(fam: str, fitted) -> str:
+    """The fitted generation whose machine balance is closest (in ratio) to `fam`'s: the fraction of
+    peak a GPU's GEMMs and kernels reach depends on how far its compute outruns its memory, so an
+    unseen generation borrows the fraction of the one most like it (Blackwell, ridge 292, takes
+    Hopper's, 295, not the mean with Ampere's, 153)."""
+    return min(fitted, key=lambda g: abs(math.log(machine_balance(g) / machine_balance(fam))))
 
 
 def nelder_mead(f, x0, iters=150, step=0.08, log=None):

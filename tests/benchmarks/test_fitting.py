@@ -17,18 +17,23 @@ def test_parameters_no_training_run_identifies_are_not_left_at_the_shipped_fit()
     names = [k for k in fitting.PARAMS if k.split(".")[0] not in ("torchtitan", "blackwell") and k != "grouped_gemm"]
     p = fitting.without_unseen(fitted, names)
     assert p["torchtitan.gemm"] == p["grouped_gemm"] == 1.0
-    assert abs(p["blackwell.gemm16"] - 0.65) < 1e-12
+    # Blackwell (ridge 292 FLOP/B) borrows Hopper's fraction (295), not Ampere's (153) or a mean
+    assert p["blackwell.gemm16"] == 0.60
     # Blackwell's attention is a published kernel figure, not a fit: it stays as published
-    assert p["blackwell.attn"] == shipped["blackwell.attn"] != 0.5 * (0.8 + shipped["hopper.attn"])
+    assert p["blackwell.attn"] == shipped["blackwell.attn"] != shipped["hopper.attn"]
     assert p["llm-foundry.gemm"] == fitted["llm-foundry.gemm"]         # identified: kept as fitted
     assert p["hopper.gemm16"] == 0.60
 
 
-def test_an_unseen_generation_with_fitted_attention_takes_the_others_mean():
+def test_an_unseen_generation_takes_the_nearest_in_machine_balance():
     shipped = fitting.current()
     names = [k for k in fitting.PARAMS if not k.startswith("ampere.")]
-    p = fitting.without_unseen(dict(shipped, **{"ampere.attn": 0.99}), names)
-    assert abs(p["ampere.attn"] - 0.5 * (shipped["hopper.attn"] + shipped["blackwell.attn"])) < 1e-12
+    p = fitting.without_unseen(dict(shipped, **{"ampere.attn": 0.99, "ampere.gemm16": 0.99}), names)
+    near = fitting.nearest_generation("ampere", ["hopper", "blackwell"])
+    assert p["ampere.attn"] == shipped[f"{near}.attn"] and p["ampere.gemm16"] == shipped[f"{near}.gemm16"]
+    # the ridge points come from the profiles' datasheet peaks and bandwidths
+    assert fitting.machine_balance("ampere") < 200 < fitting.machine_balance("blackwell")
+    assert fitting.nearest_generation("blackwell", ["ampere", "hopper"]) == "hopper"
 
 
 def test_published_attention_is_not_a_fitted_parameter():
