@@ -79,7 +79,8 @@ def linear_peak(cluster: Cluster, prec) -> tuple:
 def attention_efficiency(e, stack: Stack) -> float:
     """Fused attention's fraction of the bf16 peak: the profile's (Transformer Engine / cuDNN), or
     FlashAttention-2's where the stack runs SDPA and the GPU gives it less (Shah et al. 2024,
-    FlashAttention-3, sec. 1: FlashAttention-2 reaches 35% of the H100's peak), times the stack's factor."""
+    FlashAttention-3, Figs. 5-6: FlashAttention-2's forward + backward reaches 33% of the H100's
+    peak), times the stack's factor."""
     eff = e.attention_max
     if stack.attention_kernel == "sdpa" and e.sdpa_attention is not None:
         eff = min(eff, e.sdpa_attention)
