@@ -130,8 +130,9 @@ def default_micro_batch(stack: str, row: dict, pp: int, dp: int) -> int | None:
 
 
 def model_of(row: dict) -> ModelSpec:
-    """ModelSpec from the row's shape columns. MLA and head_dim, which the CSV does not carry,
-    come from the catalog entry of the same family (deepseek-v3, gpt-oss)."""
+    """ModelSpec from the row's shape columns. MLA, head_dim and sliding windows, which the CSV
+    does not carry, come from the catalog entry of the same family (_family: deepseek-v3, gpt-oss,
+    qwen3, ...) where its hidden size and heads are the row's."""
     name = row["model"]
     h, a = _int(row["hidden"]), _int(row["heads"])
     L = _int(row["layers"])
