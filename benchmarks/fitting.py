@@ -18,6 +18,7 @@ run costs the cap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -241,6 +242,7 @@ def without_unseen(p: dict, names) -> dict:
     return p
 
 
+@functools.lru_cache(maxsize=None)
 def machine_balance(fam: str) -> float:
     """FLOP per byte at the roofline's ridge (Williams et al. 2009, 'Roofline', CACM 52(4)): the
     dense bf16 peak over the HBM bandwidth of the generation's representative profile (A100 153,
