@@ -140,6 +140,7 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     t_router = g(2 * local * h * mo.experts, local, mo.experts, h)
     act_rw = 3 if model.gated else 2
     ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
+          + _sorts(model, k) * 2 * routed * etp * h * 2 * 2
           + _expert_act_bytes(model, k, load)
           + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
     hbm = cluster.gpu.hbm_bandwidth * e.hbm
@@ -160,6 +161,16 @@ def _expert_launches(model: ModelSpec, stack: Stack, k: LayerKnobs):
         return 0.0
     per_linear = 1 + (k.precision == Precision.FP8)
     return 2 * per_linear * model.moe.experts / k.ep - 2
+
+
+def _sorts(model: ModelSpec, k: LayerKnobs):
+    """1 where a rank holds more than one expert: Megatron-Core's all-to-all dispatcher then sorts
+    the received token chunks by local expert after the dispatch and unsorts them before the
+    combine, one more copy of every routed token each way (token_dispatcher.py
+    MoEAlltoAllTokenDispatcher.dispatch_postprocess / combine_preprocess, sort_chunks_by_idxs;
+    one fused kernel each under --moe-permute-fusion; torchtitan's expert_parallel.py _token_dispatch /
+    _token_combine permute and unpermute the received tokens the same way)."""
+    return (model.moe.experts / k.ep > 1).astype(float)
 
 
 def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):
@@ -200,7 +211,8 @@ def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnob
     k_tp = np.where(tp > 1, stack.tp_layer_overhead_s, 0.0)
     x_att, x_mlp = E.extra_kernels(model, stack.elementwise_ops)
     k_dense = (KERNELS_DENSE_FWD + x_att + x_mlp) * stack.kernel_overhead_s + k_tp
-    k_moe = ((KERNELS_DENSE_FWD - 3 + x_att + KERNELS_MOE_FWD + _expert_launches(model, stack, k))
+    k_moe = ((KERNELS_DENSE_FWD - 3 + x_att + KERNELS_MOE_FWD + _expert_launches(model, stack, k)
+              + (2 * _sorts(model, k) if model.moe else 0.0))
              * stack.kernel_overhead_s + k_tp)
     t_attn_f = t_attn_gemm + t_core_f + t_ew_common
     # embedding (first stage): lookup r+w; logits + vocab-parallel cross entropy (last stage):

@@ -334,6 +334,32 @@ def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert():
     assert STACKS["torchtitan"].expert_launches == "grouped"       # torch._grouped_mm
 
 
+def test_a_rank_with_several_experts_sorts_its_received_tokens_both_ways(monkeypatch):
+    """Megatron-Core's all-to-all dispatcher sorts the received chunks by local expert after the
+    dispatch and unsorts them before the combine (sort_chunks_by_idxs), where a rank holds more than
+    one expert: two more copies of every routed token (read + write, 16-bit) and two kernels per MoE
+    layer forward; a rank with one expert skips both."""
+    from planner.costmodel import compute as C
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = load_model("mixtral-8x7b")                    # 8 experts, top 2
+    ep = np.array([8, 4, 2])
+    cols = dict(tp=[1] * 3, pp=[1] * 3, dp=[8] * 3, cp=[1] * 3, ep=list(ep), etp=[1] * 3,
+                micro_batch=[1] * 3, seq_len=[4096] * 3, sp=[False] * 3,
+                precision=[Precision.BF16] * 3, cp_comm=[0] * 3, overlap_tp=[True] * 3,
+                overlap_ep=[True] * 3, shard_group=[1] * 3)
+    k = LayerKnobs.of(cols)
+    st = STACKS["megatron-core"]
+    got = C.layer_compute(m, H100, st, k, np.ones(3)).f_moe
+    monkeypatch.setattr(C, "_sorts", lambda model, k: np.zeros(k.n))
+    without = C.layer_compute(m, H100, st, k, np.ones(3)).f_moe
+    routed = 4096 * m.moe.top_k
+    copies = 2 * routed * m.hidden * 2 * 2 * st.elementwise / (H100.gpu.hbm_bandwidth * H100.efficiency.hbm)
+    np.testing.assert_allclose(got - without, np.where(ep < 8, copies + 2 * st.kernel_overhead_s, 0.0),
+                               rtol=1e-9, atol=1e-15)
+
+
 def test_offloaded_layers_leave_the_gpu_and_their_copies_are_timed():
     """--offload-layers N keeps N fewer layers' activations on the GPU at the peak (validate memory
     holds that to the tracker) and adds what its host copies cannot hide: each copy beside the
