@@ -142,6 +142,7 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
           + _sorts(model, k) * 2 * routed * etp * h * 2 * 2
           + _expert_act_bytes(model, k, load)
+          + _expert_fp8_cast_bytes(model, stack, k, load)
           + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
     hbm = cluster.gpu.hbm_bandwidth * e.hbm
     gemm_w = t_experts + t_shared + t_router      # weight-gradient GEMMs = forward GEMMs
@@ -171,6 +172,23 @@ def _sorts(model: ModelSpec, k: LayerKnobs):
     one fused kernel each under --moe-permute-fusion; torchtitan's expert_parallel.py _token_dispatch /
     _token_combine permute and unpermute the received tokens the same way)."""
     return (model.moe.experts / k.ep > 1).astype(float)
+
+
+def _expert_fp8_cast_bytes(model: ModelSpec, stack: Stack, k: LayerKnobs, load):
+    """HBM bytes per forward of Transformer Engine GroupedLinear's fp8 quantizations of the experts'
+    GEMM operands on the busiest rank (transformer_engine/pytorch/module/grouped_linear.py
+    _GroupedLinear: forward split_quantize of the input, backward of the output gradient, each read
+    at 2 B and written row-wise and column-wise at 1 B each, the column-wise copy for the weight
+    gradient): 4 T (K + N) per linear of K inputs and N outputs, fc1 and fc2, counted a third in
+    forward as the planner splits elementwise work (backward = 2x forward). Dense linears fold their
+    input casts into TE's norm and activation kernels; torchtitan's experts of 2024 run in bf16."""
+    if not model.moe or stack.expert_launches != "per_expert":
+        return 0.0
+    mo, h = model.moe, model.hidden
+    rows = k.tokens / k.tp * mo.top_k * load * k.etp          # token copies through the rank's experts
+    f = mo.expert_ffn_hidden / k.etp
+    per_linear = 4 * rows * ((h + (model.mlp_matrices - 1) * f) + (f + h)) / 3.0
+    return np.where(k.precision == Precision.FP8, per_linear, 0.0)
 
 
 def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):

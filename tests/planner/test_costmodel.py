@@ -311,12 +311,15 @@ def test_unprefetched_gathers_add_to_the_step_without_changing_the_bytes_moved()
     assert got.time_breakdown_s["dp_comm"] > free.time_breakdown_s["dp_comm"] * 1.5
 
 
-def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert():
+def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert(monkeypatch):
     """Transformer Engine's GroupedLinear runs one cuBLAS GEMM per local expert (and under fp8
     one input quantization per expert): an MoE layer's forward pays 2 x (1 + fp8) launches per
-    local expert beyond the two grouped GEMMs counted; a one-kernel grouped GEMM pays none."""
+    local expert beyond the two grouped GEMMs counted; a one-kernel grouped GEMM pays none (the
+    quantizations' bytes: test_te_experts_quantize_their_operands_under_fp8)."""
     import dataclasses
+    from planner.costmodel import compute as C
     from planner.costmodel.compute import layer_compute
+    monkeypatch.setattr(C, "_expert_fp8_cast_bytes", lambda *a: 0.0)
     from planner.costmodel.knobs import LayerKnobs
     from planner.layout import Precision
     from planner.stacks import STACKS
@@ -358,6 +361,33 @@ def test_a_rank_with_several_experts_sorts_its_received_tokens_both_ways(monkeyp
     copies = 2 * routed * m.hidden * 2 * 2 * st.elementwise / (H100.gpu.hbm_bandwidth * H100.efficiency.hbm)
     np.testing.assert_allclose(got - without, np.where(ep < 8, copies + 2 * st.kernel_overhead_s, 0.0),
                                rtol=1e-9, atol=1e-15)
+
+
+def test_te_experts_quantize_their_operands_under_fp8(monkeypatch):
+    """Transformer Engine's GroupedLinear quantizes each expert's input in forward and its output
+    gradient in backward, reading 2 B and writing 1 B row-wise and 1 B column-wise per element:
+    4 T (K + N) bytes per linear over forward and backward, a third of it in forward. Not in bf16,
+    and not on a stack whose experts are one grouped kernel (torchtitan)."""
+    from planner.costmodel import compute as C
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = load_model("mixtral-8x7b")                    # 8 experts, top 2, gated (fc1 out = 2 f)
+    cols = dict(tp=[1] * 2, pp=[1] * 2, dp=[8] * 2, cp=[1] * 2, ep=[4] * 2, etp=[1] * 2,
+                micro_batch=[1] * 2, seq_len=[4096] * 2, sp=[False] * 2,
+                precision=[Precision.BF16, Precision.FP8], cp_comm=[0] * 2, overlap_tp=[True] * 2,
+                overlap_ep=[True] * 2, shard_group=[1] * 2)
+    k = LayerKnobs.of(cols)
+    hbm = H100.gpu.hbm_bandwidth * H100.efficiency.hbm
+    for name, on in (("megatron-core", True), ("torchtitan", False)):
+        st = STACKS[name]
+        got = C.layer_compute(m, H100, st, k, np.ones(2)).f_moe
+        with monkeypatch.context() as mp:
+            mp.setattr(C, "_expert_fp8_cast_bytes", lambda *a: 0.0)
+            without = C.layer_compute(m, H100, st, k, np.ones(2)).f_moe
+        rows, h, f = 4096 * m.moe.top_k, m.hidden, m.moe.expert_ffn_hidden
+        casts = 4 * rows * ((h + 2 * f) + (f + h)) / 3 * st.elementwise / hbm
+        np.testing.assert_allclose(got - without, [0.0, casts if on else 0.0], rtol=1e-9, atol=1e-15)
 
 
 def test_offloaded_layers_leave_the_gpu_and_their_copies_are_timed():
