@@ -142,7 +142,7 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
           + _sorts(model, k) * 2 * routed * etp * h * 2 * 2
           + _expert_act_bytes(model, k, load)
-          + _expert_fp8_cast_bytes(model, stack, k, load)
+          + _expert_fp8_cast_bytes(model, stack, k, load) + _shared_fp8_cast_bytes(model, stack, k)
           + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
     hbm = cluster.gpu.hbm_bandwidth * e.hbm
     gemm_w = t_experts + t_shared + t_router      # weight-gradient GEMMs = forward GEMMs
@@ -191,6 +191,17 @@ def _expert_fp8_cast_bytes(model: ModelSpec, stack: Stack, k: LayerKnobs, load):
     return np.where(k.precision == Precision.FP8, fc1_fc2, 0.0)
 
 
+def _shared_fp8_cast_bytes(model: ModelSpec, stack: Stack, k: LayerKnobs):
+    """HBM bytes per forward of TE's fp8 quantizations in an MoE layer's shared experts
+    (Megatron-Core SharedExpertMLP: TE linears after the layer's separate pre-MLP TENorm, so fc1's
+    input is cast too; elementwise.te_mlp_cast_bytes), a third counted in forward."""
+    mo = model.moe
+    if not mo.shared_experts or stack.fp8_casts != "fused":
+        return 0.0
+    b = E.te_mlp_cast_bytes(model, k, mo.shared_expert_ffn_hidden * mo.shared_experts, fc1_input=True)
+    return np.where(k.precision == Precision.FP8, b / 3.0, 0.0)
+
+
 def _expert_act_bytes(model: ModelSpec, k: LayerKnobs, load):
     """HBM bytes of the experts' activation forward on the busiest rank: read 2f (gated) or f, write f
     per routed token (Megatron-Core moe/experts.py, bias + activation fused)."""
@@ -205,8 +216,10 @@ def _elementwise(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs
     hbm = cluster.gpu.hbm_bandwidth * cluster.efficiency.hbm
     common, dense = E.layer_bytes(model, k, stack.elementwise_ops)
     scale = stack.elementwise if stack.elementwise_ops == "fused" else 1.0
-    cast_att, cast_mlp = E.dynamic_fp8_cast_bytes(model, stack.fp8_casts, k)     # counted passes: no elementwise factor
-    return (common * scale + cast_att) / hbm, (dense * scale + cast_mlp) / hbm
+    # fp8 casts are counted passes: no elementwise factor
+    dyn_att, dyn_mlp = E.dynamic_fp8_cast_bytes(model, stack.fp8_casts, k)
+    te_att, te_mlp = E.te_fp8_cast_bytes(model, stack.fp8_casts, k)
+    return (common * scale + dyn_att + te_att) / hbm, (dense * scale + dyn_mlp + te_mlp) / hbm
 
 
 def layer_compute(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, moe_load) -> LayerCompute:

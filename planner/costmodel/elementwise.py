@@ -41,10 +41,8 @@ def _residual_bytes(model: ModelSpec, tok_sp):
 
 
 def _common_fused(model: ModelSpec, k: LayerKnobs, tok_sp):
-    """TE: two norms r+w, two residual adds, dropout, the fp8 cast of the attention output
-    (TE folds the other input casts into LayerNormLinear and the activation kernels)."""
-    common = norm_bytes(model, k) + _residual_bytes(model, tok_sp)
-    return common + np.where(k.precision == Precision.FP8, 3 * k.tokens * model.v_dim / k.tp, 0.0)
+    """TE: two norms r+w, two residual adds, dropout (its fp8 casts: te_fp8_cast_bytes)."""
+    return norm_bytes(model, k) + _residual_bytes(model, tok_sp)
 
 
 def _common_torchtitan(model: ModelSpec, k: LayerKnobs, tok_sp, eager: bool):
@@ -89,6 +87,42 @@ def extra_kernels(model: ModelSpec, mode: str) -> tuple:
     if mode == "eager":
         return 2 * (EAGER_NORM_KERNELS - 1) + 2 * EAGER_ROPE_KERNELS - 1 + rep + 1, 2 * gated
     return max(rep, 1) + 1, gated
+
+
+# bytes per element of a Transformer Engine fp8 quantization: read 2 B, write 1 B row-wise and 1 B
+# column-wise (the transposed copy the weight-gradient GEMM reads; cast_transpose under delayed
+# scaling, both usages of MXFP8Quantizer on Blackwell; transformer_engine/pytorch/tensor/*)
+TE_CAST_BYTES = 4
+
+
+def te_mlp_cast_bytes(model: ModelSpec, k: LayerKnobs, ffn, fc1_input: bool):
+    """HBM bytes over forward and backward of TE's fp8 quantizations in an MLP of width ffn split
+    over tp (Megatron-Core's TE linears; transformer_engine/pytorch/module/linear.py _Linear: the input
+    is quantized in forward unless it arrives in fp8, base.py grad_output_preprocess quantizes the
+    output gradient in backward): fc2's input (Megatron's own bias-SwiGLU writes bf16) and both
+    output gradients; fc1's input only where no LayerNormLinear casts it (fc1_input: an MoE layer's
+    shared experts after the separate pre-MLP TENorm). Row-parallel outputs on the SP shard."""
+    T, tp, h = k.tokens, k.tp, model.hidden
+    tok_sp = T / np.where(k.sp, tp, 1)
+    f = ffn / tp
+    fc1 = T * (model.mlp_matrices - 1) * f + (tok_sp * h if fc1_input else 0.0)
+    return TE_CAST_BYTES * (fc1 + T * f + tok_sp * h)
+
+
+def te_fp8_cast_bytes(model: ModelSpec, fp8_casts: str, k: LayerKnobs):
+    """(attention, dense-MLP) HBM bytes per layer forward of Transformer Engine's fp8 quantizations
+    (Stack.fp8_casts == "fused"): the attention output's cast before the projection, the qkv and
+    projection output gradients (te_mlp_cast_bytes for the rest and the sources), a third counted in
+    forward as the planner splits elementwise work (backward = 2x forward). The inputs of qkv and fc1
+    are cast inside TE's LayerNormLinear norm kernel and cost nothing more."""
+    if fp8_casts != "fused":
+        return 0.0, 0.0
+    T, tp, h = k.tokens, k.tp, model.hidden
+    tok_sp = T / np.where(k.sp, tp, 1)
+    att = TE_CAST_BYTES * (T * model.v_dim / tp + T * (model.q_dim + 2 * model.kv_dim) / tp + tok_sp * h)
+    mlp = te_mlp_cast_bytes(model, k, model.ffn_hidden, fc1_input=False)
+    fp8 = k.precision == Precision.FP8
+    return np.where(fp8, att / 3.0, 0.0), np.where(fp8, mlp / 3.0, 0.0)
 
 
 def dynamic_fp8_cast_bytes(model: ModelSpec, fp8_casts: str, k: LayerKnobs):

@@ -390,6 +390,38 @@ def test_te_experts_quantize_their_operands_under_fp8(monkeypatch):
         np.testing.assert_allclose(got - without, [0.0, casts if on else 0.0], rtol=1e-9, atol=1e-15)
 
 
+def test_te_dense_linears_quantize_what_no_norm_kernel_casts_under_fp8(monkeypatch):
+    """Transformer Engine's Linear quantizes its input in forward unless it arrives in fp8 and every
+    linear's output gradient in backward, 4 B per element (read 2, write 1 row-wise + 1 column-wise):
+    the attention output before the projection and fc2's input (Megatron's bias-SwiGLU writes bf16)
+    in forward; qkv, proj, fc1 (2 f wide when gated) and fc2 output gradients in backward, the
+    row-parallel ones on the SP shard. qkv's and fc1's inputs come cast from LayerNormLinear's
+    norm. A third counted in forward; nothing in bf16 or on torchtitan (torchao's own casts)."""
+    from planner.costmodel import compute as C
+    from planner.costmodel import elementwise as E
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = load_model("llama-3-8b")                      # gated, GQA: q 4096, kv 1024, ffn 14336
+    cols = dict(tp=[2] * 2, pp=[1] * 2, dp=[4] * 2, cp=[1] * 2, ep=[1] * 2, etp=[1] * 2,
+                micro_batch=[1] * 2, seq_len=[8192] * 2, sp=[True] * 2,
+                precision=[Precision.BF16, Precision.FP8], cp_comm=[0] * 2, overlap_tp=[True] * 2,
+                overlap_ep=[True] * 2, shard_group=[1] * 2)
+    k = LayerKnobs.of(cols)
+    hbm = H100.gpu.hbm_bandwidth * H100.efficiency.hbm
+    T, tp, h, f = 8192, 2, m.hidden, m.ffn_hidden
+    att = 4 * (T * m.v_dim / tp + T * (m.q_dim + 2 * m.kv_dim) / tp + T / tp * h)
+    mlp = 4 * (T * 2 * f / tp + T * f / tp + T / tp * h)
+    for name, on in (("megatron-core", True), ("torchtitan", False)):
+        st = STACKS[name]
+        got = C.layer_compute(m, H100, st, k, np.ones(2)).f_dense
+        with monkeypatch.context() as mp:
+            mp.setattr(E, "te_fp8_cast_bytes", lambda *a: (0.0, 0.0))
+            without = C.layer_compute(m, H100, st, k, np.ones(2)).f_dense
+        want = (att + mlp) / 3 / hbm
+        np.testing.assert_allclose(got - without, [0.0, want if on else 0.0], rtol=1e-9, atol=1e-15)
+
+
 def test_offloaded_layers_leave_the_gpu_and_their_copies_are_timed():
     """--offload-layers N keeps N fewer layers' activations on the GPU at the peak (validate memory
     holds that to the tracker) and adds what its host copies cannot hide: each copy beside the
