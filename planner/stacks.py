@@ -134,9 +134,9 @@ class Stack:
     # and DeepSpeed's expert loop (deepspeed/moe/experts.py) run; "grouped" = one kernel for all
     # local experts (torch._grouped_mm, torchtitan models/moe GroupedExperts)
     expert_launches: str = "per_expert"
-    # how fp8 GEMM operands are quantized: "fused" = Transformer Engine folds the input casts into
-    # LayerNormLinear and the activation kernels and casts-and-transposes gradients in one pass
-    # (costmodel/compute.py _elementwise); "dynamic" = torchao Float8Linear's tensorwise dynamic
+    # how fp8 GEMM operands are quantized: "fused" = Transformer Engine folds qkv's and fc1's input
+    # casts into LayerNormLinear's norm, casts the other inputs in their own kernels and
+    # casts-and-transposes every output gradient in one pass (elementwise.te_fp8_cast_bytes); "dynamic" = torchao Float8Linear's tensorwise dynamic
     # scaling (torchtitan): an amax pass and a cast per operand and a transposed copy for the
     # weight-gradient GEMM (torchao/float8/float8_linear.py, elementwise.dynamic_fp8_cast_bytes)
     fp8_casts: str = "fused"

@@ -180,8 +180,8 @@ def _expert_fp8_cast_bytes(model: ModelSpec, stack: Stack, k: LayerKnobs, load):
     _GroupedLinear: forward split_quantize of the input, backward of the output gradient, each read
     at 2 B and written row-wise and column-wise at 1 B each, the column-wise copy for the weight
     gradient): 4 T (K + N) per linear of K inputs and N outputs, fc1 and fc2, counted a third in
-    forward as the planner splits elementwise work (backward = 2x forward). Dense linears fold their
-    input casts into TE's norm and activation kernels; torchtitan's experts of 2024 run in bf16."""
+    forward as the planner splits elementwise work (backward = 2x forward). Dense and shared-expert
+    linears: elementwise.te_fp8_cast_bytes; torchtitan's experts of 2024 run in bf16."""
     if not model.moe or stack.expert_launches != "per_expert":
         return 0.0
     mo, h = model.moe, model.hidden
