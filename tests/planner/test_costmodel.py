@@ -12,6 +12,17 @@ from planner.rules import _module_misfit
 from planner.model_io import load_model
 
 H100 = load_hardware("h100-sxm")
+
+
+def _knobs(n, **given):
+    """LayerKnobs of n rows (planner.costmodel.knobs): one 8-GPU data-parallel layer in bf16 at 4K
+    unless `given` says otherwise (a value for every row, or a list of n)."""
+    from planner.costmodel.knobs import LayerKnobs
+    from planner.layout import Precision
+    cols = dict(tp=1, pp=1, dp=8, cp=1, ep=1, etp=1, micro_batch=1, seq_len=4096, sp=False,
+                precision=Precision.BF16, cp_comm=0, overlap_tp=True, overlap_ep=True, shard_group=1)
+    cols.update(given)
+    return LayerKnobs.of({c: (list(v) if isinstance(v, (list, tuple)) else [v] * n) for c, v in cols.items()})
 MODELS = {n: load_model(n) for n in ("gpt-20b", "llama-3-8b", "mixtral-8x7b", "deepseek-v3")}
 
 
@@ -320,15 +331,10 @@ def test_per_expert_grouped_gemms_launch_a_kernel_per_local_expert(monkeypatch):
     from planner.costmodel import compute as C
     from planner.costmodel.compute import layer_compute
     monkeypatch.setattr(C, "_expert_fp8_cast_bytes", lambda *a: 0.0)
-    from planner.costmodel.knobs import LayerKnobs
     from planner.layout import Precision
     from planner.stacks import STACKS
     m = load_model("deepseek-v3")                     # 256 routed experts
-    cols = dict(tp=[1] * 4, pp=[1] * 4, dp=[8] * 4, cp=[1] * 4, ep=[8, 8, 32, 32], etp=[1] * 4,
-                micro_batch=[1] * 4, seq_len=[4096] * 4, sp=[False] * 4,
-                precision=[Precision.BF16, Precision.FP8] * 2, cp_comm=[0] * 4, overlap_tp=[True] * 4,
-                overlap_ep=[True] * 4, shard_group=[1] * 4)
-    k = LayerKnobs.of(cols)
+    k = _knobs(4, ep=[8, 8, 32, 32], precision=[Precision.BF16, Precision.FP8] * 2)
     te = STACKS["megatron-core"]
     one = dataclasses.replace(te, expert_launches="grouped")
     extra = (layer_compute(m, H100, te, k, np.ones(4)).f_moe - layer_compute(m, H100, one, k, np.ones(4)).f_moe)
@@ -343,16 +349,10 @@ def test_a_rank_with_several_experts_sorts_its_received_tokens_both_ways(monkeyp
     one expert: two more copies of every routed token (read + write, 16-bit) and two kernels per MoE
     layer forward; a rank with one expert skips both."""
     from planner.costmodel import compute as C
-    from planner.costmodel.knobs import LayerKnobs
-    from planner.layout import Precision
     from planner.stacks import STACKS
     m = load_model("mixtral-8x7b")                    # 8 experts, top 2
     ep = np.array([8, 4, 2])
-    cols = dict(tp=[1] * 3, pp=[1] * 3, dp=[8] * 3, cp=[1] * 3, ep=list(ep), etp=[1] * 3,
-                micro_batch=[1] * 3, seq_len=[4096] * 3, sp=[False] * 3,
-                precision=[Precision.BF16] * 3, cp_comm=[0] * 3, overlap_tp=[True] * 3,
-                overlap_ep=[True] * 3, shard_group=[1] * 3)
-    k = LayerKnobs.of(cols)
+    k = _knobs(3, ep=list(ep))
     st = STACKS["megatron-core"]
     got = C.layer_compute(m, H100, st, k, np.ones(3)).f_moe
     monkeypatch.setattr(C, "_sorts", lambda model, k: np.zeros(k.n))
@@ -369,15 +369,10 @@ def test_te_experts_quantize_their_operands_under_fp8(monkeypatch):
     4 T (K + N) bytes per linear over forward and backward, a third of it in forward. Not in bf16,
     and not on a stack whose experts are one grouped kernel (torchtitan)."""
     from planner.costmodel import compute as C
-    from planner.costmodel.knobs import LayerKnobs
     from planner.layout import Precision
     from planner.stacks import STACKS
     m = load_model("mixtral-8x7b")                    # 8 experts, top 2, gated (fc1 out = 2 f)
-    cols = dict(tp=[1] * 2, pp=[1] * 2, dp=[8] * 2, cp=[1] * 2, ep=[4] * 2, etp=[1] * 2,
-                micro_batch=[1] * 2, seq_len=[4096] * 2, sp=[False] * 2,
-                precision=[Precision.BF16, Precision.FP8], cp_comm=[0] * 2, overlap_tp=[True] * 2,
-                overlap_ep=[True] * 2, shard_group=[1] * 2)
-    k = LayerKnobs.of(cols)
+    k = _knobs(2, ep=4, precision=[Precision.BF16, Precision.FP8])
     hbm = H100.gpu.hbm_bandwidth * H100.efficiency.hbm
     for name, on in (("megatron-core", True), ("torchtitan", False)):
         st = STACKS[name]
@@ -399,15 +394,10 @@ def test_te_dense_linears_quantize_what_no_norm_kernel_casts_under_fp8(monkeypat
     norm. A third counted in forward; nothing in bf16 or on torchtitan (torchao's own casts)."""
     from planner.costmodel import compute as C
     from planner.costmodel import elementwise as E
-    from planner.costmodel.knobs import LayerKnobs
     from planner.layout import Precision
     from planner.stacks import STACKS
     m = load_model("llama-3-8b")                      # gated, GQA: q 4096, kv 1024, ffn 14336
-    cols = dict(tp=[2] * 2, pp=[1] * 2, dp=[4] * 2, cp=[1] * 2, ep=[1] * 2, etp=[1] * 2,
-                micro_batch=[1] * 2, seq_len=[8192] * 2, sp=[True] * 2,
-                precision=[Precision.BF16, Precision.FP8], cp_comm=[0] * 2, overlap_tp=[True] * 2,
-                overlap_ep=[True] * 2, shard_group=[1] * 2)
-    k = LayerKnobs.of(cols)
+    k = _knobs(2, tp=2, dp=4, seq_len=8192, sp=True, precision=[Precision.BF16, Precision.FP8])
     hbm = H100.gpu.hbm_bandwidth * H100.efficiency.hbm
     T, tp, h, f = 8192, 2, m.hidden, m.ffn_hidden
     att = 4 * (T * m.v_dim / tp + T * (m.q_dim + 2 * m.kv_dim) / tp + T / tp * h)
