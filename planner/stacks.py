@@ -136,9 +136,10 @@ class Stack:
     expert_launches: str = "per_expert"
     # how fp8 GEMM operands are quantized: "fused" = Transformer Engine folds qkv's and fc1's input
     # casts into LayerNormLinear's norm, casts the other inputs in their own kernels and
-    # casts-and-transposes every output gradient in one pass (elementwise.te_fp8_cast_bytes); "dynamic" = torchao Float8Linear's tensorwise dynamic
-    # scaling (torchtitan): an amax pass and a cast per operand and a transposed copy for the
-    # weight-gradient GEMM (torchao/float8/float8_linear.py, elementwise.dynamic_fp8_cast_bytes)
+    # casts-and-transposes every output gradient in one pass (elementwise.te_fp8_cast_bytes);
+    # "dynamic" = torchao Float8Linear's tensorwise dynamic scaling (torchtitan): an amax pass and a
+    # cast per operand and a transposed copy for the weight-gradient GEMM
+    # (torchao/float8/float8_linear.py, elementwise.dynamic_fp8_cast_bytes)
     fp8_casts: str = "fused"
     # activation offloading to host memory (--offload-layers): Megatron-Core --cpu-offloading
     # --cpu-offloading-num-layers through Transformer Engine's cpu_offload (TransformerConfig

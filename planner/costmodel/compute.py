@@ -142,14 +142,15 @@ def _moe(model: ModelSpec, cluster: Cluster, stack: Stack, k: LayerKnobs, g, loa
     ew = (2 * routed * h * 2 * 2                    # permute + unpermute copies (r+w)
           + _sorts(model, k) * 2 * routed * etp * h * 2 * 2
           + _expert_act_bytes(model, k, load)
-          + _expert_fp8_cast_bytes(model, stack, k, load) + _shared_fp8_cast_bytes(model, stack, k)
           + (2 * T * mo.shared_experts * mo.shared_expert_ffn_hidden / tp * act_rw))
+    # fp8 casts are counted passes: no elementwise factor (as in _elementwise)
+    casts = _expert_fp8_cast_bytes(model, stack, k, load) + _shared_fp8_cast_bytes(model, stack, k)
     hbm = cluster.gpu.hbm_bandwidth * e.hbm
     gemm_w = t_experts + t_shared + t_router      # weight-gradient GEMMs = forward GEMMs
     flops = (fl_e + 2 * local * h * mo.experts
              + (F.mlp_flops(model, T, mo.shared_expert_ffn_hidden * mo.shared_experts) / tp
                 if mo.shared_experts else 0.0))
-    return gemm_w + ew * stack.elementwise / hbm, gemm_w, flops
+    return gemm_w + (ew * stack.elementwise + casts) / hbm, gemm_w, flops
 
 
 def _expert_launches(model: ModelSpec, stack: Stack, k: LayerKnobs):

@@ -1,4 +1,5 @@
 """Invariants of the vectorized cost model (hypothesis property tests)."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -374,14 +375,15 @@ def test_te_experts_quantize_their_operands_under_fp8(monkeypatch):
     m = load_model("mixtral-8x7b")                    # 8 experts, top 2, gated (fc1 out = 2 f)
     k = _knobs(2, ep=4, precision=[Precision.BF16, Precision.FP8])
     hbm = H100.gpu.hbm_bandwidth * H100.efficiency.hbm
-    for name, on in (("megatron-core", True), ("torchtitan", False)):
-        st = STACKS[name]
-        got = C.layer_compute(m, H100, st, k, np.ones(2)).f_moe
+    # a stack factor on fused elementwise traffic leaves the counted casts alone
+    for stk, on in ((dataclasses.replace(STACKS["megatron-core"], elementwise=1.5), True),
+                   (STACKS["torchtitan"], False)):
+        got = C.layer_compute(m, H100, stk, k, np.ones(2)).f_moe
         with monkeypatch.context() as mp:
             mp.setattr(C, "_expert_fp8_cast_bytes", lambda *a: 0.0)
-            without = C.layer_compute(m, H100, st, k, np.ones(2)).f_moe
+            without = C.layer_compute(m, H100, stk, k, np.ones(2)).f_moe
         rows, h, f = 4096 * m.moe.top_k, m.hidden, m.moe.expert_ffn_hidden
-        casts = 4 * rows * ((h + 2 * f) + (f + h)) / 3 * st.elementwise / hbm
+        casts = 4 * rows * ((h + 2 * f) + (f + h)) / 3 / hbm         # counted passes: no stack factor
         np.testing.assert_allclose(got - without, [0.0, casts if on else 0.0], rtol=1e-9, atol=1e-15)
 
 
@@ -402,14 +404,32 @@ def test_te_dense_linears_quantize_what_no_norm_kernel_casts_under_fp8(monkeypat
     T, tp, h, f = 8192, 2, m.hidden, m.ffn_hidden
     att = 4 * (T * m.v_dim / tp + T * (m.q_dim + 2 * m.kv_dim) / tp + T / tp * h)
     mlp = 4 * (T * 2 * f / tp + T * f / tp + T / tp * h)
-    for name, on in (("megatron-core", True), ("torchtitan", False)):
-        st = STACKS[name]
-        got = C.layer_compute(m, H100, st, k, np.ones(2)).f_dense
+    # a stack factor on fused elementwise traffic leaves the counted casts alone
+    for stk, on in ((dataclasses.replace(STACKS["megatron-core"], elementwise=1.5), True),
+                   (STACKS["torchtitan"], False)):
+        got = C.layer_compute(m, H100, stk, k, np.ones(2)).f_dense
         with monkeypatch.context() as mp:
             mp.setattr(E, "te_fp8_cast_bytes", lambda *a: (0.0, 0.0))
-            without = C.layer_compute(m, H100, st, k, np.ones(2)).f_dense
+            without = C.layer_compute(m, H100, stk, k, np.ones(2)).f_dense
         want = (att + mlp) / 3 / hbm
         np.testing.assert_allclose(got - without, [0.0, want if on else 0.0], rtol=1e-9, atol=1e-15)
+
+
+def test_te_shared_experts_also_cast_their_first_input_under_fp8(monkeypatch):
+    """An MoE layer's shared experts are TE linears behind the layer's own pre-MLP norm (Megatron-Core
+    gpt_layer_specs: pre_mlp_layernorm = TENorm with experts), so fc1's input is quantized too: 4 B per
+    element of fc1's input and of fc2's, and of both output gradients, a third in forward."""
+    from planner.costmodel import compute as C
+    from planner.layout import Precision
+    from planner.stacks import STACKS
+    m = load_model("deepseek-v3")                     # one shared expert of width 2048, gated
+    k = _knobs(2, ep=8, precision=[Precision.BF16, Precision.FP8])
+    got = C.layer_compute(m, H100, STACKS["megatron-core"], k, np.ones(2)).f_moe
+    monkeypatch.setattr(C, "_shared_fp8_cast_bytes", lambda *a: 0.0)
+    without = C.layer_compute(m, H100, STACKS["megatron-core"], k, np.ones(2)).f_moe
+    T, h, fs = 4096, m.hidden, m.moe.shared_expert_ffn_hidden
+    want = 4 * (T * h + T * 2 * fs + T * fs + T * h) / 3 / (H100.gpu.hbm_bandwidth * H100.efficiency.hbm)
+    np.testing.assert_allclose(got - without, [0.0, want], rtol=1e-9, atol=1e-15)
 
 
 def test_offloaded_layers_leave_the_gpu_and_their_copies_are_timed():
