@@ -188,7 +188,7 @@ def _expert_fp8_cast_bytes(model: ModelSpec, stack: Stack, k: LayerKnobs, load):
     mo, h = model.moe, model.hidden
     rows = k.tokens / k.tp * mo.top_k * load * k.etp          # token copies through the rank's experts
     f = mo.expert_ffn_hidden / k.etp
-    fc1_fc2 = 4 * rows * ((h + (model.mlp_matrices - 1) * f) + (f + h)) / 3.0
+    fc1_fc2 = E.TE_CAST_BYTES * rows * ((h + (model.mlp_matrices - 1) * f) + (f + h)) / 3.0
     return np.where(k.precision == Precision.FP8, fc1_fc2, 0.0)
 
 

@@ -32,7 +32,7 @@ EAGER_ROPE_BYTES, EAGER_ROPE_KERNELS = 20, 3
 
 def norm_bytes(model: ModelSpec, k: LayerKnobs):
     """HBM bytes of a layer's two fused norms forward: read + write, 2 bytes, on the SP shard (TE)."""
-    return 2 * 2 * 2 * k.tokens / np.where(k.sp, k.tp, 1) * model.hidden
+    return 2 * 2 * 2 * k.tokens_sp * model.hidden
 
 
 def _residual_bytes(model: ModelSpec, tok_sp):
@@ -64,8 +64,7 @@ def layer_bytes(model: ModelSpec, k: LayerKnobs, mode: str):
     """(attention-side, dense-MLP activation) HBM bytes per layer forward."""
     if mode not in MODES:
         raise PlannerError(f"Stack.elementwise_ops: unknown '{mode}'; valid: {', '.join(MODES)}")
-    T, tp = k.tokens, k.tp
-    tok_sp = T / np.where(k.sp, tp, 1)
+    T, tp, tok_sp = k.tokens, k.tp, k.tokens_sp
     f = model.ffn_hidden / tp
     if mode == "fused":
         return _common_fused(model, k, tok_sp), 2 * T * f * (3 if model.gated else 2)
@@ -102,8 +101,7 @@ def te_mlp_cast_bytes(model: ModelSpec, k: LayerKnobs, ffn, fc1_input: bool):
     output gradient in backward): fc2's input (Megatron's own bias-SwiGLU writes bf16) and both
     output gradients; fc1's input only where no LayerNormLinear casts it (fc1_input: an MoE layer's
     shared experts after the separate pre-MLP TENorm). Row-parallel outputs on the SP shard."""
-    T, tp, h = k.tokens, k.tp, model.hidden
-    tok_sp = T / np.where(k.sp, tp, 1)
+    T, tp, h, tok_sp = k.tokens, k.tp, model.hidden, k.tokens_sp
     f = ffn / tp
     fc1 = T * (model.mlp_matrices - 1) * f + (tok_sp * h if fc1_input else 0.0)
     return TE_CAST_BYTES * (fc1 + T * f + tok_sp * h)
@@ -117,8 +115,7 @@ def te_fp8_cast_bytes(model: ModelSpec, fp8_casts: str, k: LayerKnobs):
     are cast inside TE's LayerNormLinear norm kernel and cost nothing more."""
     if fp8_casts != "fused":
         return 0.0, 0.0
-    T, tp, h = k.tokens, k.tp, model.hidden
-    tok_sp = T / np.where(k.sp, tp, 1)
+    T, tp, h, tok_sp = k.tokens, k.tp, model.hidden, k.tokens_sp
     att = TE_CAST_BYTES * (T * model.v_dim / tp + T * (model.q_dim + 2 * model.kv_dim) / tp + tok_sp * h)
     mlp = te_mlp_cast_bytes(model, k, model.ffn_hidden, fc1_input=False)
     fp8 = k.precision == Precision.FP8

@@ -61,6 +61,12 @@ class LayerKnobs:
         """Tokens of one micro-batch on one CP rank (b*s/cp)."""
         return self.b * self.s / self.cp
 
+    @property
+    def tokens_sp(self):
+        """Tokens a TP rank holds where sequence parallelism shards them (norms, residual adds,
+        row-parallel outputs; Korthikanti et al. 2022 sec. 4.2.2); all of them without SP."""
+        return self.tokens / np.where(self.sp, self.tp, 1)
+
 
 @record
 class StepKnobs:
